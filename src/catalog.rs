@@ -1,0 +1,173 @@
+//! `GET /v2/_catalog`: the union of every upstream's catalog, seen through the namespace
+//! routes. Only names that a route maps back to are listed, under their local names;
+//! exact-repository routes (capability URLs) are never listed. Paging (`n`, `last`, `Link`)
+//! runs over the local names.
+
+use std::collections::BTreeSet;
+
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use serde::Deserialize;
+
+use crate::body::{self, Body};
+use crate::error::GatewayError;
+use crate::oci::{ErrorCode, OciError, Scope};
+use crate::pipeline::{Gateway, RequestContext, read_json_body};
+use crate::rewrite;
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// Upstream pages read per upstream, so a huge registry cannot pin the gateway.
+const MAX_PAGES: usize = 50;
+const PAGE_SIZE: usize = 1000;
+
+#[derive(Deserialize)]
+struct CatalogPage {
+    #[serde(default)]
+    repositories: Vec<String>,
+}
+
+pub async fn serve(gw: &Gateway, ctx: &mut RequestContext) -> Result<Response<Body>, GatewayError> {
+    if ctx.method != Method::GET && ctx.method != Method::HEAD {
+        return Err(OciError::new(ErrorCode::Unsupported, "catalog is read-only").into());
+    }
+    let query = ctx.query.clone().unwrap_or_default();
+    let n = match rewrite::query_param(&query, "n") {
+        None => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            OciError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                .with_status(StatusCode::BAD_REQUEST)
+        })?),
+    };
+    let last = rewrite::query_param(&query, "last");
+
+    let mut upstream_names: Vec<&str> = gw
+        .routes
+        .routes()
+        .iter()
+        .filter(|r| r.config.is_namespace())
+        .map(|r| r.config.upstream.as_str())
+        .collect();
+    upstream_names.sort_unstable();
+    upstream_names.dedup();
+
+    let mut names = BTreeSet::new();
+    let mut failures = Vec::new();
+    for name in &upstream_names {
+        let Some(upstream) = gw.upstreams.get(*name) else {
+            continue;
+        };
+        match list_upstream(upstream).await {
+            Ok(remote_names) => names.extend(
+                remote_names
+                    .iter()
+                    .filter_map(|r| gw.routes.to_local(name, r)),
+            ),
+            Err(e) => failures.push(e),
+        }
+    }
+    if names.is_empty()
+        && let Some(e) = failures.into_iter().next()
+        && upstream_names.len() == 1
+    {
+        return Err(e);
+    }
+
+    let after: Vec<&String> = names
+        .iter()
+        .filter(|n| last.as_ref().is_none_or(|l| n.as_str() > l.as_str()))
+        .collect();
+    let page: Vec<&String> = match n {
+        Some(n) => after.iter().take(n).copied().collect(),
+        None => after.clone(),
+    };
+    let more = page.len() < after.len();
+    let json = serde_json::json!({ "repositories": page });
+    let mut response = Response::new(body::full(json.to_string()));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let (true, Some(n), Some(last_name)) = (more, n, page.last()) {
+        let link = format!(
+            "</v2/_catalog?last={}&n={n}>; rel=\"next\"",
+            url::form_urlencoded::byte_serialize(last_name.as_bytes()).collect::<String>()
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.insert(header::LINK, v);
+        }
+    }
+    Ok(response)
+}
+
+/// Every repository name one upstream lists, following its `Link` pages. An upstream that
+/// refuses the catalog (Docker Hub does) contributes nothing.
+async fn list_upstream(upstream: &Upstream) -> Result<Vec<String>, GatewayError> {
+    let mut out = Vec::new();
+    let mut next = Some(format!("/v2/_catalog?n={PAGE_SIZE}"));
+    for _ in 0..MAX_PAGES {
+        let Some(path_and_query) = next.take() else {
+            break;
+        };
+        let response = upstream
+            .send(UpstreamRequest {
+                method: Method::GET,
+                path_and_query,
+                headers: HeaderMap::new(),
+                body: None,
+                scopes: vec![Scope {
+                    kind: "registry".into(),
+                    name: "catalog".into(),
+                    actions: vec!["*".into()],
+                }],
+            })
+            .await?;
+        if !response.status().is_success() {
+            tracing::debug!(upstream = upstream.name(), status = %response.status(), "catalog refused");
+            break;
+        }
+        next = response
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let bytes = read_json_body(upstream, response.into_body(), "catalog").await?;
+        let page: CatalogPage =
+            serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadUpstreamAnswer {
+                upstream: upstream.name().to_string(),
+                what: "catalog",
+                reason: e.to_string(),
+            })?;
+        out.extend(page.repositories);
+    }
+    Ok(out)
+}
+
+/// The path of a `rel="next"` link, if it stays on the upstream's `/v2/_catalog`.
+fn next_link(value: &str) -> Option<String> {
+    let open = value.find('<')?;
+    let close = value.find('>')?;
+    let url = value.get(open + 1..close)?;
+    let path = match url.find("/v2/_catalog") {
+        Some(i) => &url[i..],
+        None => return None,
+    };
+    value[close..].contains("next").then(|| path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_links() {
+        assert_eq!(
+            next_link(r#"</v2/_catalog?last=a&n=2>; rel="next""#).as_deref(),
+            Some("/v2/_catalog?last=a&n=2")
+        );
+        assert_eq!(
+            next_link(r#"<https://r.io/v2/_catalog?last=b>; rel="next""#).as_deref(),
+            Some("/v2/_catalog?last=b")
+        );
+        assert_eq!(next_link(r#"</elsewhere>; rel="next""#), None);
+    }
+}

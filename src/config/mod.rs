@@ -1,0 +1,679 @@
+//! The one YAML file: its schema, `${VAR}` expansion and validation into the resolved
+//! [`Config`] that the rest of the program runs on.
+//!
+//! Owns every config key and every config error message (`file:line:column: what is wrong`).
+//! Must not open sockets or touch upstreams: checks here are about the file's own meaning.
+
+mod env;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+use url::Url;
+
+pub use env::expand;
+
+/// The config ocigate runs with when given neither `--config` nor `OCIGATE_CONFIG`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
+
+/// A config file that could not be read or does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        file: String,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from, for messages.
+    pub source: String,
+    pub server: ServerConfig,
+    /// Upstreams by name, in name order.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub tls: Option<TlsConfig>,
+    pub public_url: Option<Url>,
+    pub browser_redirects: bool,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Scheme and authority only; Docker Hub's aliases already resolved to its API host.
+    pub url: Url,
+    pub credentials: Option<Credentials>,
+    pub ca: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub redirects: RedirectPolicy,
+    /// Token realms outside the upstream's registrable domain that may receive credentials.
+    pub allowed_realms: Vec<Url>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    /// An upstream with defaults for everything but its URL.
+    pub fn new(name: &str, url: Url) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_string(),
+            url,
+            credentials: None,
+            ca: None,
+            insecure_skip_verify: false,
+            redirects: RedirectPolicy::Pass,
+            allowed_realms: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+
+    /// Whether this upstream is Docker Hub, whose one-component names live under `library/`.
+    pub fn is_docker_hub(&self) -> bool {
+        self.url.host_str() == Some(DOCKER_HUB_API_HOST)
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// A verbatim `Authorization` value.
+    Header(String),
+    /// A Docker `config.json`; `None` means `$DOCKER_CONFIG` or `~/.docker`.
+    DockerConfig(Option<PathBuf>),
+}
+
+impl Credentials {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credentials::Basic { .. } => "basic",
+            Credentials::Header(_) => "header",
+            Credentials::DockerConfig(_) => "docker_config",
+        }
+    }
+}
+
+/// Never prints secrets, so configs can be logged.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
+            Credentials::Header(_) => f.write_str("Header(***)"),
+            Credentials::DockerConfig(p) => write!(f, "DockerConfig({p:?})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectPolicy {
+    /// Hand blob redirects to the client.
+    Pass,
+    /// Stream the redirect target through the proxy, without `Authorization`.
+    Follow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Local name prefix: `""` (everything), `"ns/"` (a namespace) or `"exact/name"`.
+    pub prefix: String,
+    pub upstream: String,
+    /// What replaces `prefix` upstream: `""`, `"team/"` for namespaces; a full name for exact routes.
+    pub remote: String,
+}
+
+impl RouteConfig {
+    /// Namespace routes end in `/` (or are the default `""`); others name one repository.
+    pub fn is_namespace(&self) -> bool {
+        self.prefix.is_empty() || self.prefix.ends_with('/')
+    }
+}
+
+pub const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&text, &file, &|k| std::env::var(k).ok())
+    }
+
+    /// The embedded default config.
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME, &|k| {
+            std::env::var(k).ok()
+        })
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors, `env` resolves `${VAR}`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = if text.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.into(),
+                line: 1,
+                column: 1,
+                message: "the file is empty: at least `upstreams` and `routes` are needed".into(),
+            });
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| yaml_error(file, &e))?
+        };
+        Resolver { file, env }.config(raw)
+    }
+
+    /// The one-screen summary `check-config` prints. Never includes secrets.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let scheme = if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let _ = writeln!(s, "config: {}", self.source);
+        for addr in &self.server.listen {
+            let _ = writeln!(s, "listen: {scheme}://{addr}");
+        }
+        if let Some(url) = &self.server.public_url {
+            let _ = writeln!(s, "public_url: {url}");
+        }
+        let _ = writeln!(s, "upstreams:");
+        for u in self.upstreams.values() {
+            let creds = u
+                .credentials
+                .as_ref()
+                .map_or("anonymous", Credentials::kind);
+            let redirects = match u.redirects {
+                RedirectPolicy::Pass => "pass",
+                RedirectPolicy::Follow => "follow",
+            };
+            let _ = writeln!(
+                s,
+                "  {:<12} {}  credentials={creds} redirects={redirects}",
+                u.name,
+                u.url.as_str().trim_end_matches('/')
+            );
+        }
+        let _ = writeln!(s, "routes:");
+        for r in &self.routes {
+            let local = if r.prefix.is_empty() {
+                "(default)"
+            } else {
+                &r.prefix
+            };
+            let kind = if r.is_namespace() {
+                "namespace"
+            } else {
+                "repository"
+            };
+            let _ = writeln!(
+                s,
+                "  {local:<24} -> {}:{}  ({kind})",
+                r.upstream,
+                if r.remote.is_empty() {
+                    "(same name)"
+                } else {
+                    &r.remote
+                }
+            );
+        }
+        s
+    }
+}
+
+fn yaml_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let loc = e.location().unwrap_or(Location::UNKNOWN);
+    let options = serde_saphyr::render_options! {
+        snippets: serde_saphyr::SnippetMode::Off,
+    };
+    let rendered = e.without_snippet().render_with_options(options);
+    // The renderer appends its own " at line L column C"; the prefix carries that already.
+    let message = match rendered.rfind(" at line ") {
+        Some(i) => rendered[..i].to_string(),
+        None => rendered,
+    };
+    ConfigError::Invalid {
+        file: file.into(),
+        line: loc.line().max(1),
+        column: loc.column().max(1),
+        message,
+    }
+}
+
+/// Turns the raw, spanned schema into a [`Config`], expanding `${VAR}` and checking meaning.
+struct Resolver<'a> {
+    file: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+type S = Spanned<String>;
+
+impl Resolver<'_> {
+    fn err(&self, at: Location, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.into(),
+            line: at.line().max(1),
+            column: at.column().max(1),
+            message: message.into(),
+        }
+    }
+
+    fn string(&self, key: &str, v: &S) -> Result<String, ConfigError> {
+        expand(&v.value, self.env).map_err(|m| self.err(v.referenced, format!("{key}: {m}")))
+    }
+
+    fn path(&self, key: &str, v: &S) -> Result<PathBuf, ConfigError> {
+        let p = self.string(key, v)?;
+        if p.is_empty() {
+            return Err(self.err(v.referenced, format!("{key}: empty path")));
+        }
+        Ok(PathBuf::from(p))
+    }
+
+    /// A file that must exist and be readable now, so a typo fails at start, not mid-request.
+    fn existing_file(&self, key: &str, v: &S) -> Result<PathBuf, ConfigError> {
+        let p = self.path(key, v)?;
+        std::fs::File::open(&p).map_err(|e| {
+            self.err(
+                v.referenced,
+                format!("{key}: cannot read {}: {e}", p.display()),
+            )
+        })?;
+        Ok(p)
+    }
+
+    fn duration(&self, key: &str, v: &S) -> Result<Duration, ConfigError> {
+        let s = self.string(key, v)?;
+        parse_duration(&s).ok_or_else(|| {
+            self.err(
+                v.referenced,
+                format!("{key}: {s:?} is not a duration (examples: 500ms, 30s, 5m, 1h30m)"),
+            )
+        })
+    }
+
+    fn config(&self, raw: raw::RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstreams {
+            let upstream = self.upstream(&name, u)?;
+            upstreams.insert(name, upstream);
+        }
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        let mut seen: BTreeMap<String, Location> = BTreeMap::new();
+        for r in raw.routes {
+            let at = r.referenced;
+            let route = self.route(r.value, &upstreams)?;
+            if let Some(first) = seen.insert(route.prefix.clone(), at) {
+                return Err(self.err(
+                    at,
+                    format!(
+                        "routes: prefix {:?} is already routed at line {}",
+                        route.prefix,
+                        first.line()
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        if upstreams.is_empty() {
+            return Err(self.err(
+                Location::UNKNOWN,
+                "upstreams: at least one upstream is needed",
+            ));
+        }
+        if routes.is_empty() {
+            return Err(self.err(
+                Location::UNKNOWN,
+                "routes: at least one route is needed (prefix \"\" routes every name)",
+            ));
+        }
+        Ok(Config {
+            source: self.file.to_string(),
+            server,
+            upstreams,
+            routes,
+        })
+    }
+
+    fn server(&self, raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
+        let mut listen = Vec::new();
+        match &raw.listen {
+            None => listen.push(SocketAddr::from(([127, 0, 0, 1], 5000))),
+            Some(l) => {
+                for item in l.value.items() {
+                    let spanned = Spanned::new(item.to_string(), l.referenced, l.defined);
+                    let text = self.string("server.listen", &spanned)?;
+                    let addr = text.parse::<SocketAddr>().map_err(|_| {
+                        self.err(
+                            l.referenced,
+                            format!(
+                                "server.listen: {text:?} is not an address:port (e.g. \"127.0.0.1:5000\" or \"[::]:5000\")"
+                            ),
+                        )
+                    })?;
+                    listen.push(addr);
+                }
+                if listen.is_empty() {
+                    return Err(self.err(l.referenced, "server.listen: no address given"));
+                }
+            }
+        }
+        let tls = match raw.tls {
+            None => None,
+            Some(t) => Some(TlsConfig {
+                cert: self.existing_file("server.tls.cert", &t.cert)?,
+                key: self.existing_file("server.tls.key", &t.key)?,
+            }),
+        };
+        let public_url = match &raw.public_url {
+            None => None,
+            Some(v) => {
+                let s = self.string("server.public_url", v)?;
+                let url = Url::parse(&s).map_err(|e| {
+                    self.err(v.referenced, format!("server.public_url: {s:?}: {e}"))
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(self.err(
+                        v.referenced,
+                        "server.public_url: must be an http:// or https:// URL with a host",
+                    ));
+                }
+                if url.path() != "/" || url.query().is_some() {
+                    return Err(self.err(
+                        v.referenced,
+                        "server.public_url: must not have a path or query (the API lives at /v2/)",
+                    ));
+                }
+                Some(url)
+            }
+        };
+        let shutdown_grace = match &raw.shutdown_grace {
+            None => Duration::from_secs(30),
+            Some(v) => self.duration("server.shutdown_grace", v)?,
+        };
+        Ok(ServerConfig {
+            listen,
+            tls,
+            public_url,
+            browser_redirects: raw.browser_redirects.unwrap_or(true),
+            shutdown_grace,
+        })
+    }
+
+    fn upstream(
+        &self,
+        name: &str,
+        raw: Spanned<raw::RawUpstream>,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        let u = raw.value;
+        let url_text = self.string(&key("url"), &u.url)?;
+        let url = parse_upstream_url(&url_text)
+            .map_err(|m| self.err(u.url.referenced, format!("{}: {m}", key("url"))))?;
+        let mut upstream = UpstreamConfig::new(name, url);
+        if let Some(c) = u.credentials {
+            upstream.credentials = Some(self.credentials(name, c)?);
+        }
+        if let Some(ca) = &u.ca {
+            upstream.ca = Some(self.existing_file(&key("ca"), ca)?);
+        }
+        upstream.insecure_skip_verify = u.insecure_skip_verify.unwrap_or(false);
+        if let Some(r) = &u.redirects {
+            upstream.redirects = match self.string(&key("redirects"), r)?.as_str() {
+                "pass" => RedirectPolicy::Pass,
+                "follow" => RedirectPolicy::Follow,
+                other => {
+                    return Err(self.err(
+                        r.referenced,
+                        format!(
+                            "{}: {other:?} is neither \"pass\" nor \"follow\"",
+                            key("redirects")
+                        ),
+                    ));
+                }
+            };
+        }
+        for realm in u.allowed_realms.iter().flatten() {
+            let text = self.string(&key("allowed_realms"), realm)?;
+            let url = Url::parse(&text)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| {
+                    self.err(
+                        realm.referenced,
+                        format!("{}: {text:?} is not an http(s) URL", key("allowed_realms")),
+                    )
+                })?;
+            upstream.allowed_realms.push(url);
+        }
+        if let Some(t) = &u.connect_timeout {
+            upstream.connect_timeout = self.duration(&key("connect_timeout"), t)?;
+        }
+        if let Some(t) = &u.idle_timeout {
+            upstream.idle_timeout = self.duration(&key("idle_timeout"), t)?;
+        }
+        Ok(upstream)
+    }
+
+    fn credentials(
+        &self,
+        name: &str,
+        raw: Spanned<raw::RawCredentials>,
+    ) -> Result<Credentials, ConfigError> {
+        let key = format!("upstreams.{name}.credentials");
+        let c = raw.value;
+        let given = [
+            c.basic.is_some(),
+            c.header.is_some(),
+            c.docker_config.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(self.err(
+                raw.referenced,
+                format!("{key}: give exactly one of basic, header, docker_config"),
+            ));
+        }
+        if let Some(b) = c.basic {
+            let username = self.string(&format!("{key}.basic.username"), &b.username)?;
+            if username.is_empty() || username.contains(':') {
+                return Err(self.err(
+                    b.username.referenced,
+                    format!("{key}.basic.username: must be non-empty and contain no ':'"),
+                ));
+            }
+            let password = self.string(&format!("{key}.basic.password"), &b.password)?;
+            return Ok(Credentials::Basic { username, password });
+        }
+        if let Some(h) = &c.header {
+            let value = self.string(&format!("{key}.header"), h)?;
+            let valid = value
+                .split_once(' ')
+                .is_some_and(|(s, rest)| !s.is_empty() && !rest.trim().is_empty())
+                && http::HeaderValue::from_str(&value).is_ok();
+            if !valid {
+                return Err(self.err(
+                    h.referenced,
+                    format!("{key}.header: must be a full Authorization value such as \"Basic dXNlcjpwYXNz\""),
+                ));
+            }
+            return Ok(Credentials::Header(value));
+        }
+        let Some(d) = c.docker_config else {
+            return Err(self.err(raw.referenced, format!("{key}: no credentials given")));
+        };
+        match d.value {
+            raw::DockerConfigSetting::Flag(true) => Ok(Credentials::DockerConfig(None)),
+            raw::DockerConfigSetting::Flag(false) => Err(self.err(
+                d.referenced,
+                format!("{key}.docker_config: false is not allowed; remove the key instead"),
+            )),
+            raw::DockerConfigSetting::Path(p) => {
+                let spanned = Spanned::new(p, d.referenced, d.defined);
+                let path = self.existing_file(&format!("{key}.docker_config"), &spanned)?;
+                Ok(Credentials::DockerConfig(Some(path)))
+            }
+        }
+    }
+
+    fn route(
+        &self,
+        r: raw::RawRoute,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Result<RouteConfig, ConfigError> {
+        let prefix = self.string("routes.prefix", &r.prefix)?;
+        let upstream = self.string("routes.upstream", &r.upstream)?;
+        if !upstreams.contains_key(&upstream) {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            return Err(self.err(
+                r.upstream.referenced,
+                format!(
+                    "routes.upstream: no upstream named {upstream:?} (defined: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        let namespace = prefix.is_empty() || prefix.ends_with('/');
+        let stem = prefix.trim_end_matches('/');
+        if !prefix.is_empty() && crate::oci::path::validate_name(stem).is_err() {
+            return Err(self.err(
+                r.prefix.referenced,
+                format!(
+                    "routes.prefix: {prefix:?} is not a repository name or namespace (lower-case components separated by '/')"
+                ),
+            ));
+        }
+        let mut remote = match &r.remote {
+            Some(v) => self.string("routes.remote", v)?,
+            None if namespace => String::new(),
+            None => prefix.clone(),
+        };
+        if namespace && !remote.is_empty() && !remote.ends_with('/') {
+            remote.push('/');
+        }
+        let remote_stem = remote.trim_end_matches('/');
+        if (!remote.is_empty() || !namespace)
+            && crate::oci::path::validate_name(remote_stem).is_err()
+        {
+            let at = r
+                .remote
+                .as_ref()
+                .map_or(r.prefix.referenced, |v| v.referenced);
+            return Err(self.err(
+                at,
+                format!("routes.remote: {remote:?} is not a valid repository name or namespace"),
+            ));
+        }
+        Ok(RouteConfig {
+            prefix,
+            upstream,
+            remote,
+        })
+    }
+}
+
+/// Accepts `https://host[:port]`, `http://…` and bare hosts (taken as https); resolves Docker
+/// Hub's aliases to its API host.
+pub fn parse_upstream_url(text: &str) -> Result<Url, String> {
+    let with_scheme = if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("https://{text}")
+    };
+    let mut url = Url::parse(&with_scheme).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{text:?}: only http:// and https:// upstreams are supported"
+        ));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "{text:?}: give only scheme, host and port (no path, query or user; use credentials for auth)"
+        ));
+    }
+    if matches!(url.host_str(), Some("docker.io" | "index.docker.io")) {
+        url.set_host(Some(DOCKER_HUB_API_HOST))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(url)
+}
+
+/// `500ms`, `30s`, `5m`, `1h30m`, `2d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86400)?),
+            _ => return None,
+        };
+        total = total.checked_add(unit)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+//! The config file exactly as written: serde types with source spans, no meaning yet.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+type S = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<OneOrMany>>,
+    pub tls: Option<RawTls>,
+    pub public_url: Option<S>,
+    pub browser_redirects: Option<bool>,
+    pub shutdown_grace: Option<S>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: S,
+    pub key: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: S,
+    pub credentials: Option<Spanned<RawCredentials>>,
+    pub ca: Option<S>,
+    pub insecure_skip_verify: Option<bool>,
+    pub redirects: Option<S>,
+    pub allowed_realms: Option<Vec<S>>,
+    pub connect_timeout: Option<S>,
+    pub idle_timeout: Option<S>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentials {
+    pub basic: Option<RawBasic>,
+    pub header: Option<S>,
+    pub docker_config: Option<Spanned<DockerConfigSetting>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub username: S,
+    pub password: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DockerConfigSetting {
+    Flag(bool),
+    Path(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub prefix: S,
+    pub upstream: S,
+    pub remote: Option<S>,
+}

@@ -1,0 +1,119 @@
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "HUB_PASSWORD" => Some("s3cret".into()),
+        "PORT" => Some("5999".into()),
+        _ => None,
+    }
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.yaml", &env)
+}
+
+fn error(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+const FULL: &str = r#"
+server:
+  listen: ["127.0.0.1:${PORT}", "[::1]:5001"]
+  public_url: https://r.example.com
+  browser_redirects: false
+  shutdown_grace: 1m30s
+upstreams:
+  hub:
+    url: docker.io
+    credentials:
+      basic: { username: u, password: "${HUB_PASSWORD}" }
+    redirects: follow
+    allowed_realms: ["http://127.0.0.1:5001/token"]
+  ghcr:
+    url: https://ghcr.io
+    credentials:
+      header: "Bearer abc"
+routes:
+  - prefix: "mirror/"
+    upstream: hub
+    remote: "team"
+  - prefix: "0ebb01be/nginx"
+    upstream: ghcr
+    remote: "modem7/docker-rickroll"
+  - prefix: ""
+    upstream: hub
+"#;
+
+#[test]
+fn full_config_resolves() {
+    let c = parse(FULL).unwrap();
+    assert_eq!(c.server.listen.len(), 2);
+    assert_eq!(c.server.listen[0].port(), 5999);
+    assert!(!c.server.browser_redirects);
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(90));
+    let hub = &c.upstreams["hub"];
+    assert_eq!(hub.url.as_str(), "https://registry-1.docker.io/");
+    assert!(hub.is_docker_hub());
+    assert_eq!(
+        hub.credentials,
+        Some(Credentials::Basic {
+            username: "u".into(),
+            password: "s3cret".into()
+        })
+    );
+    assert_eq!(hub.redirects, RedirectPolicy::Follow);
+    assert_eq!(c.routes[0].remote, "team/");
+    assert!(c.routes[0].is_namespace());
+    assert!(!c.routes[1].is_namespace());
+    assert!(c.routes[2].is_namespace());
+    let summary = c.summary();
+    assert!(summary.contains("mirror/"));
+    assert!(!summary.contains("s3cret"));
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn embedded_default_mirrors_docker_hub() {
+    let c = Config::default_config().unwrap();
+    assert_eq!(c.upstreams["hub"].url.host_str(), Some(DOCKER_HUB_API_HOST));
+    assert_eq!(c.routes[0].prefix, "");
+}
+
+#[test]
+fn errors_carry_file_line_and_column() {
+    let e = error("upstreams:\n  hub:\n    url: https://x.io\n    colour: blue\nroutes: []\n");
+    assert!(e.starts_with("test.yaml:4:5: "), "{e}");
+    assert!(e.contains("colour"), "{e}");
+    let e = error(
+        "upstreams:\n  hub:\n    url: https://x.io\nroutes:\n  - prefix: \"\"\n    upstream: hb\n",
+    );
+    assert!(e.starts_with("test.yaml:6:15: "), "{e}");
+    assert!(e.contains("no upstream named \"hb\""), "{e}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+    assert_eq!(parse_duration("45"), Some(Duration::from_secs(45)));
+    assert_eq!(parse_duration("5 m"), None);
+    assert_eq!(parse_duration("m"), None);
+    assert_eq!(parse_duration(""), None);
+}
+
+#[test]
+fn upstream_urls() {
+    assert_eq!(
+        parse_upstream_url("index.docker.io").unwrap().as_str(),
+        "https://registry-1.docker.io/"
+    );
+    assert_eq!(
+        parse_upstream_url("http://127.0.0.1:5000")
+            .unwrap()
+            .as_str(),
+        "http://127.0.0.1:5000/"
+    );
+    assert!(parse_upstream_url("https://x.io/v2").is_err());
+    assert!(parse_upstream_url("ftp://x.io").is_err());
+    assert!(parse_upstream_url("https://u:p@x.io").is_err());
+}

@@ -1,0 +1,64 @@
+//! Every way a request can fail, and the one place failures become HTTP answers.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+use crate::oci::{API_VERSION, ErrorCode, OciError};
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A protocol-level refusal: bad name, unknown route, …
+    #[error("{0}")]
+    Oci(OciError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// An upstream answer we must rewrite was not what the protocol promises.
+    #[error("upstream {upstream} sent an unusable {what}: {reason}")]
+    BadUpstreamAnswer {
+        upstream: String,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+impl From<OciError> for GatewayError {
+    fn from(e: OciError) -> Self {
+        GatewayError::Oci(e)
+    }
+}
+
+impl GatewayError {
+    pub fn to_oci(&self) -> OciError {
+        match self {
+            GatewayError::Oci(e) => e.clone(),
+            GatewayError::Upstream(UpstreamError::Timeout { .. }) => {
+                OciError::new(ErrorCode::Unavailable, self.to_string())
+                    .with_status(StatusCode::GATEWAY_TIMEOUT)
+            }
+            GatewayError::Upstream(_) | GatewayError::BadUpstreamAnswer { .. } => {
+                OciError::new(ErrorCode::Unavailable, self.to_string())
+            }
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        oci_response(&self.to_oci())
+    }
+}
+
+/// An OCI error as an HTTP answer.
+pub fn oci_response(e: &OciError) -> Response<Body> {
+    let mut response = Response::new(body::full(e.body()));
+    *response.status_mut() = e.status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+    response
+}

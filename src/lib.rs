@@ -1,0 +1,36 @@
+//! ocigate: one binary in front of container registries.
+//!
+//! The life of a request:
+//!
+//! ```text
+//! server (accept, TLS, HTTP/1.1 + HTTP/2)
+//!   → pipeline::Gateway::handle
+//!       parse      oci::ApiPath             /v2/<name>/<endpoint>, validated
+//!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
+//!       rewrite    rewrite::RouteTable      local name → route → remote name (+ mount `from`)
+//!       upstream   upstream::Upstream       credentials, token dance, pooled client, redirects
+//!       response   pipeline (rewrite_*)     Location, Link, WWW-Authenticate, tags/list name
+//!       observe    body::Observed           access log + metrics when the body ends
+//!   ← error::GatewayError::into_response    the one place errors become answers
+//! ```
+//!
+//! Modules:
+//! - [`config`]: the YAML schema, `${VAR}` expansion, `file:line:column` errors.
+//! - [`oci`]: protocol grammar without I/O (paths, names, errors, challenges, scopes).
+//! - [`rewrite`]: routes and name mapping both ways.
+//! - [`upstream`]: everything that talks to registries.
+//! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
+//! - [`server`]: sockets, TLS and graceful shutdown.
+//! - [`body`], [`metrics`], [`error`]: shared plumbing.
+
+pub mod body;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod local;
+pub mod metrics;
+pub mod oci;
+pub mod pipeline;
+pub mod rewrite;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,89 @@
+//! Answers the gateway gives itself, without an upstream: the `/v2/` version check,
+//! `/healthz`, `/metrics`, and browser redirects to an image's web page.
+
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+use crate::oci::{API_VERSION, ErrorCode, OciError};
+use crate::rewrite::RouteTable;
+
+pub fn api_base() -> Response<Body> {
+    let mut r = Response::new(body::full("{}"));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+    r
+}
+
+pub fn healthz() -> Response<Body> {
+    let mut r = Response::new(body::full("ok\n"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+pub fn metrics() -> Response<Body> {
+    let mut r = Response::new(body::full(crate::metrics::render()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+pub fn not_found(path: &str) -> OciError {
+    OciError::new(ErrorCode::NameUnknown, "not found")
+        .with_detail(serde_json::json!({ "path": path }))
+}
+
+/// Whether a request looks like a person's browser rather than a registry client.
+pub fn is_browser(method: &Method, headers: &HeaderMap) -> bool {
+    (method == Method::GET || method == Method::HEAD)
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"))
+}
+
+/// Where a browser visiting `path` should go: the upstream's page for the mapped repository.
+pub fn browser_target(
+    routes: &RouteTable,
+    upstream_host: impl Fn(&str) -> Option<String>,
+    path: &str,
+) -> Option<String> {
+    let local = path.trim_matches('/');
+    let (route, remote) = if local.is_empty() {
+        let route = routes
+            .routes()
+            .iter()
+            .find(|r| r.config.prefix.is_empty())?;
+        (route, route.config.remote.trim_end_matches('/').to_string())
+    } else {
+        let m = routes.resolve(local)?;
+        (m.route, m.remote)
+    };
+    let host = upstream_host(&route.config.upstream)?;
+    if route.docker_hub {
+        return Some(match remote.strip_prefix("library/") {
+            Some(official) => format!("https://hub.docker.com/_/{official}"),
+            None if remote.is_empty() => "https://hub.docker.com/".to_string(),
+            None => format!("https://hub.docker.com/r/{remote}"),
+        });
+    }
+    Some(format!("https://{host}/{remote}"))
+}
+
+pub fn redirect(target: &str) -> Response<Body> {
+    let mut r = Response::new(body::empty());
+    *r.status_mut() = StatusCode::FOUND;
+    if let Ok(v) = HeaderValue::from_str(target) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}

@@ -1,0 +1,204 @@
+//! The `ocigate` command: a thin CLI over the library (parse arguments, load config, set up
+//! logging, bind, run).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ocigate::config::{self, Config, Credentials, RouteConfig, UpstreamConfig};
+use ocigate::pipeline::Gateway;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "ocigate",
+    version,
+    about = "A streaming gateway in front of OCI container registries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry API.
+    Serve(ServeArgs),
+    /// Validate a config file and print a summary of it.
+    CheckConfig {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The YAML config file (default: the embedded Docker Hub mirror on 127.0.0.1:5000).
+    #[arg(long, env = "OCIGATE_CONFIG", conflicts_with = "upstream")]
+    config: Option<PathBuf>,
+    /// Quick mode: proxy every name to this registry host (or URL).
+    #[arg(long, env = "REGISTRY_HOST")]
+    upstream: Option<String>,
+    /// Quick mode: local name `x` maps to `<prefix>/x` upstream.
+    #[arg(long, env = "REPO_PREFIX", requires = "upstream")]
+    repo_prefix: Option<String>,
+    /// Quick mode: the address to listen on.
+    #[arg(long, requires = "upstream", default_value = "127.0.0.1:5000")]
+    listen: String,
+    /// Quick mode: a verbatim Authorization value for the upstream.
+    #[arg(
+        long,
+        env = "AUTH_HEADER",
+        requires = "upstream",
+        hide_env_values = true
+    )]
+    auth_header: Option<String>,
+    /// Quick mode: do not redirect browsers to the upstream's web page.
+    #[arg(long, env = "DISABLE_BROWSER_REDIRECTS", requires = "upstream")]
+    disable_browser_redirects: bool,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "OCIGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ocigate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> Result<()> {
+    let config = Config::load(file)?;
+    // Building the gateway resolves credentials and CA bundles, so their errors show here too.
+    install_crypto();
+    Gateway::new(config.clone())?;
+    print!("{}", config.summary());
+    println!("ok");
+    Ok(())
+}
+
+fn install_crypto() {
+    // Exactly one rustls provider, or rustls panics on first use when several are linked.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OCIGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Builds the config for `serve --upstream HOST [--repo-prefix P]`.
+fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
+    let url = config::parse_upstream_url(host).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    let mut upstream = UpstreamConfig::new("upstream", url);
+    if let Some(h) = &args.auth_header {
+        upstream.credentials = Some(Credentials::Header(h.clone()));
+    }
+    let remote = match args.repo_prefix.as_deref().map(|p| p.trim_matches('/')) {
+        None | Some("") => String::new(),
+        Some(p) => {
+            ocigate::oci::path::validate_name(p)
+                .map_err(|e| anyhow::anyhow!("--repo-prefix {p:?}: {}", e.message))?;
+            format!("{p}/")
+        }
+    };
+    let listen = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not an address:port", args.listen))?;
+    let mut config = Config::default_config()?;
+    config.source = "<command line>".into();
+    config.server.listen = vec![listen];
+    config.server.browser_redirects = !args.disable_browser_redirects;
+    config.upstreams = [("upstream".to_string(), upstream)].into();
+    config.routes = vec![RouteConfig {
+        prefix: String::new(),
+        upstream: "upstream".into(),
+        remote,
+    }];
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_format);
+    install_crypto();
+    let config = match (&args.config, &args.upstream) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(host)) => quick_config(&args, host)?,
+        (None, None) => Config::default_config()?,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> Result<()> {
+    ocigate::metrics::install();
+    let tls = match &config.server.tls {
+        Some(t) => Some(ocigate::server::tls_acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %local, scheme, "listening");
+        listeners.push(listener);
+    }
+    if listeners.is_empty() {
+        bail!("no listen address");
+    }
+    let grace = config.server.shutdown_grace;
+    tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));
+    let gateway = Arc::new(Gateway::new(config)?);
+    ocigate::server::run(gateway, listeners, tls, shutdown_signal(), grace).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ocigate");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,60 @@
+//! Prometheus metrics: the names ocigate exports and the process-wide recorder behind
+//! `GET /metrics`. Other modules record through the helpers here so names live in one place.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "ocigate_requests_total";
+pub const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
+pub const BYTES: &str = "ocigate_bytes_streamed_total";
+pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder once per process (tests start many gateways in one process).
+pub fn install() {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(UPSTREAM_LATENCY.to_string()),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .ok()?
+            .install_recorder()
+            .ok()?;
+        Some(recorder)
+    });
+}
+
+/// The Prometheus text exposition of everything recorded so far.
+pub fn render() -> String {
+    match HANDLE.get() {
+        Some(Some(h)) => h.render(),
+        _ => String::new(),
+    }
+}
+
+pub fn request(route: &str, method: &str, status: u16) {
+    metrics::counter!(REQUESTS, "route" => route.to_string(), "method" => method.to_string(), "status" => status.to_string())
+        .increment(1);
+}
+
+pub fn upstream_latency(upstream: &str, elapsed: Duration) {
+    metrics::histogram!(UPSTREAM_LATENCY, "upstream" => upstream.to_string())
+        .record(elapsed.as_secs_f64());
+}
+
+/// `direction` is `download` (to clients) or `upload` (from clients).
+pub fn bytes(direction: &'static str, n: u64) {
+    metrics::counter!(BYTES, "direction" => direction).increment(n);
+}
+
+pub fn token_fetch(upstream: &str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(TOKEN_FETCHES, "upstream" => upstream.to_string(), "result" => result)
+        .increment(1);
+}

@@ -1,0 +1,15 @@
+//! Distribution-API knowledge with no I/O: request paths and repository names, OCI error
+//! bodies, `WWW-Authenticate` challenges and token scopes.
+//!
+//! Owns the grammar of the protocol. Must not know about routes, upstreams or config.
+
+pub mod challenge;
+pub mod error;
+pub mod path;
+
+pub use challenge::{Challenge, Scope};
+pub use error::{ErrorCode, OciError};
+pub use path::{ApiPath, Endpoint, Reference};
+
+/// `Docker-Distribution-Api-Version` value every `/v2/` answer carries.
+pub const API_VERSION: &str = "registry/2.0";

@@ -1,0 +1,364 @@
+//! `/v2/` request paths, parsed from the right so that repository names may have any number of
+//! components, including ones literally called `blobs` or `manifests`.
+
+use super::error::{ErrorCode, OciError};
+
+/// What a `/v2/…` path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v2/`: the API version check.
+    Base,
+    /// `/v2/_catalog`.
+    Catalog,
+    /// `/v2/<name>/tags/list`.
+    Tags,
+    /// `/v2/<name>/manifests/<reference>`.
+    Manifest(Reference),
+    /// `/v2/<name>/blobs/<digest>`.
+    Blob(String),
+    /// `/v2/<name>/blobs/uploads/`: start an upload (or mount, or monolithic POST).
+    UploadStart,
+    /// `/v2/<name>/blobs/uploads/<id>`: PATCH, PUT, GET status, DELETE cancel.
+    Upload(String),
+    /// `/v2/<name>/referrers/<digest>`.
+    Referrers(String),
+}
+
+/// A manifest reference: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    Tag(String),
+    Digest(String),
+}
+
+impl Reference {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reference::Tag(s) | Reference::Digest(s) => s,
+        }
+    }
+}
+
+/// A parsed `/v2/` path: the endpoint and, for repository endpoints, the repository name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiPath {
+    pub name: Option<String>,
+    pub endpoint: Endpoint,
+}
+
+impl ApiPath {
+    /// The path after the name (`manifests/latest`, `blobs/uploads/`, …), to be appended to a
+    /// rewritten name.
+    pub fn suffix(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Base | Endpoint::Catalog => String::new(),
+            Endpoint::Tags => "tags/list".into(),
+            Endpoint::Manifest(r) => format!("manifests/{}", r.as_str()),
+            Endpoint::Blob(d) => format!("blobs/{d}"),
+            Endpoint::UploadStart => "blobs/uploads/".into(),
+            Endpoint::Upload(id) => format!("blobs/uploads/{id}"),
+            Endpoint::Referrers(d) => format!("referrers/{d}"),
+        }
+    }
+
+    /// Parses a request path. `None` for paths outside `/v2`; an `OciError` for `/v2` paths
+    /// that name no endpoint or carry an invalid name, tag or digest.
+    pub fn parse(path: &str) -> Option<Result<ApiPath, OciError>> {
+        let rest = match path.strip_prefix("/v2") {
+            Some("") | Some("/") => {
+                return Some(Ok(ApiPath {
+                    name: None,
+                    endpoint: Endpoint::Base,
+                }));
+            }
+            Some(rest) => rest.strip_prefix('/')?,
+            None => return None,
+        };
+        Some(parse_rest(rest))
+    }
+}
+
+fn parse_rest(rest: &str) -> Result<ApiPath, OciError> {
+    if rest == "_catalog" {
+        return Ok(ApiPath {
+            name: None,
+            endpoint: Endpoint::Catalog,
+        });
+    }
+    let (name, endpoint) = split_endpoint(rest).ok_or_else(|| {
+        OciError::new(ErrorCode::NameUnknown, "no such endpoint")
+            .with_detail(serde_json::json!({ "path": format!("/v2/{rest}") }))
+    })?;
+    validate_name(name)?;
+    match &endpoint {
+        Endpoint::Manifest(Reference::Digest(d)) | Endpoint::Blob(d) | Endpoint::Referrers(d) => {
+            validate_digest(d)?
+        }
+        Endpoint::Manifest(Reference::Tag(t)) => validate_tag(t)?,
+        Endpoint::Upload(id) => validate_upload_id(id)?,
+        _ => {}
+    }
+    Ok(ApiPath {
+        name: Some(name.to_string()),
+        endpoint,
+    })
+}
+
+fn split_endpoint(rest: &str) -> Option<(&str, Endpoint)> {
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some((name, Endpoint::Tags));
+    }
+    if let Some(name) = rest
+        .strip_suffix("/blobs/uploads/")
+        .or_else(|| rest.strip_suffix("/blobs/uploads"))
+    {
+        return Some((name, Endpoint::UploadStart));
+    }
+    let (head, last) = rest.rsplit_once('/')?;
+    let (name, kind) = head.rsplit_once('/')?;
+    let endpoint = match kind {
+        "manifests" if is_digest_shaped(last) => Endpoint::Manifest(Reference::Digest(last.into())),
+        "manifests" => Endpoint::Manifest(Reference::Tag(last.into())),
+        "blobs" => Endpoint::Blob(last.into()),
+        "referrers" => Endpoint::Referrers(last.into()),
+        "uploads" => {
+            let name = name.strip_suffix("/blobs")?;
+            return Some((name, Endpoint::Upload(last.into())));
+        }
+        _ => return None,
+    };
+    Some((name, endpoint))
+}
+
+fn is_digest_shaped(s: &str) -> bool {
+    s.contains(':')
+}
+
+fn invalid_name(name: &str, why: &str) -> OciError {
+    OciError::new(
+        ErrorCode::NameInvalid,
+        format!("invalid repository name: {why}"),
+    )
+    .with_detail(serde_json::json!({ "name": name }))
+}
+
+/// Checks a repository name against the distribution reference grammar: `/`-separated
+/// components of `[a-z0-9]` joined by `.`, `_`, `__` or runs of `-`; at most 255 bytes.
+pub fn validate_name(name: &str) -> Result<(), OciError> {
+    if name.is_empty() {
+        return Err(invalid_name(name, "empty"));
+    }
+    if name.len() > 255 {
+        return Err(invalid_name(name, "longer than 255 characters"));
+    }
+    for component in name.split('/') {
+        if !valid_component(component) {
+            return Err(invalid_name(
+                name,
+                &format!(
+                    "component {component:?} is not lower-case alphanumerics joined by '.', '_', '__' or '-'"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn valid_component(c: &str) -> bool {
+    let bytes = c.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if !alnum(first) || !alnum(last) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: ".", "_", "__" or one or more "-".
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = matches!(sep, "." | "_" | "__") || sep.bytes().all(|b| b == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Tags: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_tag(tag: &str) -> Result<(), OciError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OciError::new(ErrorCode::NameInvalid, "invalid tag")
+            .with_detail(serde_json::json!({ "tag": tag })))
+    }
+}
+
+/// Digests: `sha256:` + 64 or `sha512:` + 128 lower-case hex characters.
+pub fn validate_digest(digest: &str) -> Result<(), OciError> {
+    let ok = match digest.split_once(':') {
+        Some(("sha256", hex)) => is_lower_hex(hex, 64),
+        Some(("sha512", hex)) => is_lower_hex(hex, 128),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            OciError::new(ErrorCode::DigestInvalid, "invalid or unsupported digest")
+                .with_detail(serde_json::json!({ "digest": digest })),
+        )
+    }
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Upload ids are opaque, but must stay one path segment of URL-safe characters.
+fn validate_upload_id(id: &str) -> Result<(), OciError> {
+    let ok = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=' | b'~'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OciError::new(
+            ErrorCode::BlobUploadUnknown,
+            "invalid upload id",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parse(p: &str) -> ApiPath {
+        ApiPath::parse(p).unwrap().unwrap()
+    }
+
+    fn parse_err(p: &str) -> OciError {
+        ApiPath::parse(p).unwrap().unwrap_err()
+    }
+
+    #[test]
+    fn base_and_catalog() {
+        assert_eq!(parse("/v2/").endpoint, Endpoint::Base);
+        assert_eq!(parse("/v2").endpoint, Endpoint::Base);
+        assert_eq!(parse("/v2/_catalog").endpoint, Endpoint::Catalog);
+        assert!(ApiPath::parse("/healthz").is_none());
+        assert!(ApiPath::parse("/v2x/foo").is_none());
+    }
+
+    #[test]
+    fn names_with_many_components_and_keyword_components() {
+        let p = parse("/v2/group/sub/blobs/manifests/app/manifests/v1.0");
+        assert_eq!(p.name.as_deref(), Some("group/sub/blobs/manifests/app"));
+        assert_eq!(
+            p.endpoint,
+            Endpoint::Manifest(Reference::Tag("v1.0".into()))
+        );
+        let p = parse(&format!("/v2/a/blobs/blobs/{D}"));
+        assert_eq!(p.name.as_deref(), Some("a/blobs"));
+        assert_eq!(p.endpoint, Endpoint::Blob(D.into()));
+        let p = parse("/v2/a/b/tags/list");
+        assert_eq!(
+            (p.name.as_deref(), p.endpoint),
+            (Some("a/b"), Endpoint::Tags)
+        );
+    }
+
+    #[test]
+    fn uploads() {
+        assert_eq!(
+            parse("/v2/a/blobs/uploads/").endpoint,
+            Endpoint::UploadStart
+        );
+        assert_eq!(parse("/v2/a/blobs/uploads").endpoint, Endpoint::UploadStart);
+        let p = parse("/v2/x/y/blobs/uploads/5f1c-aa_b");
+        assert_eq!(p.name.as_deref(), Some("x/y"));
+        assert_eq!(p.endpoint, Endpoint::Upload("5f1c-aa_b".into()));
+        assert_eq!(p.suffix(), "blobs/uploads/5f1c-aa_b");
+    }
+
+    #[test]
+    fn manifests_by_digest_and_referrers() {
+        let p = parse(&format!("/v2/a/manifests/{D}"));
+        assert_eq!(p.endpoint, Endpoint::Manifest(Reference::Digest(D.into())));
+        let p = parse(&format!("/v2/a/referrers/{D}"));
+        assert_eq!(p.endpoint, Endpoint::Referrers(D.into()));
+        assert_eq!(p.suffix(), format!("referrers/{D}"));
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        for bad in [
+            "/v2/A/manifests/x",
+            "/v2/a//b/manifests/x",
+            "/v2/../manifests/x",
+            "/v2/a/../b/manifests/x",
+            "/v2/-a/manifests/x",
+            "/v2/a-/manifests/x",
+            "/v2/a..b/manifests/x",
+            "/v2/a___b/manifests/x",
+            "/v2/a%2fb/manifests/x",
+        ] {
+            assert_eq!(parse_err(bad).code, ErrorCode::NameInvalid, "{bad}");
+        }
+        for good in ["a__b", "a_b", "a.b", "a---b", "0", "a/b/c/d"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        assert!(validate_name(&"a".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn invalid_references_are_rejected() {
+        assert_eq!(parse_err("/v2/a/manifests/-x").code, ErrorCode::NameInvalid);
+        assert_eq!(
+            parse_err("/v2/a/manifests/sha256:abc").code,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            parse_err("/v2/a/blobs/latest").code,
+            ErrorCode::DigestInvalid
+        );
+        let upper = D.to_uppercase().replace("SHA256", "sha256");
+        assert_eq!(
+            parse_err(&format!("/v2/a/blobs/{upper}")).code,
+            ErrorCode::DigestInvalid
+        );
+        assert!(validate_digest(&format!("sha512:{}", "a".repeat(128))).is_ok());
+        assert!(validate_tag("Latest_1.0-rc").is_ok());
+        assert!(validate_tag(&"t".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn unknown_endpoints() {
+        assert_eq!(parse_err("/v2/a").code, ErrorCode::NameUnknown);
+        assert_eq!(parse_err("/v2/a/b/c").code, ErrorCode::NameUnknown);
+    }
+}

@@ -1,0 +1,570 @@
+//! The driver: the life of one request, stage by stage.
+//!
+//! 1. **parse** the path into an [`ApiPath`] (or answer locally: `/v2/`, health, metrics,
+//!    browser redirects);
+//! 2. **rewrite**: pick the route, map local names to remote ones ([`crate::rewrite`]);
+//! 3. **upstream**: credentials, token dance and pooled send ([`crate::upstream`]);
+//! 4. **response rewriting**: `Location`, `Link`, challenges, `tags/list` names;
+//! 5. **observe**: one access-log line and the metrics, when the body has finished streaming.
+//!
+//! Stages see a [`RequestContext`], not the gateway. Errors become answers only in
+//! [`GatewayError::into_response`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::body::{self, Body, Finish, Observed, Outcome};
+use crate::config::{Config, RedirectPolicy};
+use crate::error::GatewayError;
+use crate::local;
+use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
+use crate::rewrite::{self, NameMap, Route, RouteTable};
+use crate::upstream::{Upstream, UpstreamBuildError, UpstreamRequest};
+
+/// Largest upstream JSON answer the gateway reads in order to rewrite it (tags, catalog).
+pub const MAX_REWRITTEN_BODY: usize = 16 << 20;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Everything shared by all requests: the config, the route table and the upstreams.
+pub struct Gateway {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+/// What the stages know about one request.
+#[derive(Debug)]
+pub struct RequestContext {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    /// `scheme://host` under which clients reach us, for absolute URLs we hand out.
+    pub public_base: String,
+    pub peer: SocketAddr,
+    /// Route label for metrics and logs; `-` when no route was involved.
+    pub route: String,
+    pub upstream: Option<String>,
+    pub names: NameMap,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Gateway, UpstreamBuildError> {
+        let mut upstreams = HashMap::new();
+        for (name, u) in &config.upstreams {
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(u.clone())?));
+        }
+        let routes = RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|r| Route {
+                    config: r.clone(),
+                    docker_hub: config.upstreams[&r.upstream].is_docker_hub(),
+                })
+                .collect(),
+        );
+        Ok(Gateway {
+            config,
+            routes,
+            upstreams,
+        })
+    }
+
+    /// Serves one request; never fails (errors are answers).
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let mut ctx = RequestContext {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            public_base: public_base(&self.config, &req, conn),
+            peer: conn.peer,
+            route: "-".into(),
+            upstream: None,
+            names: NameMap::default(),
+        };
+        let response = match self.process(&mut ctx, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(
+                    e,
+                    GatewayError::Upstream(_) | GatewayError::BadUpstreamAnswer { .. }
+                ) {
+                    tracing::warn!(path = %ctx.path, error = %e, "upstream failure");
+                }
+                e.into_response()
+            }
+        };
+        observe(ctx, response, started)
+    }
+
+    async fn process(
+        &self,
+        ctx: &mut RequestContext,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let api = match ApiPath::parse(&ctx.path) {
+            None => return self.non_api(ctx, &req),
+            Some(parsed) => parsed?,
+        };
+        match &api.endpoint {
+            Endpoint::Base => Ok(local::api_base()),
+            Endpoint::Catalog => crate::catalog::serve(self, ctx).await,
+            _ => self.proxy(ctx, api, req).await,
+        }
+    }
+
+    fn non_api(
+        &self,
+        ctx: &RequestContext,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        match ctx.path.as_str() {
+            "/healthz" => return Ok(local::healthz()),
+            "/metrics" => return Ok(local::metrics()),
+            _ => {}
+        }
+        if self.config.server.browser_redirects && local::is_browser(&ctx.method, req.headers()) {
+            let host = |name: &str| {
+                self.upstreams
+                    .get(name)
+                    .and_then(|u| u.config.url.host_str().map(str::to_string))
+            };
+            if let Some(target) = local::browser_target(&self.routes, host, &ctx.path) {
+                return Ok(local::redirect(&target));
+            }
+        }
+        Err(local::not_found(&ctx.path).into())
+    }
+
+    /// Stages 2–4 for a repository endpoint.
+    async fn proxy(
+        &self,
+        ctx: &mut RequestContext,
+        api: ApiPath,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let local_name = api.name.clone().unwrap_or_default();
+        let mapped = self.routes.resolve(&local_name).ok_or_else(|| {
+            OciError::new(
+                ErrorCode::NameUnknown,
+                "repository name not known to registry",
+            )
+            .with_detail(serde_json::json!({ "name": local_name }))
+        })?;
+        let upstream = self
+            .upstreams
+            .get(&mapped.route.config.upstream)
+            .cloned()
+            .ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "route has no upstream"))?;
+        ctx.route = mapped.route.label().to_string();
+        ctx.upstream = Some(upstream.name().to_string());
+        ctx.names.add(&mapped.remote, &local_name);
+
+        let mut scopes = vec![Scope::repository(&mapped.remote, actions_for(&ctx.method))];
+        let mut query = ctx.query.clone();
+        if api.endpoint == Endpoint::UploadStart && ctx.method == Method::POST {
+            query = self.rewrite_mount(ctx, query, &mapped.route.config.upstream, &mut scopes);
+        }
+        let mut path_and_query = format!("/v2/{}/{}", mapped.remote, api.suffix());
+        if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+
+        let (parts, incoming) = req.into_parts();
+        let body = (!incoming.is_end_stream())
+            .then(|| body::boxed(Observed::new(body::boxed(incoming), Box::new(UploadBytes))));
+        let response = upstream
+            .send(UpstreamRequest {
+                method: parts.method.clone(),
+                path_and_query: path_and_query.clone(),
+                headers: forward_headers(&parts.headers),
+                body,
+                scopes,
+            })
+            .await?;
+        let asked = upstream.url(&path_and_query)?;
+        let is_blob_read = matches!(api.endpoint, Endpoint::Blob(_))
+            && (ctx.method == Method::GET || ctx.method == Method::HEAD);
+        let response = if is_blob_read
+            && response.status().is_redirection()
+            && upstream.config.redirects == RedirectPolicy::Follow
+        {
+            upstream
+                .follow_redirects(response, &ctx.method, asked.clone(), &parts.headers)
+                .await?
+        } else {
+            response
+        };
+        rewrite_response(ctx, &upstream, &asked, &api, response).await
+    }
+
+    /// Maps `from=` of a cross-repository mount to its remote name. A `from` that is not routed
+    /// to the same upstream cannot be mounted there: the mount is dropped and the registry
+    /// answers with a plain upload session, as the spec allows.
+    fn rewrite_mount(
+        &self,
+        ctx: &mut RequestContext,
+        query: Option<String>,
+        upstream: &str,
+        scopes: &mut Vec<Scope>,
+    ) -> Option<String> {
+        let q = query?;
+        let Some(from) = rewrite::query_param(&q, "from") else {
+            return Some(q);
+        };
+        match self.routes.resolve(&from) {
+            Some(m) if m.route.config.upstream == upstream => {
+                ctx.names.add(&m.remote, &from);
+                scopes.push(Scope::repository(&m.remote, &["pull"]));
+                Some(rewrite::replace_query_param(&q, "from", Some(&m.remote)))
+            }
+            _ => {
+                let q = rewrite::replace_query_param(&q, "from", None);
+                Some(rewrite::replace_query_param(&q, "mount", None))
+            }
+        }
+    }
+}
+
+struct UploadBytes;
+
+impl Finish for UploadBytes {
+    fn finish(self: Box<Self>, bytes: u64, _outcome: Outcome) {
+        crate::metrics::bytes("upload", bytes);
+    }
+}
+
+fn actions_for(method: &Method) -> &'static [&'static str] {
+    match *method {
+        Method::GET | Method::HEAD => &["pull"],
+        Method::DELETE => &["delete"],
+        _ => &["pull", "push"],
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones a proxy must not pass on.
+fn is_hop_by_hop(name: &header::HeaderName, connection_listed: &[String]) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || connection_listed.iter().any(|c| c == name.as_str())
+}
+
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The client's headers as the upstream may see them: never the client's `Authorization`
+/// (its token is for us, not for the upstream), never `Host` or hop-by-hop headers.
+pub fn forward_headers(headers: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(headers);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let dropped = is_hop_by_hop(name, &listed)
+            || name == header::HOST
+            || name == header::AUTHORIZATION
+            || name == header::EXPECT
+            || name == header::COOKIE;
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    let names: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n, &listed))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// `scheme://host` for absolute URLs handed to clients: `server.public_url`, else the
+/// forwarded or direct `Host` with the forwarded or actual scheme.
+fn public_base<B>(config: &Config, req: &Request<B>, conn: ConnInfo) -> String {
+    if let Some(url) = &config.server.public_url {
+        return url.as_str().trim_end_matches('/').to_string();
+    }
+    let first = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let scheme = first("x-forwarded-proto")
+        .filter(|p| p == "http" || p == "https")
+        .unwrap_or_else(|| if conn.tls { "https" } else { "http" }.to_string());
+    let host = first("x-forwarded-host")
+        .or_else(|| first("host"))
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'@')
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{scheme}://{host}")
+}
+
+/// Stage 4: upstream names and URLs become local ones.
+async fn rewrite_response(
+    ctx: &RequestContext,
+    upstream: &Upstream,
+    asked: &Url,
+    api: &ApiPath,
+    response: Response<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let (mut parts, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(loc) = parts.headers.get(header::LOCATION).cloned()
+        && let Some(new) = loc
+            .to_str()
+            .ok()
+            .and_then(|l| rewrite_url(ctx, upstream, asked, l))
+        && let Ok(v) = HeaderValue::from_str(&new)
+    {
+        parts.headers.insert(header::LOCATION, v);
+    }
+    rewrite_links(ctx, upstream, asked, &mut parts.headers);
+    rewrite_challenges(&ctx.names, &mut parts.headers);
+
+    let is_tags = api.endpoint == Endpoint::Tags
+        && ctx.method == Method::GET
+        && parts.status == StatusCode::OK;
+    let body = if is_tags {
+        let local = api.name.clone().unwrap_or_default();
+        let bytes = read_json_body(upstream, incoming, "tags list").await?;
+        let rewritten =
+            rename_tags_list(&bytes, &local).map_err(|reason| GatewayError::BadUpstreamAnswer {
+                upstream: upstream.name().to_string(),
+                what: "tags list",
+                reason,
+            })?;
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+        body::full(rewritten)
+    } else {
+        body::boxed(incoming)
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Reads a small JSON answer that must be rewritten, refusing anything oversized.
+pub async fn read_json_body(
+    upstream: &Upstream,
+    incoming: Incoming,
+    what: &'static str,
+) -> Result<Bytes, GatewayError> {
+    Limited::new(incoming, MAX_REWRITTEN_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| GatewayError::BadUpstreamAnswer {
+            upstream: upstream.name().to_string(),
+            what,
+            reason: e.to_string(),
+        })
+}
+
+fn rename_tags_list(bytes: &[u8], local: &str) -> Result<Vec<u8>, String> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let obj = v.as_object_mut().ok_or("not a JSON object")?;
+    obj.insert("name".into(), serde_json::Value::String(local.to_string()));
+    serde_json::to_vec(&v).map_err(|e| e.to_string())
+}
+
+/// A URL the upstream handed out, as the client must see it. Upstream `/v2/` URLs of this
+/// request's names point back at us; anything else (object storage, other hosts) is made
+/// absolute against the upstream and otherwise left alone.
+fn rewrite_url(
+    ctx: &RequestContext,
+    upstream: &Upstream,
+    asked: &Url,
+    value: &str,
+) -> Option<String> {
+    let absolute = asked.join(value).ok()?;
+    if absolute.origin() == upstream.config.url.origin() {
+        let mut path = absolute.path().to_string();
+        if let Some(q) = absolute.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        if let Some(local) = ctx.names.path(&path) {
+            return Some(format!("{}{local}", ctx.public_base));
+        }
+    }
+    Some(absolute.to_string())
+}
+
+fn rewrite_links(ctx: &RequestContext, upstream: &Upstream, asked: &Url, headers: &mut HeaderMap) {
+    let values: Vec<String> = headers
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    headers.remove(header::LINK);
+    for v in values {
+        let new = rewrite::link_header(&v, |u| {
+            if u.starts_with('/') {
+                // Keep relative links relative: clients resolve them against us.
+                ctx.names.path(u)
+            } else {
+                rewrite_url(ctx, upstream, asked, u)
+            }
+        });
+        if let Ok(hv) = HeaderValue::from_str(&new) {
+            headers.append(header::LINK, hv);
+        }
+    }
+}
+
+fn rewrite_challenges(names: &NameMap, headers: &mut HeaderMap) {
+    let values: Vec<HeaderValue> = headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .cloned()
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    headers.remove(header::WWW_AUTHENTICATE);
+    for v in values {
+        let rewritten = v
+            .to_str()
+            .ok()
+            .and_then(Challenge::parse)
+            .and_then(|mut c| {
+                names.challenge(&mut c);
+                HeaderValue::from_str(&c.to_string()).ok()
+            });
+        headers.append(header::WWW_AUTHENTICATE, rewritten.unwrap_or(v));
+    }
+}
+
+/// Stage 5: count and log the request once its body has gone out.
+fn observe(ctx: RequestContext, response: Response<Body>, started: Instant) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let log = AccessLog {
+        status: parts.status.as_u16(),
+        ctx,
+        started,
+    };
+    Response::from_parts(parts, body::boxed(Observed::new(body, Box::new(log))))
+}
+
+struct AccessLog {
+    ctx: RequestContext,
+    status: u16,
+    started: Instant,
+}
+
+impl Finish for AccessLog {
+    fn finish(self: Box<Self>, bytes: u64, outcome: Outcome) {
+        let c = &self.ctx;
+        crate::metrics::request(&c.route, c.method.as_str(), self.status);
+        crate::metrics::bytes("download", bytes);
+        tracing::info!(
+            target: "ocigate::access",
+            method = %c.method,
+            path = %c.path,
+            status = self.status,
+            bytes,
+            outcome = outcome.as_str(),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            route = %c.route,
+            upstream = c.upstream.as_deref().unwrap_or("-"),
+            peer = %c.peer,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_headers_drop_credentials_and_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("proxy"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+        );
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        let out = forward_headers(&h);
+        assert!(out.get(header::AUTHORIZATION).is_none());
+        assert!(out.get(header::HOST).is_none());
+        assert!(out.get("x-private").is_none());
+        assert!(out.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(out.get_all(header::ACCEPT).iter().count(), 2);
+        assert_eq!(out.get(header::RANGE).unwrap(), "bytes=0-9");
+    }
+
+    #[test]
+    fn tags_list_name_is_local() {
+        let out =
+            rename_tags_list(br#"{"name":"team/app","tags":["a","b"]}"#, "mirror/app").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["name"], "mirror/app");
+        assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
+        assert!(rename_tags_list(b"[1]", "x").is_err());
+    }
+}

@@ -1,0 +1,336 @@
+//! The rewrite stage: local repository names ↔ upstream names, both ways.
+//!
+//! Owns the route table (longest prefix wins) and every rewrite of names in requests
+//! (`from=` on mounts) and responses (`Location`, `Link`, `WWW-Authenticate` scopes, the
+//! `name` of `tags/list`). Must not talk to upstreams or decide about auth.
+
+use crate::config::RouteConfig;
+use crate::oci::{Challenge, Scope};
+
+/// A route with the facts needed to map names through it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub config: RouteConfig,
+    /// Docker Hub keeps one-component names under `library/`.
+    pub docker_hub: bool,
+}
+
+impl Route {
+    pub fn label(&self) -> &str {
+        if self.config.prefix.is_empty() {
+            "(default)"
+        } else {
+            &self.config.prefix
+        }
+    }
+
+    /// Maps a local name through this route, if the route covers it.
+    fn to_remote(&self, local: &str) -> Option<String> {
+        let c = &self.config;
+        let remote = if c.is_namespace() {
+            let rest = local.strip_prefix(c.prefix.as_str())?;
+            if rest.is_empty() {
+                return None;
+            }
+            format!("{}{rest}", c.remote)
+        } else if local == c.prefix {
+            c.remote.clone()
+        } else {
+            return None;
+        };
+        if self.docker_hub && !remote.contains('/') {
+            return Some(format!("library/{remote}"));
+        }
+        Some(remote)
+    }
+
+    /// The local name a remote name has on this (namespace) route, if any.
+    fn to_local(&self, remote: &str) -> Option<String> {
+        let c = &self.config;
+        if !c.is_namespace() {
+            return None;
+        }
+        let mut rest = remote.strip_prefix(c.remote.as_str())?;
+        if self.docker_hub && c.remote.is_empty() {
+            // Prefer the short name clients use for official images.
+            if let Some(official) = rest.strip_prefix("library/").filter(|r| !r.contains('/')) {
+                rest = official;
+            }
+        }
+        Some(format!("{}{rest}", c.prefix))
+    }
+}
+
+/// The name a request was made with, and where it goes.
+#[derive(Debug, Clone)]
+pub struct Mapped<'a> {
+    pub route: &'a Route,
+    pub remote: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Longest prefix first.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let mut routes = routes;
+        routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
+        RouteTable { routes }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route for a local name: longest matching prefix wins.
+    pub fn resolve(&self, local: &str) -> Option<Mapped<'_>> {
+        self.routes.iter().find_map(|route| {
+            route
+                .to_remote(local)
+                .map(|remote| Mapped { route, remote })
+        })
+    }
+
+    /// The local name under which `remote` (on `upstream`) is reachable through a namespace
+    /// route, if any; a name shadowed by a longer route is not reachable and gives `None`.
+    pub fn to_local(&self, upstream: &str, remote: &str) -> Option<String> {
+        self.routes
+            .iter()
+            .filter(|r| r.config.upstream == upstream)
+            .filter_map(|r| r.to_local(remote))
+            .find(|local| {
+                crate::oci::path::validate_name(local).is_ok()
+                    && self
+                        .resolve(local)
+                        .is_some_and(|m| m.route.config.upstream == upstream && m.remote == remote)
+            })
+    }
+}
+
+/// The remote ↔ local name pairs of one request (its name, and `from` of a mount), used to
+/// rewrite what the upstream says back.
+#[derive(Debug, Clone, Default)]
+pub struct NameMap {
+    pairs: Vec<(String, String)>,
+}
+
+impl NameMap {
+    pub fn add(&mut self, remote: &str, local: &str) {
+        if !self.pairs.iter().any(|(r, _)| r == remote) {
+            self.pairs.push((remote.to_string(), local.to_string()));
+            // Longest remote first, so `/v2/a/b/` is not mistaken for `/v2/a/`.
+            self.pairs.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        }
+    }
+
+    pub fn local_for(&self, remote: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(r, _)| r == remote)
+            .map(|(_, l)| l.as_str())
+    }
+
+    /// Rewrites an upstream `/v2/<remote>/…` path (with any query) to `/v2/<local>/…`.
+    pub fn path(&self, path: &str) -> Option<String> {
+        let rest = path.strip_prefix("/v2/")?;
+        self.pairs.iter().find_map(|(remote, local)| {
+            let tail = rest.strip_prefix(remote.as_str())?;
+            tail.starts_with('/').then(|| format!("/v2/{local}{tail}"))
+        })
+    }
+
+    /// Rewrites repository scopes in a challenge from remote to local names.
+    pub fn challenge(&self, challenge: &mut Challenge) {
+        let scopes = challenge.scopes();
+        if scopes.is_empty() {
+            return;
+        }
+        let local: Vec<Scope> = scopes
+            .into_iter()
+            .map(|mut s| {
+                if s.is_repository()
+                    && let Some(l) = self.local_for(&s.name)
+                {
+                    s.name = l.to_string();
+                }
+                s
+            })
+            .collect();
+        challenge.set_param("scope", crate::oci::challenge::join_scopes(&local));
+    }
+}
+
+/// Rewrites the URL inside each `<…>` of a `Link` header with `rewrite_url`.
+pub fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<String>) -> String {
+    value
+        .split(',')
+        .map(|part| {
+            let trimmed = part.trim();
+            match (trimmed.find('<'), trimmed.find('>')) {
+                (Some(open), Some(close)) if open < close => {
+                    let url = &trimmed[open + 1..close];
+                    let new = rewrite_url(url).unwrap_or_else(|| url.to_string());
+                    format!("{}<{new}>{}", &trimmed[..open], &trimmed[close + 1..])
+                }
+                _ => trimmed.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Replaces the `from=` of a cross-repository mount query; every other pair stays byte-exact
+/// (upload `_state` tokens must not be re-encoded).
+pub fn replace_query_param(query: &str, key: &str, value: Option<&str>) -> String {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let k = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if k != key {
+                return Some(pair.to_string());
+            }
+            value.map(|v| {
+                format!(
+                    "{key}={}",
+                    url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The first value of `key` in a query string, percent-decoded.
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, upstream: &str, remote: &str, hub: bool) -> Route {
+        Route {
+            config: RouteConfig {
+                prefix: prefix.into(),
+                upstream: upstream.into(),
+                remote: remote.into(),
+            },
+            docker_hub: hub,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(vec![
+            route("", "hub", "", true),
+            route("mirror/", "reg", "team/", false),
+            route("mirror/special", "reg", "other/thing", false),
+            route("bp/", "hub", "backplane/", true),
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table();
+        let m = t.resolve("mirror/app").unwrap();
+        assert_eq!(
+            (m.route.config.upstream.as_str(), m.remote.as_str()),
+            ("reg", "team/app")
+        );
+        let m = t.resolve("mirror/special").unwrap();
+        assert_eq!(m.remote, "other/thing");
+        let m = t.resolve("mirror/special/x").unwrap();
+        assert_eq!(m.remote, "team/special/x");
+        let m = t.resolve("bp/true").unwrap();
+        assert_eq!(m.remote, "backplane/true");
+    }
+
+    #[test]
+    fn docker_hub_library() {
+        let t = table();
+        assert_eq!(t.resolve("alpine").unwrap().remote, "library/alpine");
+        assert_eq!(
+            t.resolve("grafana/grafana").unwrap().remote,
+            "grafana/grafana"
+        );
+        assert_eq!(
+            t.to_local("hub", "library/alpine").as_deref(),
+            Some("alpine")
+        );
+        assert_eq!(
+            t.to_local("hub", "backplane/true").as_deref(),
+            Some("bp/true")
+        );
+    }
+
+    #[test]
+    fn unrouted_and_shadowed_names() {
+        let t = RouteTable::new(vec![route("mirror/", "reg", "team/", false)]);
+        assert!(t.resolve("other/app").is_none());
+        assert!(t.resolve("mirror/").is_none());
+        assert!(t.resolve("mirror").is_none());
+        assert_eq!(t.to_local("reg", "team/app").as_deref(), Some("mirror/app"));
+        assert_eq!(t.to_local("reg", "elsewhere/app"), None);
+        assert_eq!(t.to_local("hub", "team/app"), None);
+        // Exact routes are never listed.
+        let t = table();
+        assert_eq!(t.to_local("reg", "other/thing"), None);
+        // team/special is shadowed by the exact route mirror/special.
+        assert_eq!(t.to_local("reg", "team/special"), None);
+    }
+
+    #[test]
+    fn name_map_rewrites_paths_and_scopes() {
+        let mut n = NameMap::default();
+        n.add("team/app", "mirror/app");
+        n.add("team/app/sub", "mirror/app/sub");
+        assert_eq!(
+            n.path("/v2/team/app/blobs/uploads/u1?_state=a%2Bb")
+                .as_deref(),
+            Some("/v2/mirror/app/blobs/uploads/u1?_state=a%2Bb")
+        );
+        assert_eq!(
+            n.path("/v2/team/app/sub/tags/list").as_deref(),
+            Some("/v2/mirror/app/sub/tags/list")
+        );
+        assert_eq!(n.path("/v2/team/application/tags/list"), None);
+        let mut c = Challenge::parse(
+            r#"Bearer realm="r",service="s",scope="repository:team/app:pull,push repository:x:pull""#,
+        )
+        .unwrap();
+        n.challenge(&mut c);
+        assert_eq!(
+            c.param("scope"),
+            Some("repository:mirror/app:pull,push repository:x:pull")
+        );
+    }
+
+    #[test]
+    fn links_and_queries() {
+        let link = link_header(r#"</v2/team/app/tags/list?last=b&n=2>; rel="next""#, |u| {
+            Some(u.replace("team/", "mirror/"))
+        });
+        assert_eq!(link, r#"</v2/mirror/app/tags/list?last=b&n=2>; rel="next""#);
+        assert_eq!(
+            replace_query_param(
+                "mount=sha256%3Aab&from=mirror%2Fx&_state=a+b%3D",
+                "from",
+                Some("team/x")
+            ),
+            "mount=sha256%3Aab&from=team%2Fx&_state=a+b%3D"
+        );
+        assert_eq!(
+            replace_query_param("mount=d&from=x", "from", None),
+            "mount=d"
+        );
+        assert_eq!(
+            query_param("a=1&from=mirror%2Fx", "from").as_deref(),
+            Some("mirror/x")
+        );
+    }
+}

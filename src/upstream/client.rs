@@ -1,0 +1,148 @@
+//! The pooled HTTP client each upstream talks through: hyper-util's pool over hyper-rustls,
+//! HTTP/2 or HTTP/1.1 by ALPN, keep-alive, connect and idle timeouts.
+
+use std::sync::Arc;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("cannot read CA bundle {path}: {source}")]
+    Ca {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("CA bundle {path} holds no usable certificate")]
+    EmptyCa { path: String },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Builds the pooled client for one upstream.
+pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
+    let tls = tls_config(config)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.idle_timeout)
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector))
+}
+
+fn tls_config(config: &UpstreamConfig) -> Result<ClientConfig, ClientBuildError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut tls = if config.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        builder
+            .with_root_certificates(roots(config)?)
+            .with_no_client_auth()
+    };
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// Mozilla's roots, the system's roots where there are any, and the upstream's own `ca`.
+fn roots(config: &UpstreamConfig) -> Result<RootCertStore, ClientBuildError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A broken system certificate must not stop the proxy; it is simply not trusted.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &config.ca {
+        let display = path.display().to_string();
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|source| ClientBuildError::Ca {
+            path: display.clone(),
+            source,
+        })? {
+            let cert = cert.map_err(|source| ClientBuildError::Ca {
+                path: display.clone(),
+                source,
+            })?;
+            if roots.add(cert).is_ok() {
+                added += 1;
+            }
+        }
+        if added == 0 {
+            return Err(ClientBuildError::EmptyCa { path: display });
+        }
+    }
+    Ok(roots)
+}
+
+/// `insecure_skip_verify: true`: accept any certificate, still checking handshake signatures.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

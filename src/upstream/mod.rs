@@ -1,0 +1,393 @@
+//! Upstream registries: the only code that talks to them.
+//!
+//! An [`Upstream`] owns its pooled client, its credentials and the token dance: it learns the
+//! upstream's challenge, fetches and caches bearer tokens per scope set, retries a replayable
+//! request once after a 401, and follows blob redirects without `Authorization` when asked.
+//! It sees requests already rewritten to remote names and must not know about local names.
+
+pub mod client;
+pub mod credentials;
+pub mod token;
+
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::body::{self, Body};
+use crate::config::UpstreamConfig;
+use crate::oci::{Challenge, Scope};
+use client::HttpClient;
+use credentials::{CredentialError, CredentialSource, Secret};
+use token::TokenCache;
+
+/// How long a bodiless request may wait for response headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_REDIRECTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream} unreachable: {reason}")]
+    Unreachable { upstream: String, reason: String },
+    #[error("upstream {upstream} did not answer within {0:?}", HEADER_TIMEOUT)]
+    Timeout { upstream: String },
+    #[error("upstream {upstream}: {source}")]
+    Credentials {
+        upstream: String,
+        source: CredentialError,
+    },
+    #[error("upstream {upstream}: bad redirect: {reason}")]
+    Redirect { upstream: String, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBuildError {
+    #[error("upstream {upstream}: {source}")]
+    Client {
+        upstream: String,
+        source: client::ClientBuildError,
+    },
+    #[error("upstream {upstream}: {source}")]
+    Credentials {
+        upstream: String,
+        source: CredentialError,
+    },
+}
+
+/// What the upstream told us about authentication, learned from its challenges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthScheme {
+    Unknown,
+    Open,
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+impl AuthScheme {
+    fn from_challenge(c: &Challenge) -> AuthScheme {
+        if c.is_basic() {
+            AuthScheme::Basic
+        } else if let (true, Some(realm)) = (c.is_bearer(), c.param("realm")) {
+            AuthScheme::Bearer {
+                realm: realm.to_string(),
+                service: c.param("service").map(str::to_string),
+            }
+        } else {
+            AuthScheme::Unknown
+        }
+    }
+}
+
+/// A request already in upstream terms.
+pub struct UpstreamRequest {
+    pub method: Method,
+    /// `/v2/<remote>/…?query`.
+    pub path_and_query: String,
+    /// End-to-end headers only: no `Host`, `Authorization` or hop-by-hop headers.
+    pub headers: HeaderMap,
+    /// `None` for a request without a body, which can be replayed after a 401.
+    pub body: Option<Body>,
+    /// The scopes the request needs, in remote names.
+    pub scopes: Vec<Scope>,
+}
+
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    client: HttpClient,
+    credentials: CredentialSource,
+    tokens: TokenCache,
+    scheme: RwLock<AuthScheme>,
+    warned_realm: AtomicBool,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, UpstreamBuildError> {
+        let client = client::build(&config).map_err(|source| UpstreamBuildError::Client {
+            upstream: config.name.clone(),
+            source,
+        })?;
+        let credentials =
+            CredentialSource::new(&config).map_err(|source| UpstreamBuildError::Credentials {
+                upstream: config.name.clone(),
+                source,
+            })?;
+        Ok(Upstream {
+            config,
+            client,
+            credentials,
+            tokens: TokenCache::default(),
+            scheme: RwLock::new(AuthScheme::Unknown),
+            warned_realm: AtomicBool::new(false),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The absolute URL of a path on this upstream.
+    pub fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
+        self.config
+            .url
+            .join(path_and_query)
+            .map_err(|e| UpstreamError::Unreachable {
+                upstream: self.config.name.clone(),
+                reason: format!("bad path {path_and_query:?}: {e}"),
+            })
+    }
+
+    /// Sends a request with whatever authorization the upstream wants, retrying a replayable
+    /// request once after a 401 with a fresh token.
+    pub async fn send(
+        &self,
+        mut req: UpstreamRequest,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let secret =
+            self.credentials
+                .resolve()
+                .await
+                .map_err(|source| UpstreamError::Credentials {
+                    upstream: self.config.name.clone(),
+                    source,
+                })?;
+        let body = req.body.take();
+        if let Some(bearer) = secret.as_ref().and_then(Secret::static_bearer) {
+            return self.dispatch(&req, Some(bearer), body).await;
+        }
+        let replayable = body.is_none();
+        let mut scheme = self.scheme();
+        if !replayable && scheme == AuthScheme::Unknown {
+            // A streamed body cannot be sent twice: learn the challenge before sending it.
+            scheme = self.ping().await;
+        }
+        let auth = self
+            .authorization(&scheme, &req.scopes, secret.as_ref())
+            .await;
+        let response = self.dispatch(&req, auth.clone(), body).await?;
+        if response.status() != StatusCode::UNAUTHORIZED || !replayable {
+            return Ok(response);
+        }
+        let Some(challenge) = challenge_of(&response) else {
+            return Ok(response);
+        };
+        let learned = AuthScheme::from_challenge(&challenge);
+        self.set_scheme(learned.clone());
+        let mut scopes = req.scopes.clone();
+        for s in challenge.scopes() {
+            if !scopes.contains(&s) {
+                scopes.push(s);
+            }
+        }
+        match self.authorization(&learned, &scopes, secret.as_ref()).await {
+            Some(retry_auth) if Some(&retry_auth) != auth.as_ref() => {
+                self.dispatch(&req, Some(retry_auth), None).await
+            }
+            _ => Ok(response),
+        }
+    }
+
+    /// Follows a blob redirect chain without `Authorization`, streaming the final answer.
+    pub async fn follow_redirects(
+        &self,
+        mut response: Response<Incoming>,
+        method: &Method,
+        mut from: Url,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let bad = |reason: String| UpstreamError::Redirect {
+            upstream: self.config.name.clone(),
+            reason,
+        };
+        for _ in 0..MAX_REDIRECTS {
+            if !response.status().is_redirection() {
+                return Ok(response);
+            }
+            let target = location_of(&response, &from)
+                .ok_or_else(|| bad("redirect without a usable Location".into()))?;
+            let mut builder = Request::builder()
+                .method(method.clone())
+                .uri(target.as_str());
+            for name in [
+                header::ACCEPT,
+                header::RANGE,
+                header::USER_AGENT,
+                header::IF_NONE_MATCH,
+            ] {
+                if let Some(v) = headers.get(&name) {
+                    builder = builder.header(name, v);
+                }
+            }
+            let request = builder
+                .body(body::empty())
+                .map_err(|e| bad(e.to_string()))?;
+            response = self.timed(request, true).await?;
+            from = target;
+        }
+        Err(bad(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    fn scheme(&self) -> AuthScheme {
+        self.scheme
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or(AuthScheme::Unknown)
+    }
+
+    fn set_scheme(&self, scheme: AuthScheme) {
+        if scheme != AuthScheme::Unknown
+            && let Ok(mut s) = self.scheme.write()
+        {
+            *s = scheme;
+        }
+    }
+
+    /// `GET /v2/` to learn how the upstream authenticates.
+    async fn ping(&self) -> AuthScheme {
+        let probe = UpstreamRequest {
+            method: Method::GET,
+            path_and_query: "/v2/".into(),
+            headers: HeaderMap::new(),
+            body: None,
+            scopes: Vec::new(),
+        };
+        let learned = match self.dispatch(&probe, None, None).await {
+            Ok(r) if r.status().is_success() => AuthScheme::Open,
+            Ok(r) => challenge_of(&r)
+                .map(|c| AuthScheme::from_challenge(&c))
+                .unwrap_or(AuthScheme::Unknown),
+            Err(_) => AuthScheme::Unknown,
+        };
+        self.set_scheme(learned.clone());
+        learned
+    }
+
+    async fn authorization(
+        &self,
+        scheme: &AuthScheme,
+        scopes: &[Scope],
+        secret: Option<&Secret>,
+    ) -> Option<HeaderValue> {
+        match scheme {
+            AuthScheme::Unknown | AuthScheme::Open => None,
+            AuthScheme::Basic => secret.and_then(Secret::basic_header),
+            AuthScheme::Bearer { realm, service } => {
+                let key = TokenCache::key(scopes);
+                if let Some(t) = self.tokens.get(&key) {
+                    return Some(t);
+                }
+                let secret = secret.filter(|_| self.realm_allowed(realm));
+                let fetched =
+                    token::fetch(&self.client, realm, service.as_deref(), scopes, secret).await;
+                crate::metrics::token_fetch(&self.config.name, fetched.is_ok());
+                match fetched {
+                    Ok(t) => {
+                        let header = t.header.clone();
+                        self.tokens.put(key, t);
+                        Some(header)
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %self.config.name, error = %e, "token fetch failed");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn realm_allowed(&self, realm: &str) -> bool {
+        let allowed = Url::parse(realm).is_ok_and(|r| {
+            token::realm_may_receive_credentials(&self.config.url, &r, &self.config.allowed_realms)
+        });
+        if !allowed && !self.warned_realm.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                upstream = %self.config.name,
+                realm,
+                "token realm is outside the upstream's domain and not in allowed_realms: asking it anonymously"
+            );
+        }
+        allowed
+    }
+
+    async fn dispatch(
+        &self,
+        req: &UpstreamRequest,
+        auth: Option<HeaderValue>,
+        body: Option<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let url = self.url(&req.path_and_query)?;
+        let mut builder = Request::builder()
+            .method(req.method.clone())
+            .uri(url.as_str());
+        if let Some(headers) = builder.headers_mut() {
+            headers.extend(req.headers.clone());
+            if let Some(a) = auth {
+                headers.insert(header::AUTHORIZATION, a);
+            }
+        }
+        let has_body = body.is_some();
+        let request = builder
+            .body(body.unwrap_or_else(body::empty))
+            .map_err(|e| UpstreamError::Unreachable {
+                upstream: self.config.name.clone(),
+                reason: e.to_string(),
+            })?;
+        self.timed(request, !has_body).await
+    }
+
+    async fn timed(
+        &self,
+        request: Request<Body>,
+        bounded: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let started = Instant::now();
+        let sent = self.client.request(request);
+        let result = if bounded {
+            tokio::time::timeout(HEADER_TIMEOUT, sent)
+                .await
+                .map_err(|_| UpstreamError::Timeout {
+                    upstream: self.config.name.clone(),
+                })?
+        } else {
+            sent.await
+        };
+        crate::metrics::upstream_latency(&self.config.name, started.elapsed());
+        result.map_err(|e| UpstreamError::Unreachable {
+            upstream: self.config.name.clone(),
+            reason: error_chain(&e),
+        })
+    }
+}
+
+fn challenge_of<B>(response: &Response<B>) -> Option<Challenge> {
+    response
+        .headers()
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(Challenge::parse)
+        .find(|c| c.is_bearer() || c.is_basic())
+}
+
+/// The `Location` of a response, resolved against the URL that was asked.
+pub fn location_of<B>(response: &Response<B>, base: &Url) -> Option<Url> {
+    let loc = response.headers().get(header::LOCATION)?.to_str().ok()?;
+    let url = base.join(loc).ok()?;
+    matches!(url.scheme(), "http" | "https").then_some(url)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
