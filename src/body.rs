@@ -100,12 +100,18 @@ impl HttpBody for Observed {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
+                }
+                // Bodies of known length are not polled past their last frame.
+                if this.inner.is_end_stream()
+                    && let Some(f) = this.on_finish.take()
+                {
+                    f.finish(*this.bytes, Outcome::Complete);
                 }
             }
             Poll::Ready(Some(Err(_))) => {

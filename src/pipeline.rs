@@ -370,17 +370,19 @@ async fn rewrite_response(
         && parts.status == StatusCode::OK;
     let body = if is_tags {
         let local = api.name.clone().unwrap_or_default();
+        let upstream_paged = parts.headers.contains_key(header::LINK);
         let bytes = read_json_body(upstream, incoming, "tags list").await?;
-        let rewritten =
-            rename_tags_list(&bytes, &local).map_err(|reason| GatewayError::BadUpstreamAnswer {
+        let page = rewrite_tags_list(&bytes, &local, ctx.query.as_deref(), upstream_paged)
+            .map_err(|reason| GatewayError::BadUpstreamAnswer {
                 upstream: upstream.name().to_string(),
                 what: "tags list",
                 reason,
             })?;
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-        body::full(rewritten)
+        if let Some(link) = page.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            parts.headers.insert(header::LINK, link);
+        }
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(page.body.len()));
+        body::full(page.body)
     } else {
         body::boxed(incoming)
     };
@@ -404,11 +406,51 @@ pub async fn read_json_body(
         })
 }
 
-fn rename_tags_list(bytes: &[u8], local: &str) -> Result<Vec<u8>, String> {
+struct TagsPage {
+    body: Vec<u8>,
+    link: Option<String>,
+}
+
+/// Renames a tags list to the local name. When the client asked for a page (`n`, `last`) and
+/// the upstream ignored it (distribution 2.x does), the page is cut here, in lexical order,
+/// with a `Link` to the next one.
+fn rewrite_tags_list(
+    bytes: &[u8],
+    local: &str,
+    query: Option<&str>,
+    upstream_paged: bool,
+) -> Result<TagsPage, String> {
     let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let obj = v.as_object_mut().ok_or("not a JSON object")?;
     obj.insert("name".into(), serde_json::Value::String(local.to_string()));
-    serde_json::to_vec(&v).map_err(|e| e.to_string())
+    let query = query.unwrap_or_default();
+    let n = rewrite::query_param(query, "n").and_then(|n| n.parse::<usize>().ok());
+    let last = rewrite::query_param(query, "last");
+    let mut link = None;
+    if !upstream_paged
+        && (n.is_some() || last.is_some())
+        && let Some(tags) = obj.get_mut("tags").and_then(|t| t.as_array_mut())
+    {
+        let mut names: Vec<String> = tags
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .filter(|t| last.as_ref().is_none_or(|l| t > l))
+            .collect();
+        names.sort();
+        if let Some(n) = n
+            && names.len() > n
+        {
+            names.truncate(n);
+            if let Some(last_tag) = names.last() {
+                link = Some(format!("</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""));
+            }
+        }
+        *tags = names.into_iter().map(serde_json::Value::String).collect();
+    }
+    Ok(TagsPage {
+        body: serde_json::to_vec(&v).map_err(|e| e.to_string())?,
+        link,
+    })
 }
 
 /// A URL the upstream handed out, as the client must see it. Upstream `/v2/` URLs of this
@@ -560,11 +602,33 @@ mod tests {
 
     #[test]
     fn tags_list_name_is_local() {
-        let out =
-            rename_tags_list(br#"{"name":"team/app","tags":["a","b"]}"#, "mirror/app").unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let page =
+            rewrite_tags_list(br#"{"name":"team/app","tags":["b","a"]}"#, "mirror/app", None, false)
+                .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
         assert_eq!(v["name"], "mirror/app");
-        assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
-        assert!(rename_tags_list(b"[1]", "x").is_err());
+        assert_eq!(v["tags"], serde_json::json!(["b", "a"]));
+        assert!(page.link.is_none());
+        assert!(rewrite_tags_list(b"[1]", "x", None, false).is_err());
+    }
+
+    #[test]
+    fn tags_list_is_paged_when_the_upstream_does_not() {
+        let body = br#"{"name":"team/app","tags":["t3","t1","t4","t2"]}"#;
+        let page = rewrite_tags_list(body, "m/app", Some("n=2"), false).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
+        assert_eq!(v["tags"], serde_json::json!(["t1", "t2"]));
+        assert_eq!(
+            page.link.as_deref(),
+            Some(r#"</v2/m/app/tags/list?last=t2&n=2>; rel="next""#)
+        );
+        let page = rewrite_tags_list(body, "m/app", Some("n=2&last=t2"), false).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
+        assert_eq!(v["tags"], serde_json::json!(["t3", "t4"]));
+        assert!(page.link.is_none());
+        // An upstream that paginates itself is trusted as it is.
+        let page = rewrite_tags_list(body, "m/app", Some("n=2"), true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
+        assert_eq!(v["tags"].as_array().unwrap().len(), 4);
     }
 }

@@ -54,7 +54,8 @@ fn tls_config(config: &UpstreamConfig) -> Result<ClientConfig, ClientBuildError>
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let mut tls = if config.insecure_skip_verify {
+    // No ALPN here: hyper-rustls sets h2 and http/1.1 itself from enable_http1/2.
+    let tls = if config.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
@@ -64,7 +65,6 @@ fn tls_config(config: &UpstreamConfig) -> Result<ClientConfig, ClientBuildError>
             .with_root_certificates(roots(config)?)
             .with_no_client_auth()
     };
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
 }
 

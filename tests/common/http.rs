@@ -1,0 +1,128 @@
+//! A small blocking HTTP client for tests, on a process-wide tokio runtime that also runs
+//! the in-process fixture servers.
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use sha2::Digest;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The first OCI error code of the body.
+    pub fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+    request_body(method, url, headers, full(body.into()))
+}
+
+pub fn request_body(method: &str, url: &str, headers: &[(&str, &str)], body: Body) -> Resp {
+    let mut b = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(body).unwrap();
+    rt().block_on(async {
+        let resp = client()
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Resp {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    })
+}
+
+pub fn get(url: &str) -> Resp {
+    request("GET", url, &[], Bytes::new())
+}
+
+pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Resp {
+    request("GET", url, headers, Bytes::new())
+}
+
+pub fn head(url: &str, headers: &[(&str, &str)]) -> Resp {
+    request("HEAD", url, headers, Bytes::new())
+}
+
+/// GETs `url` and hashes the body as it streams (never holding it); returns status,
+/// headers, byte count and `sha256:` digest.
+pub fn get_streamed_digest(url: &str) -> (u16, HeaderMap, u64, String) {
+    rt().block_on(async {
+        let req = Request::get(url).body(full(Bytes::new())).unwrap();
+        let resp = client().request(req).await.unwrap();
+        let (parts, mut body) = resp.into_parts();
+        let mut hasher = sha2::Sha256::new();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                n += data.len() as u64;
+                hasher.update(&data);
+            }
+        }
+        (
+            parts.status.as_u16(),
+            parts.headers,
+            n,
+            format!("sha256:{}", hex::encode(hasher.finalize())),
+        )
+    })
+}

@@ -1,0 +1,318 @@
+//! Shared end-to-end fixtures: the real CNCF registry (`docker-registry`), the real
+//! `ocigate` binary, real clients (skopeo, podman, docker), an HTTP client, image builders,
+//! and small servers of the tests' own (token realm, object storage). All on 127.0.0.1
+//! with ports chosen at run time.
+#![allow(dead_code)]
+
+pub mod http;
+pub mod image;
+pub mod servers;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// A port free right now on 127.0.0.1 (for programs that cannot report the port they bound).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Waits until something accepts TCP connections on `addr`, or panics after 20 s.
+pub fn wait_for_port(addr: &str, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Panics with the tool's output unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn skopeo(args: &[&str]) -> Output {
+    let mut c = Command::new("skopeo");
+    c.args(["--insecure-policy"]).args(args);
+    c.output().expect("skopeo runs")
+}
+
+pub fn skopeo_ok(args: &[&str]) -> Output {
+    let mut c = Command::new("skopeo");
+    c.args(["--insecure-policy"]).args(args);
+    run_ok(&mut c)
+}
+
+/// A podman with its own storage (vfs) under a temporary directory.
+pub struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    pub fn new() -> Podman {
+        Podman {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let root = self.dir.path().join("root");
+        let runroot = self.dir.path().join("runroot");
+        let mut c = Command::new("podman");
+        c.arg("--storage-driver")
+            .arg("vfs")
+            .arg("--root")
+            .arg(root)
+            .arg("--runroot")
+            .arg(runroot)
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "none"])
+            .args(args);
+        c
+    }
+}
+
+/// The Docker Engine's CLI, if an engine answers.
+pub fn docker_engine() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A `docker-registry` (CNCF distribution) process with its own storage.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry; `extra` is YAML appended to its config (auth, middleware, …).
+    pub fn start(extra: &str) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let storage = dir.path().join("storage");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
+            storage.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("docker-registry runs (apt-get install docker-registry)");
+        wait_for_port(&format!("127.0.0.1:{port}"), &mut child, "docker-registry");
+        Registry {
+            child,
+            port,
+            dir,
+            log,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Lines of the access log that match method and path fragment.
+    pub fn count_requests(&self, method: &str, path_part: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(path_part))
+            .count()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `ocigate` binary under test, running with a config file of the test's.
+pub struct Ocigate {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Ocigate {
+    pub fn bin() -> &'static str {
+        env!("CARGO_BIN_EXE_ocigate")
+    }
+
+    /// Starts `ocigate serve --config` with this YAML; the YAML should listen on
+    /// `127.0.0.1:0` so the port is chosen at run time and read back from the log.
+    pub fn start(config: &str) -> Ocigate {
+        Ocigate::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Ocigate {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ocigate.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(Ocigate::bin());
+        cmd.arg("serve").arg("--config").arg(&path);
+        Ocigate::spawn(cmd, env, dir)
+    }
+
+    /// Starts `ocigate serve` with arbitrary arguments (quick mode).
+    pub fn start_args(args: &[&str], env: &[(&str, &str)]) -> Ocigate {
+        let mut cmd = Command::new(Ocigate::bin());
+        cmd.arg("serve").args(args);
+        Ocigate::spawn(cmd, env, tempfile::tempdir().unwrap())
+    }
+
+    fn spawn(mut cmd: Command, env: &[(&str, &str)], dir: tempfile::TempDir) -> Ocigate {
+        cmd.arg("--log-format")
+            .arg("json")
+            .env_remove("OCIGATE_CONFIG")
+            .env_remove("REGISTRY_HOST")
+            .env_remove("REPO_PREFIX")
+            .env("OCIGATE_LOG", "debug,hyper=info,h2=info,rustls=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("ocigate runs");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                    && let Some(a) = v["addr"].as_str()
+                {
+                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("ocigate did not start: {}", logs.lock().unwrap());
+            }
+        };
+        Ocigate {
+            child,
+            addr,
+            logs,
+            _dir: dir,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Ocigate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for one plain upstream mapped at `prefix` → `remote`.
+pub fn simple_config(upstream_url: &str, prefix: &str, remote: &str, upstream_extra: &str) -> String {
+    format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg:\n    url: {upstream_url}\n{upstream_extra}routes:\n  - prefix: \"{prefix}\"\n    upstream: reg\n    remote: \"{remote}\"\n"
+    )
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}

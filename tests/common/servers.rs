@@ -1,0 +1,216 @@
+//! Small servers of the tests' own: a distribution-style token realm (ES256 JWTs with an
+//! `x5c` chain, which the real `docker-registry` verifies), and a static file server standing
+//! in for object storage behind blob redirects.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use super::http::{Body, full, rt};
+
+type Handler = Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>;
+
+/// Serves `handler` on a fresh 127.0.0.1 port until the process ends.
+fn serve(handler: Handler) -> SocketAddr {
+    let listener = rt().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt().spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let h = handler.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+/// What the token realm was asked.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub authorization: Option<String>,
+    pub query: String,
+}
+
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    pub cert_path: PathBuf,
+    pub issuer: String,
+    pub service: String,
+    requests: Arc<Mutex<Vec<TokenRequest>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    /// A realm that grants every requested scope, to anyone when `creds` is `None`, else only
+    /// to that Basic user.
+    pub fn start(creds: Option<(&str, &str)>) -> TokenServer {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["token-signer".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_path = dir.path().join("token-signer.pem");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        let x5c = base64::engine::general_purpose::STANDARD.encode(cert.der());
+        let encoding = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let issuer = "test-issuer".to_string();
+        let service = "test-registry".to_string();
+        let expected = creds.map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let (iss, svc) = (issuer.clone(), service.clone());
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let authorization = req
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            let query = req.uri().query().unwrap_or_default().to_string();
+            seen.lock().unwrap().push(TokenRequest {
+                authorization: authorization.clone(),
+                query: query.clone(),
+            });
+            let allowed = expected.is_none() || authorization == expected;
+            let result = if allowed {
+                let scopes: Vec<serde_json::Value> = url::form_urlencoded::parse(query.as_bytes())
+                    .filter(|(k, _)| k == "scope")
+                    .filter_map(|(_, v)| {
+                        let (kind, rest) = v.split_once(':')?;
+                        let (name, actions) = rest.rsplit_once(':')?;
+                        Some(serde_json::json!({
+                            "type": kind, "name": name,
+                            "actions": actions.split(',').collect::<Vec<_>>(),
+                        }))
+                    })
+                    .collect();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let claims = serde_json::json!({
+                    "iss": iss, "sub": "tester", "aud": svc,
+                    "exp": now + 300, "nbf": now - 10, "iat": now,
+                    "jti": format!("{now}-{}", scopes.len()),
+                    "access": scopes,
+                });
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+                header.x5c = Some(vec![x5c.clone()]);
+                let token = jsonwebtoken::encode(&header, &claims, &encoding).unwrap();
+                respond(
+                    StatusCode::OK,
+                    serde_json::json!({"token": token, "access_token": token, "expires_in": 300})
+                        .to_string(),
+                )
+            } else {
+                respond(StatusCode::UNAUTHORIZED, r#"{"details":"bad credentials"}"#)
+            };
+            Box::pin(async move { result })
+        });
+        let addr = serve(handler);
+        TokenServer {
+            addr,
+            cert_path,
+            issuer,
+            service,
+            requests,
+            _dir: dir,
+        }
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The `auth:` section for a `docker-registry` that trusts this realm.
+    pub fn registry_auth_yaml(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            self.realm(),
+            self.service,
+            self.issuer,
+            self.cert_path.display()
+        )
+    }
+}
+
+/// Serves files under `root` (object storage behind blob redirects) and remembers whether
+/// any request carried credentials.
+pub struct StaticServer {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+}
+
+impl StaticServer {
+    pub fn start(root: PathBuf) -> StaticServer {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            let path = req.uri().path().to_string();
+            seen.lock().unwrap().push((path.clone(), auth));
+            let file = root.join(path.trim_start_matches('/'));
+            let result = match std::fs::read(&file) {
+                Ok(data) if !path.contains("..") => {
+                    let len = data.len();
+                    let mut r = respond(StatusCode::OK, data);
+                    r.headers_mut().insert("content-length", len.into());
+                    if req.method() == http::Method::HEAD {
+                        *r.body_mut() = full(Bytes::new());
+                    }
+                    r
+                }
+                _ => respond(StatusCode::NOT_FOUND, "no such object"),
+            };
+            Box::pin(async move { result })
+        });
+        StaticServer {
+            addr: serve(handler),
+            requests,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Paths requested, and the Authorization each carried.
+    pub fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
