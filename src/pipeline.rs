@@ -381,7 +381,9 @@ async fn rewrite_response(
         if let Some(link) = page.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             parts.headers.insert(header::LINK, link);
         }
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(page.body.len()));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(page.body.len()));
         body::full(page.body)
     } else {
         body::boxed(incoming)
@@ -442,7 +444,9 @@ fn rewrite_tags_list(
         {
             names.truncate(n);
             if let Some(last_tag) = names.last() {
-                link = Some(format!("</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""));
+                link = Some(format!(
+                    "</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""
+                ));
             }
         }
         *tags = names.into_iter().map(serde_json::Value::String).collect();
@@ -602,9 +606,13 @@ mod tests {
 
     #[test]
     fn tags_list_name_is_local() {
-        let page =
-            rewrite_tags_list(br#"{"name":"team/app","tags":["b","a"]}"#, "mirror/app", None, false)
-                .unwrap();
+        let page = rewrite_tags_list(
+            br#"{"name":"team/app","tags":["b","a"]}"#,
+            "mirror/app",
+            None,
+            false,
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
         assert_eq!(v["name"], "mirror/app");
         assert_eq!(v["tags"], serde_json::json!(["b", "a"]));

@@ -26,13 +26,23 @@ fn single_arch_pull_through_prefix_keeps_digests() {
         &[("accept", ACCEPT_ALL)],
     );
     assert_eq!(h.status, 200);
-    assert_eq!(h.header("docker-content-digest").as_deref(), Some(img.digest.as_str()));
-    assert_eq!(h.header("content-length"), Some(img.manifest.len().to_string()));
+    assert_eq!(
+        h.header("docker-content-digest").as_deref(),
+        Some(img.digest.as_str())
+    );
+    assert_eq!(
+        h.header("content-length"),
+        Some(img.manifest.len().to_string())
+    );
     let g = http::get_with(
         &format!("{}/v2/mirror/app/manifests/v1", gw.url()),
         &[("accept", OCI_MANIFEST)],
     );
-    assert_eq!(&g.body[..], &img.manifest[..], "manifest bytes must be untouched");
+    assert_eq!(
+        &g.body[..],
+        &img.manifest[..],
+        "manifest bytes must be untouched"
+    );
     assert_eq!(g.header("content-type").as_deref(), Some(OCI_MANIFEST));
 
     // skopeo sees the upstream's digest through the proxy, and copies the image out.
@@ -73,11 +83,22 @@ fn multi_arch_pull_with_skopeo_all_and_podman() {
     let reg = Registry::start("");
     let amd = image::image(&[("hello", b"amd64 payload\n")], "amd64");
     let arm = image::image(&[("hello", b"arm64 payload\n")], "arm64");
-    let index_digest = image::push_index(&reg.url(), "team/multi", "1.0", &[(&amd, "amd64"), (&arm, "arm64")]);
+    let index_digest = image::push_index(
+        &reg.url(),
+        "team/multi",
+        "1.0",
+        &[(&amd, "amd64"), (&arm, "arm64")],
+    );
     let gw = mirror(&reg);
 
-    let h = head(&format!("{}/v2/mirror/multi/manifests/1.0", gw.url()), &[("accept", OCI_INDEX)]);
-    assert_eq!(h.header("docker-content-digest").as_deref(), Some(index_digest.as_str()));
+    let h = head(
+        &format!("{}/v2/mirror/multi/manifests/1.0", gw.url()),
+        &[("accept", OCI_INDEX)],
+    );
+    assert_eq!(
+        h.header("docker-content-digest").as_deref(),
+        Some(index_digest.as_str())
+    );
     let by_digest = head(
         &format!("{}/v2/mirror/multi/manifests/{}", gw.url(), arm.digest),
         &[("accept", OCI_MANIFEST)],
@@ -133,7 +154,9 @@ fn docker_engine_pulls_through_the_proxy() {
     let out = run_ok(std::process::Command::new("docker").args(["pull", &reference]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&img.digest), "docker pull output: {text}");
-    let _ = std::process::Command::new("docker").args(["rmi", "-f", &reference]).output();
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", "-f", &reference])
+        .output();
 }
 
 #[test]
@@ -152,10 +175,22 @@ fn push_lands_under_the_remote_name() {
         &format!("docker://{}/src/app:v1", src.host()),
         &format!("docker://{}/mirror/pushed:v1", gw.host()),
     ]);
-    let direct = head(&format!("{}/v2/team/pushed/manifests/v1", reg.url()), &[("accept", OCI_MANIFEST)]);
-    assert_eq!(direct.status, 200, "the image must exist upstream under team/pushed");
-    assert_eq!(direct.header("docker-content-digest").as_deref(), Some(img.digest.as_str()));
-    assert_eq!(get(&format!("{}/v2/mirror/pushed/tags/list", reg.url())).status, 404);
+    let direct = head(
+        &format!("{}/v2/team/pushed/manifests/v1", reg.url()),
+        &[("accept", OCI_MANIFEST)],
+    );
+    assert_eq!(
+        direct.status, 200,
+        "the image must exist upstream under team/pushed"
+    );
+    assert_eq!(
+        direct.header("docker-content-digest").as_deref(),
+        Some(img.digest.as_str())
+    );
+    assert_eq!(
+        get(&format!("{}/v2/mirror/pushed/tags/list", reg.url())).status,
+        404
+    );
 }
 
 #[test]
@@ -167,7 +202,12 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     // Monolithic: POST for a session, then one PUT ?digest= carrying the whole blob.
     let data = b"monolithic blob".to_vec();
     let d = image::digest(&data);
-    let start = request("POST", &format!("{base}/v2/mirror/up/blobs/uploads/"), &[], Vec::new());
+    let start = request(
+        "POST",
+        &format!("{base}/v2/mirror/up/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
     assert_eq!(start.status, 202);
     let session = start.header("location").unwrap();
     let sep = if session.contains('?') { '&' } else { '?' };
@@ -178,16 +218,33 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
         data.clone(),
     );
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(get(&format!("{}/v2/team/up/blobs/{d}", reg.url())).body, data);
+    assert_eq!(
+        get(&format!("{}/v2/team/up/blobs/{d}", reg.url())).body,
+        data
+    );
     let loc = r.header("location").unwrap();
-    assert!(loc.starts_with(&format!("{base}/v2/mirror/up/blobs/")), "{loc}");
-    assert_eq!(r.header("docker-content-digest").as_deref(), Some(d.as_str()));
+    assert!(
+        loc.starts_with(&format!("{base}/v2/mirror/up/blobs/")),
+        "{loc}"
+    );
+    assert_eq!(
+        r.header("docker-content-digest").as_deref(),
+        Some(d.as_str())
+    );
 
     // Chunked: POST, PATCH × 2 with Content-Range, PUT ?digest=.
-    let start = request("POST", &format!("{base}/v2/mirror/up/blobs/uploads/"), &[], Vec::new());
+    let start = request(
+        "POST",
+        &format!("{base}/v2/mirror/up/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
     assert_eq!(start.status, 202);
     let mut loc = start.header("location").unwrap();
-    assert!(loc.starts_with(&format!("{base}/v2/mirror/up/blobs/uploads/")), "{loc}");
+    assert!(
+        loc.starts_with(&format!("{base}/v2/mirror/up/blobs/uploads/")),
+        "{loc}"
+    );
     assert!(start.header("docker-upload-uuid").is_some());
     let chunks: [&[u8]; 2] = [b"first chunk|", b"second chunk"];
     let mut offset = 0;
@@ -196,7 +253,10 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
         let r = request(
             "PATCH",
             &loc,
-            &[("content-type", "application/octet-stream"), ("content-range", &range)],
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-range", &range),
+            ],
             c.to_vec(),
         );
         assert_eq!(r.status, 202, "{}", r.text());
@@ -207,16 +267,27 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     // Upload status through the proxy.
     let status = get(&loc);
     assert_eq!(status.status, 204);
-    assert_eq!(status.header("range").as_deref(), Some(format!("0-{}", offset - 1).as_str()));
+    assert_eq!(
+        status.header("range").as_deref(),
+        Some(format!("0-{}", offset - 1).as_str())
+    );
     let all = [chunks[0], chunks[1]].concat();
     let d2 = image::digest(&all);
     let sep = if loc.contains('?') { '&' } else { '?' };
     let r = request("PUT", &format!("{loc}{sep}digest={d2}"), &[], Vec::new());
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(get(&format!("{}/v2/team/up/blobs/{d2}", reg.url())).body, all);
+    assert_eq!(
+        get(&format!("{}/v2/team/up/blobs/{d2}", reg.url())).body,
+        all
+    );
 
     // Cancel: DELETE on an upload session.
-    let start = request("POST", &format!("{base}/v2/mirror/up/blobs/uploads/"), &[], Vec::new());
+    let start = request(
+        "POST",
+        &format!("{base}/v2/mirror/up/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
     let loc = start.header("location").unwrap();
     assert_eq!(request("DELETE", &loc, &[], Vec::new()).status, 204);
     assert_eq!(get(&loc).status, 404);
@@ -230,7 +301,10 @@ fn cross_repository_mount_rewrites_from() {
     let gw = mirror(&reg);
     let r = request(
         "POST",
-        &format!("{}/v2/mirror/target/blobs/uploads/?mount={d}&from=mirror/source", gw.url()),
+        &format!(
+            "{}/v2/mirror/target/blobs/uploads/?mount={d}&from=mirror/source",
+            gw.url()
+        ),
         &[],
         Vec::new(),
     );
@@ -239,11 +313,17 @@ fn cross_repository_mount_rewrites_from() {
         r.header("location").unwrap(),
         format!("{}/v2/mirror/target/blobs/{d}", gw.url())
     );
-    assert_eq!(get(&format!("{}/v2/team/target/blobs/{d}", reg.url())).body, data);
+    assert_eq!(
+        get(&format!("{}/v2/team/target/blobs/{d}", reg.url())).body,
+        data
+    );
     // A `from` outside every route cannot be mounted: a plain upload session starts instead.
     let r = request(
         "POST",
-        &format!("{}/v2/mirror/target2/blobs/uploads/?mount={d}&from=elsewhere/x", gw.url()),
+        &format!(
+            "{}/v2/mirror/target2/blobs/uploads/?mount={d}&from=elsewhere/x",
+            gw.url()
+        ),
         &[],
         Vec::new(),
     );
@@ -266,7 +346,13 @@ fn tags_pagination_uses_local_names() {
         assert_eq!(r.status, 200);
         let v = r.json();
         assert_eq!(v["name"], "mirror/paged");
-        tags.extend(v["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
+        tags.extend(
+            v["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string()),
+        );
         match r.header("link") {
             Some(link) => {
                 assert!(link.starts_with("</v2/mirror/paged/tags/list?"), "{link}");
@@ -301,6 +387,9 @@ fn a_200_mib_layer_streams_through_intact() {
         &format!("oci:{}:v1", dir.path().join("out").display()),
     ]);
     let hex = big.digest.trim_start_matches("sha256:");
-    assert_eq!(common::sha256_file(&dir.path().join("out/blobs/sha256").join(hex)), big.digest);
+    assert_eq!(
+        common::sha256_file(&dir.path().join("out/blobs/sha256").join(hex)),
+        big.digest
+    );
     assert_eq!(img.digest, image::digest(&img.manifest));
 }

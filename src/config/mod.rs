@@ -25,11 +25,8 @@ pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
 /// A config file that could not be read or does not make sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    #[error("{file}: cannot read: {error}")]
+    Read { file: String, error: std::io::Error },
     #[error("{file}:{line}:{column}: {message}")]
     Invalid {
         file: String,
@@ -164,9 +161,9 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: file.clone(),
-            source,
+            error,
         })?;
         Config::parse(&text, &file, &|k| std::env::var(k).ok())
     }
@@ -582,16 +579,13 @@ impl Resolver<'_> {
                 ),
             ));
         }
-        let mut remote = match &r.remote {
+        let written = match &r.remote {
             Some(v) => self.string("routes.remote", v)?,
             None if namespace => String::new(),
             None => prefix.clone(),
         };
-        if namespace && !remote.is_empty() && !remote.ends_with('/') {
-            remote.push('/');
-        }
-        let remote_stem = remote.trim_end_matches('/');
-        if (!remote.is_empty() || !namespace)
+        let remote_stem = written.trim_end_matches('/');
+        if (!written.is_empty() || !namespace)
             && crate::oci::path::validate_name(remote_stem).is_err()
         {
             let at = r
@@ -600,9 +594,14 @@ impl Resolver<'_> {
                 .map_or(r.prefix.referenced, |v| v.referenced);
             return Err(self.err(
                 at,
-                format!("routes.remote: {remote:?} is not a valid repository name or namespace"),
+                format!("routes.remote: {written:?} is not a valid repository name or namespace"),
             ));
         }
+        let remote = if namespace && !remote_stem.is_empty() {
+            format!("{remote_stem}/")
+        } else {
+            written
+        };
         Ok(RouteConfig {
             prefix,
             upstream,

@@ -46,7 +46,12 @@ pub fn image(files: &[(&str, &[u8])], arch: &str) -> Image {
     image_from_layer_digest(&digest(&layer), layer.len() as u64, arch, vec![layer])
 }
 
-fn image_from_layer_digest(layer_digest: &str, layer_size: u64, arch: &str, layers: Vec<Vec<u8>>) -> Image {
+fn image_from_layer_digest(
+    layer_digest: &str,
+    layer_size: u64,
+    arch: &str,
+    layers: Vec<Vec<u8>>,
+) -> Image {
     let config = serde_json::to_vec(&json!({
         "architecture": arch,
         "os": "linux",
@@ -72,21 +77,39 @@ fn image_from_layer_digest(layer_digest: &str, layer_size: u64, arch: &str, laye
 /// Monolithic upload: POST then PUT with the whole body.
 pub fn push_blob(base: &str, repo: &str, data: &[u8]) -> String {
     let d = digest(data);
-    push_blob_body(base, repo, &d, data.len() as u64, http::full(Bytes::copy_from_slice(data)));
+    push_blob_body(
+        base,
+        repo,
+        &d,
+        data.len() as u64,
+        http::full(Bytes::copy_from_slice(data)),
+    );
     d
 }
 
 pub fn push_blob_body(base: &str, repo: &str, digest: &str, len: u64, body: Body) {
-    let start = http::request("POST", &format!("{base}/v2/{repo}/blobs/uploads/"), &[], Bytes::new());
+    let start = http::request(
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+        &[],
+        Bytes::new(),
+    );
     assert_eq!(start.status, 202, "start upload: {}", start.text());
     let location = start.header("location").unwrap();
-    let url = if location.starts_with('/') { format!("{base}{location}") } else { location };
+    let url = if location.starts_with('/') {
+        format!("{base}{location}")
+    } else {
+        location
+    };
     let sep = if url.contains('?') { '&' } else { '?' };
     let len = len.to_string();
     let put = http::request_body(
         "PUT",
         &format!("{url}{sep}digest={digest}"),
-        &[("content-type", "application/octet-stream"), ("content-length", &len)],
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-length", &len),
+        ],
         body,
     );
     assert_eq!(put.status, 201, "finish upload: {}", put.text());
@@ -189,11 +212,15 @@ impl BigLayer {
             left -= n as u64;
             Some(Bytes::from(buf))
         });
-        std::iter::once(head).chain(data).chain(std::iter::once(tail))
+        std::iter::once(head)
+            .chain(data)
+            .chain(std::iter::once(tail))
     }
 
     pub fn body(&self) -> Body {
-        let frames = self.chunks().map(|c| Ok::<_, http::BoxError>(Frame::data(c)));
+        let frames = self
+            .chunks()
+            .map(|c| Ok::<_, http::BoxError>(Frame::data(c)));
         StreamBody::new(stream::iter(frames)).boxed()
     }
 

@@ -48,7 +48,9 @@ pub fn have(tool: &str) -> bool {
 
 /// Panics with the tool's output unless it succeeded.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -295,7 +297,12 @@ impl Drop for Ocigate {
 }
 
 /// A config for one plain upstream mapped at `prefix` → `remote`.
-pub fn simple_config(upstream_url: &str, prefix: &str, remote: &str, upstream_extra: &str) -> String {
+pub fn simple_config(
+    upstream_url: &str,
+    prefix: &str,
+    remote: &str,
+    upstream_extra: &str,
+) -> String {
     format!(
         "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg:\n    url: {upstream_url}\n{upstream_extra}routes:\n  - prefix: \"{prefix}\"\n    upstream: reg\n    remote: \"{remote}\"\n"
     )

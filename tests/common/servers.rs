@@ -18,15 +18,21 @@ use hyper_util::rt::TokioIo;
 
 use super::http::{Body, full, rt};
 
-type Handler = Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
 
 /// Serves `handler` on a fresh 127.0.0.1 port until the process ends.
 fn serve(handler: Handler) -> SocketAddr {
-    let listener = rt().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = rt()
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     rt().spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -77,7 +83,8 @@ impl TokenServer {
         let cert_path = dir.path().join("token-signer.pem");
         std::fs::write(&cert_path, cert.pem()).unwrap();
         let x5c = base64::engine::general_purpose::STANDARD.encode(cert.der());
-        let encoding = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let encoding =
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
         let issuer = "test-issuer".to_string();
         let service = "test-registry".to_string();
         let expected = creds.map(|(u, p)| {

@@ -1,0 +1,203 @@
+//! The CLI contract: `check-config` accepts good files with a summary and rejects bad ones
+//! with `file:line:column: what is wrong`; `--version` prints the version.
+
+mod common;
+
+use std::process::Command;
+
+use common::Ocigate;
+
+fn check(yaml: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(Ocigate::bin())
+        .arg("check-config")
+        .arg(&path)
+        .env_remove("NOT_SET_ANYWHERE")
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "bad.yaml");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+const UP: &str = "upstreams:\n  hub: {url: \"https://registry.example.com\"}\n";
+const ROUTE: &str = "routes:\n  - {prefix: \"\", upstream: hub}\n";
+
+#[test]
+fn bad_configs_name_file_line_column_and_problem() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("{UP}{ROUTE}colour: blue\n"),
+            "bad.yaml:5:1: ",
+            "unknown field `colour`",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io\n    colour: blue\nroutes: []\n".into(),
+            "bad.yaml:4:5: ",
+            "unknown field `colour`",
+        ),
+        (
+            format!("{UP}routes:\n  - prefix: \"\"\n    upstream: hb\n"),
+            "bad.yaml:5:15: ",
+            "routes.upstream: no upstream named \"hb\" (defined: hub)",
+        ),
+        (
+            format!("{UP}routes:\n  - {{prefix: \"Team/\", upstream: hub}}\n"),
+            "bad.yaml:4:14: ",
+            "routes.prefix: \"Team/\" is not a repository name or namespace",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io\n   bad: indent\nroutes: []\n".into(),
+            "bad.yaml:4:",
+            "did not find expected key",
+        ),
+        (
+            format!("server:\n  listen: \"nope\"\n{UP}{ROUTE}"),
+            "bad.yaml:2:11: ",
+            "server.listen: \"nope\" is not an address:port",
+        ),
+        (
+            format!("{UP}{ROUTE}").replace(
+                "\"https://registry.example.com\"}",
+                "\"https://registry.example.com\", credentials: {basic: {username: u, password: \"${NOT_SET_ANYWHERE}\"}}}",
+            ),
+            "bad.yaml:2:",
+            "upstreams.hub.credentials.basic.password: environment variable NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io\n    credentials: {}\nroutes: []\n".into(),
+            "bad.yaml:4:18: ",
+            "give exactly one of basic, header, docker_config",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io\n    redirects: maybe\n".into(),
+            "bad.yaml:4:16: ",
+            "upstreams.hub.redirects: \"maybe\" is neither \"pass\" nor \"follow\"",
+        ),
+        (
+            format!("{UP}routes:\n  - {{prefix: \"a/\", upstream: hub}}\n  - {{prefix: \"a/\", upstream: hub}}\n"),
+            "bad.yaml:5:5: ",
+            "routes: prefix \"a/\" is already routed at line 4",
+        ),
+        (
+            format!("{UP}routes:\n  - {{prefix: \"\", upstream: hub, remote: \"Bad\"}}\n"),
+            "bad.yaml:4:",
+            "routes.remote: \"Bad\" is not a valid repository name or namespace",
+        ),
+        (
+            format!("server:\n  tls: {{cert: /nonexistent/cert.pem, key: /nonexistent/key.pem}}\n{UP}{ROUTE}"),
+            "bad.yaml:2:15: ",
+            "server.tls.cert: cannot read /nonexistent/cert.pem",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io/v2/\nroutes: []\n".into(),
+            "bad.yaml:3:10: ",
+            "give only scheme, host and port",
+        ),
+        (
+            format!("server:\n  shutdown_grace: soon\n{UP}{ROUTE}"),
+            "bad.yaml:2:19: ",
+            "server.shutdown_grace: \"soon\" is not a duration",
+        ),
+        (
+            "upstreams:\n  hub:\n    url: [1, 2]\n".into(),
+            "bad.yaml:3:10: ",
+            "expected string",
+        ),
+        (UP.to_string(), "bad.yaml:1:1: ", "routes: at least one route is needed"),
+        (String::new(), "bad.yaml:1:1: ", "the file is empty"),
+        (
+            "upstreams:\n  hub:\n    url: https://x.io\n    credentials:\n      docker_config: /nonexistent/config.json\n".into(),
+            "bad.yaml:5:",
+            "upstreams.hub.credentials.docker_config: cannot read /nonexistent/config.json",
+        ),
+    ];
+    assert!(cases.len() >= 10);
+    for (yaml, location, message) in &cases {
+        let (ok, _, stderr) = check(yaml);
+        assert!(!ok, "accepted:\n{yaml}");
+        let line = stderr.lines().next().unwrap_or_default();
+        let line = line.strip_prefix("ocigate: ").unwrap_or(line);
+        assert!(
+            line.starts_with(location),
+            "want {location}… got {line:?} for\n{yaml}"
+        );
+        assert!(
+            line.contains(message),
+            "want {message:?} in {line:?} for\n{yaml}"
+        );
+    }
+}
+
+#[test]
+fn a_good_config_gets_a_summary_without_secrets() {
+    let yaml = "server:\n  listen: [\"127.0.0.1:5000\", \"[::1]:5000\"]\nupstreams:\n  hub:\n    url: docker.io\n    credentials:\n      basic: {username: me, password: \"hunter2-secret\"}\nroutes:\n  - {prefix: \"bp/\", upstream: hub, remote: backplane}\n  - {prefix: \"\", upstream: hub}\n";
+    let (ok, stdout, stderr) = check(yaml);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("listen: http://127.0.0.1:5000"), "{stdout}");
+    assert!(stdout.contains("listen: http://[::1]:5000"), "{stdout}");
+    assert!(stdout.contains("https://registry-1.docker.io"), "{stdout}");
+    assert!(
+        stdout.contains("bp/") && stdout.contains("hub:backplane/"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("credentials=basic"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}
+
+#[test]
+fn unreadable_file_and_version() {
+    let out = Command::new(Ocigate::bin())
+        .args(["check-config", "/nonexistent/ocigate.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/ocigate.yaml: cannot read"),
+        "{err}"
+    );
+    let out = Command::new(Ocigate::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ocigate {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bundled_example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = Command::new(Ocigate::bin())
+                .arg("check-config")
+                .arg(&path)
+                .env("HUB_PASSWORD", "x")
+                .env("HUB_USER", "x")
+                .env("GHCR_TOKEN", "x")
+                .env("REGISTRY_AUTH_HEADER", "Basic eDp4")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
+}
