@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -87,8 +87,8 @@ pub async fn run(
     for task in accept_tasks {
         let _ = task.await;
     }
+    // Accept loops are done, and connection tasks hold watchers, not the Arc.
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        tracing::warn!("connections still referenced; exiting without waiting");
         return;
     };
     tokio::select! {
@@ -124,7 +124,7 @@ async fn accept_loop(
         };
         let gateway = gateway.clone();
         let tls = tls.clone();
-        let graceful = graceful.clone();
+        let graceful: Watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();

@@ -122,6 +122,24 @@ impl Registry {
     pub fn start(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let child = Registry::spawn(&dir, port, extra);
+        let log = dir.path().join("registry.log");
+        Registry {
+            child,
+            port,
+            dir,
+            log,
+        }
+    }
+
+    /// Restarts on the same port and storage with another config tail: tests seed content
+    /// into an open registry, then lock it with auth or add redirects.
+    pub fn reconfigure(&mut self, extra: &str) {
+        self.stop();
+        self.child = Registry::spawn(&self.dir, self.port, extra);
+    }
+
+    fn spawn(dir: &tempfile::TempDir, port: u16, extra: &str) -> Child {
         let storage = dir.path().join("storage");
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
@@ -130,7 +148,11 @@ impl Registry {
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("registry.log");
-        let log_file = std::fs::File::create(&log).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config_path)
@@ -139,12 +161,7 @@ impl Registry {
             .spawn()
             .expect("docker-registry runs (apt-get install docker-registry)");
         wait_for_port(&format!("127.0.0.1:{port}"), &mut child, "docker-registry");
-        Registry {
-            child,
-            port,
-            dir,
-            log,
-        }
+        child
     }
 
     pub fn host(&self) -> String {
@@ -294,6 +311,17 @@ impl Drop for Ocigate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An htpasswd file (bcrypt) for one user, and the registry `auth:` section using it.
+pub fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
+    let hash = bcrypt::hash(password, 4).unwrap();
+    let path = dir.join("htpasswd");
+    std::fs::write(&path, format!("{user}:{hash}\n")).unwrap();
+    format!(
+        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+        path.display()
+    )
 }
 
 /// A config for one plain upstream mapped at `prefix` → `remote`.

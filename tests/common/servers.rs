@@ -173,11 +173,14 @@ impl TokenServer {
     }
 }
 
+/// A path that was requested, and the `Authorization` it carried.
+pub type SeenRequest = (String, Option<String>);
+
 /// Serves files under `root` (object storage behind blob redirects) and remembers whether
 /// any request carried credentials.
 pub struct StaticServer {
     pub addr: SocketAddr,
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Arc<Mutex<Vec<SeenRequest>>>,
 }
 
 impl StaticServer {
@@ -217,7 +220,7 @@ impl StaticServer {
     }
 
     /// Paths requested, and the Authorization each carried.
-    pub fn requests(&self) -> Vec<(String, Option<String>)> {
+    pub fn requests(&self) -> Vec<SeenRequest> {
         self.requests.lock().unwrap().clone()
     }
 }

@@ -1,0 +1,104 @@
+//! End-to-end: an upstream whose blobs redirect to object storage (distribution's `redirect`
+//! storage middleware, storage served by the tests' static server), with `pass` and `follow`.
+
+mod common;
+
+use common::http::{get, head};
+use common::image;
+use common::servers::{StaticServer, TokenServer};
+use common::{Ocigate, Registry, simple_config, skopeo_ok};
+
+struct Setup {
+    reg: Registry,
+    storage: StaticServer,
+    ts: TokenServer,
+    img: image::Image,
+}
+
+/// A token-auth registry whose blob reads redirect to a storage server.
+fn setup() -> Setup {
+    let mut reg = Registry::start("");
+    let img = image::image(&[("hello", b"redirected bytes\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let storage = StaticServer::start(reg.storage());
+    let ts = TokenServer::start(Some(("u", "p")));
+    reg.reconfigure(&format!(
+        "{}middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {}\n",
+        ts.registry_auth_yaml(),
+        storage.url()
+    ));
+    Setup {
+        reg,
+        storage,
+        ts,
+        img,
+    }
+}
+
+fn gateway(s: &Setup, policy: &str) -> Ocigate {
+    let extra = format!(
+        "    redirects: {policy}\n    credentials:\n      basic: {{username: u, password: p}}\n    allowed_realms: [\"{}\"]\n",
+        s.ts.realm()
+    );
+    Ocigate::start(&simple_config(&s.reg.url(), "mirror/", "team/", &extra))
+}
+
+#[test]
+fn pass_hands_the_redirect_to_the_client() {
+    let s = setup();
+    let gw = gateway(&s, "pass");
+    let layer = image::digest(&s.img.layers[0]);
+    let r = get(&format!("{}/v2/mirror/app/blobs/{layer}", gw.url()));
+    assert_eq!(r.status, 307);
+    let location = r.header("location").unwrap();
+    assert!(location.starts_with(&s.storage.url()), "{location}");
+    assert!(
+        s.storage.requests().is_empty(),
+        "the proxy itself must not fetch the blob"
+    );
+    // A real client follows it to storage and gets verified bytes.
+    let dir = tempfile::tempdir().unwrap();
+    skopeo_ok(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        &format!("docker://{}/mirror/app:v1", gw.host()),
+        &format!("oci:{}:v1", dir.path().join("out").display()),
+    ]);
+    assert!(!s.storage.requests().is_empty());
+}
+
+#[test]
+fn follow_streams_storage_through_the_proxy_without_credentials() {
+    let s = setup();
+    let gw = gateway(&s, "follow");
+    let layer = image::digest(&s.img.layers[0]);
+    let r = get(&format!("{}/v2/mirror/app/blobs/{layer}", gw.url()));
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], &s.img.layers[0][..]);
+    let h = head(&format!("{}/v2/mirror/app/blobs/{layer}", gw.url()), &[]);
+    assert_eq!(h.status, 200);
+    assert_eq!(
+        h.header("content-length"),
+        Some(s.img.layers[0].len().to_string())
+    );
+    let dir = tempfile::tempdir().unwrap();
+    skopeo_ok(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        &format!("docker://{}/mirror/app:v1", gw.host()),
+        &format!("oci:{}:v1", dir.path().join("out").display()),
+    ]);
+    let requests = s.storage.requests();
+    assert!(
+        requests.len() >= 3,
+        "blob reads went to storage via the proxy: {requests:?}"
+    );
+    assert!(
+        requests.iter().all(|(_, auth)| auth.is_none()),
+        "Authorization must be dropped when following redirects: {requests:?}"
+    );
+    // The upstream did see authorised requests (its realm demands credentials).
+    assert!(s.ts.requests().iter().all(|r| r.authorization.is_some()));
+}

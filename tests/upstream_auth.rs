@@ -1,0 +1,208 @@
+//! End-to-end: upstream credentials and the token dance against the real registry with
+//! token auth (realm served by the tests' token server) and with htpasswd (Basic).
+
+mod common;
+
+use common::http::{self, head};
+use common::image::{self, OCI_MANIFEST};
+use common::servers::TokenServer;
+use common::{Ocigate, Registry, htpasswd_auth, simple_config, skopeo_ok};
+
+/// A registry holding `team/app:v1`, then locked behind `auth`.
+fn seeded_registry(auth: impl FnOnce(&Registry) -> String) -> (Registry, image::Image) {
+    let mut reg = Registry::start("");
+    let img = image::image(&[("hello", b"private bytes\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let extra = auth(&reg);
+    reg.reconfigure(&extra);
+    (reg, img)
+}
+
+#[test]
+fn token_auth_upstream_pull_and_push_with_configured_credentials() {
+    let ts = TokenServer::start(Some(("puller", "pullpass")));
+    let (reg, img) = seeded_registry(|_| ts.registry_auth_yaml());
+    assert_eq!(
+        head(&format!("{}/v2/team/app/manifests/v1", reg.url()), &[]).status,
+        401,
+        "the upstream must really demand a token"
+    );
+    let creds = format!(
+        "    credentials:\n      basic: {{username: puller, password: \"${{PULL_PASSWORD}}\"}}\n    allowed_realms: [\"{}\"]\n",
+        ts.realm()
+    );
+    let gw = Ocigate::start_with(
+        &simple_config(&reg.url(), "mirror/", "team/", &creds),
+        &[("PULL_PASSWORD", "pullpass")],
+    );
+
+    let out = skopeo_ok(&[
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{}/mirror/app:v1", gw.host()),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+
+    // Push through the proxy: streamed bodies need the token before they are sent.
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    skopeo_ok(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        &format!("docker://{}/mirror/app:v1", gw.host()),
+        &format!("oci:{}:v1", layout.display()),
+    ]);
+    skopeo_ok(&[
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/mirror/pushed:v2", gw.host()),
+    ]);
+
+    let requests = ts.requests();
+    assert!(!requests.is_empty());
+    let expected = "Basic cHVsbGVyOnB1bGxwYXNz";
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some(expected)),
+        "every token request carries the configured credentials: {requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.query.contains("repository%3Ateam%2Fpushed%3Apull%2Cpush")),
+        "push scopes use remote names: {requests:?}"
+    );
+    // Tokens are cached per scope: far fewer token fetches than requests.
+    let metrics = http::get(&format!("{}/metrics", gw.url())).text();
+    assert!(
+        metrics.contains("ocigate_upstream_token_fetches_total{upstream=\"reg\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    let pushed = reg.count_requests("PUT", "/v2/team/pushed/manifests/v2");
+    assert_eq!(
+        pushed, 1,
+        "the manifest was pushed upstream under team/pushed"
+    );
+    let logs = gw.logs();
+    assert!(
+        !logs.contains("pullpass") && !logs.contains("cHVsbGVyOnB1bGxwYXNz"),
+        "secrets leaked into logs"
+    );
+}
+
+#[test]
+fn credentials_never_reach_a_realm_that_is_not_allowed() {
+    let ts = TokenServer::start(Some(("puller", "pullpass")));
+    let (reg, _img) = seeded_registry(|_| ts.registry_auth_yaml());
+    // No allowed_realms: the realm is an IP literal on another port, so it gets no credentials.
+    let creds = "    credentials:\n      basic: {username: puller, password: pullpass}\n";
+    let gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", creds));
+    let r = head(
+        &format!("{}/v2/mirror/app/manifests/v1", gw.url()),
+        &[("accept", OCI_MANIFEST)],
+    );
+    assert_eq!(r.status, 401);
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(
+        challenge.contains("scope=\"repository:mirror/app:pull\""),
+        "challenge scopes must name the local repository: {challenge}"
+    );
+    let requests = ts.requests();
+    assert!(!requests.is_empty(), "the realm was asked anonymously");
+    assert!(
+        requests.iter().all(|r| r.authorization.is_none()),
+        "credentials were sent to a realm that is not allowed: {requests:?}"
+    );
+    assert!(gw.logs().contains("not in allowed_realms"));
+}
+
+#[test]
+fn basic_upstream_via_docker_config_credential_helper() {
+    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "helperuser", "helperpass"));
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = dir.path().join("helper-calls");
+    let helper = bin.join("docker-credential-fake");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\necho \"$server\" >> {}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"helperuser\",\"Secret\":\"helperpass\"}}' \"$server\"\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let docker_config = dir.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        format!(
+            r#"{{"auths":{{}},"credHelpers":{{"{}":"fake"}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let creds = format!(
+        "    credentials:\n      docker_config: {}\n",
+        docker_config.display()
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let gw = Ocigate::start_with(
+        &simple_config(&reg.url(), "mirror/", "team/", &creds),
+        &[("PATH", &path)],
+    );
+    let out = skopeo_ok(&[
+        "inspect",
+        "--tls-verify=false",
+        "--format",
+        "{{.Digest}}",
+        &format!("docker://{}/mirror/app:v1", gw.host()),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    let called = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(called.lines().next(), Some(reg.host().as_str()));
+    assert!(!gw.logs().contains("helperpass"));
+}
+
+#[test]
+fn verbatim_header_credentials_and_client_authorization_is_not_forwarded() {
+    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "hdr", "hdrpass"));
+    let valid = "Basic aGRyOmhkcnBhc3M="; // hdr:hdrpass
+    let with_header = Ocigate::start(&simple_config(
+        &reg.url(),
+        "",
+        "team/",
+        &format!("    credentials:\n      header: \"{valid}\"\n"),
+    ));
+    let r = head(
+        &format!("{}/v2/app/manifests/v1", with_header.url()),
+        &[("accept", OCI_MANIFEST)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("docker-content-digest").as_deref(),
+        Some(img.digest.as_str())
+    );
+
+    // Without configured credentials, a client's own (valid!) Authorization stays with us.
+    let anonymous = Ocigate::start(&simple_config(&reg.url(), "", "team/", ""));
+    let r = head(
+        &format!("{}/v2/app/manifests/v1", anonymous.url()),
+        &[("accept", OCI_MANIFEST), ("authorization", valid)],
+    );
+    assert_eq!(
+        r.status, 401,
+        "the client's Authorization must not be forwarded upstream"
+    );
+    assert!(r.header("www-authenticate").unwrap().starts_with("Basic"));
+}
