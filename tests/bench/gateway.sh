@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# On-demand benchmark (not part of `cargo test`): the gateway against the real registry on
+# 127.0.0.1, release build. Prints a Markdown table for the README.
+#
+#   bash tests/bench/gateway.sh
+#
+# Measures: a 200 MiB blob GET through ocigate vs straight from docker-registry (best of 5),
+# manifest HEAD requests/s at 16 connections (wrk, 10 s each), and ocigate's peak RSS while
+# serving 64 concurrent downloads of that blob.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for tool in docker-registry wrk curl python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry wrk curl)"; exit 1; }
+done
+cargo build --release --bin ocigate >/dev/null
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+rport=$(port); gport=$(port)
+cat > "$work/registry.yml" <<YML
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $work/storage } }
+http: { addr: 127.0.0.1:$rport }
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+wait_port "$rport"
+cat > "$work/ocigate.yaml" <<YML
+server: { listen: "127.0.0.1:$gport" }
+upstreams: { reg: { url: "http://127.0.0.1:$rport" } }
+routes: [ { prefix: "mirror/", upstream: reg, remote: "team/" } ]
+YML
+OCIGATE_LOG=warn target/release/ocigate serve --config "$work/ocigate.yaml" >"$work/ocigate.log" 2>&1 &
+gpid=$!
+wait_port "$gport"
+
+# A 200 MiB blob and a manifest, pushed straight to the registry.
+head -c $((200 << 20)) /dev/urandom > "$work/blob"
+digest="sha256:$(sha256sum "$work/blob" | cut -d' ' -f1)"
+push() { # repo file digest
+  loc=$(curl -fsS -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+  case "$loc" in http*) ;; *) loc="http://127.0.0.1:$rport$loc";; esac
+  sep='?'; case "$loc" in *\?*) sep='&';; esac
+  curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$2" "$loc${sep}digest=$3"
+}
+push team/bench "$work/blob" "$digest"
+printf '{}' > "$work/config"; cdigest="sha256:$(sha256sum "$work/config" | cut -d' ' -f1)"
+push team/bench "$work/config" "$cdigest"
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":2},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%d}]}' \
+  "$cdigest" "$digest" $((200 << 20)) > "$work/manifest"
+curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$work/manifest" "http://127.0.0.1:$rport/v2/team/bench/manifests/v1"
+
+best_speed() { # url → best MiB/s of 5
+  local best=0
+  for _ in 1 2 3 4 5; do
+    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+    best=$(python3 -c "print(max($best, $s/1048576))")
+  done
+  printf '%.0f' "$best"
+}
+direct_blob=$(best_speed "http://127.0.0.1:$rport/v2/team/bench/blobs/$digest")
+proxy_blob=$(best_speed "http://127.0.0.1:$gport/v2/mirror/bench/blobs/$digest")
+
+head_rate() { # url → requests/s
+  cat > "$work/head.lua" <<'LUA'
+wrk.method = "HEAD"
+wrk.headers["Accept"] = "application/vnd.oci.image.manifest.v1+json"
+LUA
+  wrk -t2 -c16 -d10s -s "$work/head.lua" "$1" | awk '/Requests\/sec/{printf "%.0f", $2}'
+}
+direct_head=$(head_rate "http://127.0.0.1:$rport/v2/team/bench/manifests/v1")
+proxy_head=$(head_rate "http://127.0.0.1:$gport/v2/mirror/bench/manifests/v1")
+
+# Peak RSS while 64 clients download the blob at once.
+downloads=()
+for _ in $(seq 64); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$gport/v2/mirror/bench/blobs/$digest" &
+  downloads+=($!)
+done
+wait "${downloads[@]}"
+peak_kib=$(awk '/VmHWM/{print $2}' "/proc/$gpid/status")
+
+ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
+echo "| benchmark | direct | through ocigate | ratio | goal |"
+echo "|---|---|---|---|---|"
+echo "| 200 MiB blob GET, best of 5 (MiB/s) | $direct_blob | $proxy_blob | $(ratio "$direct_blob" "$proxy_blob") | ≥ 0.9× |"
+echo "| manifest HEAD, 16 connections (req/s) | $direct_head | $proxy_head | $(ratio "$direct_head" "$proxy_head") | ≥ 0.7× |"
+echo "| peak RSS, 64 concurrent 200 MiB downloads | — | $((peak_kib / 1024)) MiB | — | < 64 MiB |"
