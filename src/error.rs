@@ -49,8 +49,13 @@ impl GatewayError {
 
 /// An OCI error as an HTTP answer.
 pub fn oci_response(e: &OciError) -> Response<Body> {
-    let mut response = Response::new(body::full(e.body()));
-    *response.status_mut() = e.status;
+    registry_json(e.status, e.body())
+}
+
+/// A JSON answer of the registry API, with its version header.
+pub fn registry_json(status: StatusCode, json: String) -> Response<Body> {
+    let mut response = Response::new(body::full(json));
+    *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -4,21 +4,11 @@
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 
 use crate::body::{self, Body};
-use crate::oci::{API_VERSION, ErrorCode, OciError};
+use crate::oci::{ErrorCode, OciError};
 use crate::rewrite::RouteTable;
 
 pub fn api_base() -> Response<Body> {
-    let mut r = Response::new(body::full("{}"));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static(API_VERSION),
-    );
-    r
+    crate::error::registry_json(StatusCode::OK, "{}".into())
 }
 
 pub fn healthz() -> Response<Body> {

@@ -286,7 +286,9 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The client's headers as the upstream may see them: never the client's `Authorization`
-/// (its token is for us, not for the upstream), never `Host` or hop-by-hop headers.
+/// (its token is for us, not for the upstream), never `Host` or hop-by-hop headers, and no
+/// forwarding headers: they describe the client's hop to us, and a registry that trusted
+/// them would build its `Location`s on our public host with its own names.
 pub fn forward_headers(headers: &HeaderMap) -> HeaderMap {
     let listed = connection_listed(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
@@ -295,7 +297,9 @@ pub fn forward_headers(headers: &HeaderMap) -> HeaderMap {
             || name == header::HOST
             || name == header::AUTHORIZATION
             || name == header::EXPECT
-            || name == header::COOKIE;
+            || name == header::COOKIE
+            || name == header::FORWARDED
+            || name.as_str().starts_with("x-forwarded-");
         if !dropped {
             out.append(name.clone(), value.clone());
         }
@@ -354,15 +358,12 @@ async fn rewrite_response(
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(loc) = parts.headers.get(header::LOCATION).cloned()
-        && let Some(new) = loc
-            .to_str()
-            .ok()
-            .and_then(|l| rewrite_url(ctx, upstream, asked, l))
+        && let Some(new) = loc.to_str().ok().and_then(|l| rewrite_url(ctx, asked, l))
         && let Ok(v) = HeaderValue::from_str(&new)
     {
         parts.headers.insert(header::LOCATION, v);
     }
-    rewrite_links(ctx, upstream, asked, &mut parts.headers);
+    rewrite_links(ctx, asked, &mut parts.headers);
     rewrite_challenges(&ctx.names, &mut parts.headers);
 
     let is_tags = api.endpoint == Endpoint::Tags
@@ -460,14 +461,9 @@ fn rewrite_tags_list(
 /// A URL the upstream handed out, as the client must see it. Upstream `/v2/` URLs of this
 /// request's names point back at us; anything else (object storage, other hosts) is made
 /// absolute against the upstream and otherwise left alone.
-fn rewrite_url(
-    ctx: &RequestContext,
-    upstream: &Upstream,
-    asked: &Url,
-    value: &str,
-) -> Option<String> {
+fn rewrite_url(ctx: &RequestContext, asked: &Url, value: &str) -> Option<String> {
     let absolute = asked.join(value).ok()?;
-    if absolute.origin() == upstream.config.url.origin() {
+    if absolute.origin() == asked.origin() {
         let mut path = absolute.path().to_string();
         if let Some(q) = absolute.query() {
             path.push('?');
@@ -480,7 +476,7 @@ fn rewrite_url(
     Some(absolute.to_string())
 }
 
-fn rewrite_links(ctx: &RequestContext, upstream: &Upstream, asked: &Url, headers: &mut HeaderMap) {
+fn rewrite_links(ctx: &RequestContext, asked: &Url, headers: &mut HeaderMap) {
     let values: Vec<String> = headers
         .get_all(header::LINK)
         .iter()
@@ -496,7 +492,7 @@ fn rewrite_links(ctx: &RequestContext, upstream: &Upstream, asked: &Url, headers
                 // Keep relative links relative: clients resolve them against us.
                 ctx.names.path(u)
             } else {
-                rewrite_url(ctx, upstream, asked, u)
+                rewrite_url(ctx, asked, u)
             }
         });
         if let Ok(hv) = HeaderValue::from_str(&new) {
@@ -595,13 +591,71 @@ mod tests {
             HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
         );
         h.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("public.example.com"),
+        );
+        h.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("host=public.example.com"),
+        );
         let out = forward_headers(&h);
+        assert!(out.get("x-forwarded-host").is_none());
+        assert!(out.get(header::FORWARDED).is_none());
         assert!(out.get(header::AUTHORIZATION).is_none());
         assert!(out.get(header::HOST).is_none());
         assert!(out.get("x-private").is_none());
         assert!(out.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(out.get_all(header::ACCEPT).iter().count(), 2);
         assert_eq!(out.get(header::RANGE).unwrap(), "bytes=0-9");
+    }
+
+    fn context(names: &[(&str, &str)]) -> RequestContext {
+        let mut ctx = RequestContext {
+            method: Method::GET,
+            path: "/v2/x".into(),
+            query: None,
+            public_base: "https://r.example.com".into(),
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            route: "-".into(),
+            upstream: None,
+            names: NameMap::default(),
+        };
+        for (remote, local) in names {
+            ctx.names.add(remote, local);
+        }
+        ctx
+    }
+
+    #[test]
+    fn upstream_urls_become_local_and_relative_redirects_absolute() {
+        let ctx = context(&[("team/app", "mirror/app")]);
+        let asked = Url::parse("https://up.example.com/v2/team/app/blobs/uploads/").unwrap();
+        let rewrite = |v: &str| rewrite_url(&ctx, &asked, v).unwrap();
+        // Upload sessions, relative or absolute, point back at the proxy under the local name.
+        assert_eq!(
+            rewrite("/v2/team/app/blobs/uploads/u1?_state=x%2By"),
+            "https://r.example.com/v2/mirror/app/blobs/uploads/u1?_state=x%2By"
+        );
+        assert_eq!(
+            rewrite("https://up.example.com/v2/team/app/blobs/uploads/u1"),
+            "https://r.example.com/v2/mirror/app/blobs/uploads/u1"
+        );
+        // A relative blob redirect (Artifact Registry's style) is resolved against the upstream.
+        assert_eq!(
+            rewrite("/artifacts-downloads/namespaces/p/blobs/abc?sig=1"),
+            "https://up.example.com/artifacts-downloads/namespaces/p/blobs/abc?sig=1"
+        );
+        // Object storage elsewhere is left alone.
+        assert_eq!(
+            rewrite("https://bucket.s3.example.net/data?X-Amz-Signature=z"),
+            "https://bucket.s3.example.net/data?X-Amz-Signature=z"
+        );
+        // Another host's /v2/ path is not ours to rewrite.
+        assert_eq!(
+            rewrite("https://other.example.com/v2/team/app/blobs/uploads/u1"),
+            "https://other.example.com/v2/team/app/blobs/uploads/u1"
+        );
     }
 
     #[test]

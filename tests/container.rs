@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::http::get;
 use common::image::{self, OCI_MANIFEST};
-use common::{Registry, free_port, run_ok, skopeo_ok};
+use common::{Registry, free_port, run_ok, skopeo_digest};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -129,14 +129,10 @@ fn the_image_runs_as_non_root_serves_pulls_and_stops_cleanly() {
         );
     }
     assert_eq!(get(&format!("http://{addr}/healthz")).status, 200);
-    let out = skopeo_ok(&[
-        "inspect",
-        "--tls-verify=false",
-        "--format",
-        "{{.Digest}}",
-        &format!("docker://{addr}/mirror/app:v1"),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    assert_eq!(
+        skopeo_digest(&format!("{addr}/mirror/app:v1"), &[]),
+        img.digest
+    );
     let h = common::http::head(
         &format!("http://{addr}/v2/mirror/app/manifests/v1"),
         &[("accept", OCI_MANIFEST)],

@@ -5,7 +5,7 @@ mod common;
 
 use common::http::{self, get, get_with, head};
 use common::image::{self, BigLayer, OCI_MANIFEST};
-use common::{Ocigate, Registry, simple_config, skopeo_ok};
+use common::{Ocigate, Registry, simple_config, skopeo_digest};
 use http_body_util::BodyExt;
 use sha2::Digest;
 
@@ -279,15 +279,14 @@ fn tls_listener_speaks_http2_and_http1() {
     // A real client over TLS, trusting the certificate from a cert dir.
     let certs = tempfile::tempdir().unwrap();
     std::fs::write(certs.path().join("ca.crt"), cert.pem()).unwrap();
-    let out = skopeo_ok(&[
-        "inspect",
-        "--cert-dir",
-        &certs.path().display().to_string(),
-        "--format",
-        "{{.Digest}}",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    let cert_dir = certs.path().display().to_string();
+    assert_eq!(
+        skopeo_digest(
+            &format!("{}/mirror/app:v1", gw.host()),
+            &["--cert-dir", &cert_dir]
+        ),
+        img.digest
+    );
 }
 
 #[test]

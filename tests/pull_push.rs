@@ -5,7 +5,9 @@ mod common;
 
 use common::http::{self, get, head, request};
 use common::image::{self, BigLayer, OCI_INDEX, OCI_MANIFEST};
-use common::{Ocigate, Podman, Registry, run_ok, simple_config, skopeo_ok};
+use common::{
+    Ocigate, Podman, Registry, run_ok, simple_config, skopeo_digest, skopeo_ok, skopeo_pull_oci,
+};
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -46,23 +48,11 @@ fn single_arch_pull_through_prefix_keeps_digests() {
     assert_eq!(g.header("content-type").as_deref(), Some(OCI_MANIFEST));
 
     // skopeo sees the upstream's digest through the proxy, and copies the image out.
-    let out = skopeo_ok(&[
-        "inspect",
-        "--tls-verify=false",
-        "--format",
-        "{{.Digest}}",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
-    let dir = tempfile::tempdir().unwrap();
-    let dest = format!("oci:{}:v1", dir.path().join("out").display());
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-        &dest,
-    ]);
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
+    let dir = skopeo_pull_oci(&format!("{}/mirror/app:v1", gw.host()), &[]);
     let layer_digest = image::digest(&img.layers[0]);
     let hex = layer_digest.trim_start_matches("sha256:");
     let copied = std::fs::read(dir.path().join("out/blobs/sha256").join(hex)).unwrap();
@@ -105,15 +95,7 @@ fn multi_arch_pull_with_skopeo_all_and_podman() {
     );
     assert_eq!(by_digest.status, 200);
 
-    let dir = tempfile::tempdir().unwrap();
-    skopeo_ok(&[
-        "copy",
-        "--all",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/multi:1.0", gw.host()),
-        &format!("oci:{}:1.0", dir.path().join("out").display()),
-    ]);
+    let dir = skopeo_pull_oci(&format!("{}/mirror/multi:1.0", gw.host()), &["--all"]);
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("out/index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"][0]["digest"], index_digest.as_str());
@@ -193,6 +175,18 @@ fn push_lands_under_the_remote_name() {
     );
 }
 
+/// POST …/blobs/uploads/ on `mirror/up`, expecting a session.
+fn start_upload(base: &str) -> http::Resp {
+    let start = request(
+        "POST",
+        &format!("{base}/v2/mirror/up/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(start.status, 202, "{}", start.text());
+    start
+}
+
 #[test]
 fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     let reg = Registry::start("");
@@ -202,14 +196,7 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     // Monolithic: POST for a session, then one PUT ?digest= carrying the whole blob.
     let data = b"monolithic blob".to_vec();
     let d = image::digest(&data);
-    let start = request(
-        "POST",
-        &format!("{base}/v2/mirror/up/blobs/uploads/"),
-        &[],
-        Vec::new(),
-    );
-    assert_eq!(start.status, 202);
-    let session = start.header("location").unwrap();
+    let session = start_upload(&base).header("location").unwrap();
     let sep = if session.contains('?') { '&' } else { '?' };
     let r = request(
         "PUT",
@@ -233,13 +220,7 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     );
 
     // Chunked: POST, PATCH × 2 with Content-Range, PUT ?digest=.
-    let start = request(
-        "POST",
-        &format!("{base}/v2/mirror/up/blobs/uploads/"),
-        &[],
-        Vec::new(),
-    );
-    assert_eq!(start.status, 202);
+    let start = start_upload(&base);
     let mut loc = start.header("location").unwrap();
     assert!(
         loc.starts_with(&format!("{base}/v2/mirror/up/blobs/uploads/")),
@@ -282,13 +263,7 @@ fn monolithic_and_chunked_uploads_with_rewritten_locations() {
     );
 
     // Cancel: DELETE on an upload session.
-    let start = request(
-        "POST",
-        &format!("{base}/v2/mirror/up/blobs/uploads/"),
-        &[],
-        Vec::new(),
-    );
-    let loc = start.header("location").unwrap();
+    let loc = start_upload(&base).header("location").unwrap();
     assert_eq!(request("DELETE", &loc, &[], Vec::new()).status, 204);
     assert_eq!(get(&loc).status, 404);
 }
@@ -378,18 +353,86 @@ fn a_200_mib_layer_streams_through_intact() {
     assert_eq!(digest, big.digest);
     assert_eq!(headers["content-length"], big.size.to_string().as_str());
     // And a real client copies the whole image through the proxy, verifying digests.
-    let dir = tempfile::tempdir().unwrap();
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/big:v1", gw.host()),
-        &format!("oci:{}:v1", dir.path().join("out").display()),
-    ]);
+    let dir = skopeo_pull_oci(&format!("{}/mirror/big:v1", gw.host()), &[]);
     let hex = big.digest.trim_start_matches("sha256:");
     assert_eq!(
         common::sha256_file(&dir.path().join("out/blobs/sha256").join(hex)),
         big.digest
     );
     assert_eq!(img.digest, image::digest(&img.manifest));
+}
+
+#[test]
+fn locations_follow_public_url_or_forwarded_headers() {
+    let reg = Registry::start("");
+    let behind_lb = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", "").replace(
+        "  listen: \"127.0.0.1:0\"\n",
+        "  listen: \"127.0.0.1:0\"\n  public_url: https://r.example.com\n",
+    ));
+    let r = request(
+        "POST",
+        &format!("{}/v2/mirror/up/blobs/uploads/", behind_lb.url()),
+        &[],
+        Vec::new(),
+    );
+    let loc = r.header("location").unwrap();
+    assert!(
+        loc.starts_with("https://r.example.com/v2/mirror/up/blobs/uploads/"),
+        "{loc}"
+    );
+
+    let gw = mirror(&reg);
+    let r = request(
+        "POST",
+        &format!("{}/v2/mirror/up/blobs/uploads/", gw.url()),
+        &[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "cdn.example.org"),
+        ],
+        Vec::new(),
+    );
+    let loc = r.header("location").unwrap();
+    assert!(
+        loc.starts_with("https://cdn.example.org/v2/mirror/up/blobs/uploads/"),
+        "{loc}"
+    );
+}
+
+#[test]
+fn delete_and_referrers_reach_the_remote_name() {
+    let reg = Registry::start("");
+    let img = image::image(&[("f", b"to delete")], "amd64");
+    image::push_image(&reg.url(), "team/gone", "v1", &img);
+    let gw = mirror(&reg);
+    let referrers = get(&format!(
+        "{}/v2/mirror/gone/referrers/{}",
+        gw.url(),
+        img.digest
+    ));
+    let direct = get(&format!(
+        "{}/v2/team/gone/referrers/{}",
+        reg.url(),
+        img.digest
+    ));
+    assert_eq!(
+        referrers.status, direct.status,
+        "the upstream's answer passes through"
+    );
+    assert_eq!(
+        reg.count_requests("GET", &format!("/v2/team/gone/referrers/{}", img.digest)),
+        2
+    );
+
+    let manifest = format!("{}/v2/mirror/gone/manifests/{}", gw.url(), img.digest);
+    assert_eq!(request("DELETE", &manifest, &[], Vec::new()).status, 202);
+    assert_eq!(head(&manifest, &[("accept", OCI_MANIFEST)]).status, 404);
+    assert_eq!(
+        head(
+            &format!("{}/v2/team/gone/manifests/{}", reg.url(), img.digest),
+            &[("accept", OCI_MANIFEST)]
+        )
+        .status,
+        404,
+        "deleted upstream, under the remote name"
+    );
 }

@@ -6,7 +6,7 @@ mod common;
 use common::http::{get, head};
 use common::image;
 use common::servers::{StaticServer, TokenServer};
-use common::{Ocigate, Registry, simple_config, skopeo_ok};
+use common::{Ocigate, Registry, simple_config, skopeo_pull_oci};
 
 struct Setup {
     reg: Registry,
@@ -57,14 +57,7 @@ fn pass_hands_the_redirect_to_the_client() {
         "the proxy itself must not fetch the blob"
     );
     // A real client follows it to storage and gets verified bytes.
-    let dir = tempfile::tempdir().unwrap();
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-        &format!("oci:{}:v1", dir.path().join("out").display()),
-    ]);
+    skopeo_pull_oci(&format!("{}/mirror/app:v1", gw.host()), &[]);
     assert!(!s.storage.requests().is_empty());
 }
 
@@ -82,14 +75,7 @@ fn follow_streams_storage_through_the_proxy_without_credentials() {
         h.header("content-length"),
         Some(s.img.layers[0].len().to_string())
     );
-    let dir = tempfile::tempdir().unwrap();
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-        &format!("oci:{}:v1", dir.path().join("out").display()),
-    ]);
+    skopeo_pull_oci(&format!("{}/mirror/app:v1", gw.host()), &[]);
     let requests = s.storage.requests();
     assert!(
         requests.len() >= 3,

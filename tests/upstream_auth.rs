@@ -6,7 +6,9 @@ mod common;
 use common::http::{self, head};
 use common::image::{self, OCI_MANIFEST};
 use common::servers::TokenServer;
-use common::{Ocigate, Registry, htpasswd_auth, simple_config, skopeo_ok};
+use common::{
+    Ocigate, Registry, htpasswd_auth, simple_config, skopeo_digest, skopeo_ok, skopeo_pull_oci,
+};
 
 /// A registry holding `team/app:v1`, then locked behind `auth`.
 fn seeded_registry(auth: impl FnOnce(&Registry) -> String) -> (Registry, image::Image) {
@@ -36,30 +38,18 @@ fn token_auth_upstream_pull_and_push_with_configured_credentials() {
         &[("PULL_PASSWORD", "pullpass")],
     );
 
-    let out = skopeo_ok(&[
-        "inspect",
-        "--tls-verify=false",
-        "--format",
-        "{{.Digest}}",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
 
     // Push through the proxy: streamed bodies need the token before they are sent.
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("layout");
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-        &format!("oci:{}:v1", layout.display()),
-    ]);
+    let dir = skopeo_pull_oci(&format!("{}/mirror/app:v1", gw.host()), &[]);
     skopeo_ok(&[
         "copy",
         "--preserve-digests",
         "--dest-tls-verify=false",
-        &format!("oci:{}:v1", layout.display()),
+        &format!("oci:{}:pulled", dir.path().join("out").display()),
         &format!("docker://{}/mirror/pushed:v2", gw.host()),
     ]);
 
@@ -161,17 +151,66 @@ fn basic_upstream_via_docker_config_credential_helper() {
         &simple_config(&reg.url(), "mirror/", "team/", &creds),
         &[("PATH", &path)],
     );
-    let out = skopeo_ok(&[
-        "inspect",
-        "--tls-verify=false",
-        "--format",
-        "{{.Digest}}",
-        &format!("docker://{}/mirror/app:v1", gw.host()),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
     let called = std::fs::read_to_string(&calls).unwrap();
     assert_eq!(called.lines().next(), Some(reg.host().as_str()));
     assert!(!gw.logs().contains("helperpass"));
+
+    // The same helper as the default store (`credsStore`) for every registry.
+    std::fs::write(&docker_config, r#"{"auths":{},"credsStore":"fake"}"#).unwrap();
+    let gw = Ocigate::start_with(
+        &simple_config(&reg.url(), "mirror/", "team/", &creds),
+        &[("PATH", &path)],
+    );
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
+    assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn docker_config_identity_token_uses_the_oauth2_refresh_grant() {
+    // Basic access is locked to a user nobody has: only the refresh grant gets a token.
+    let ts_locked = TokenServer::start_with(Some(("nobody", "x")), Some("refresh-me-123"));
+    let (reg, img) = seeded_registry(|_| ts_locked.registry_auth_yaml());
+    let dir = tempfile::tempdir().unwrap();
+    let docker_config = dir.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"","identitytoken":"refresh-me-123"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let extra = format!(
+        "    credentials:\n      docker_config: {}\n    allowed_realms: [\"{}\"]\n",
+        docker_config.display(),
+        ts_locked.realm()
+    );
+    let gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", &extra));
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
+    let posts: Vec<_> = ts_locked
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert!(!posts.is_empty(), "the identity token is exchanged by POST");
+    assert!(
+        posts
+            .iter()
+            .all(|r| r.query.contains("grant_type=refresh_token")
+                && r.query.contains("refresh_token=refresh-me-123")
+                && r.query.contains("service=test-registry"))
+    );
+    assert!(!gw.logs().contains("refresh-me-123"));
 }
 
 #[test]

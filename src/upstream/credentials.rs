@@ -26,6 +26,8 @@ pub enum CredentialError {
     DockerConfig { path: String, reason: String },
     #[error("credential helper docker-credential-{helper}: {reason}")]
     Helper { helper: String, reason: String },
+    #[error("credentials.header is not a valid header value")]
+    InvalidHeader,
 }
 
 /// Credentials ready to use.
@@ -94,10 +96,7 @@ impl CredentialSource {
             }),
             Some(Credentials::Header(value)) => {
                 let mut v =
-                    HeaderValue::from_str(value).map_err(|_| CredentialError::DockerConfig {
-                        path: "header".into(),
-                        reason: "not a valid header value".into(),
-                    })?;
+                    HeaderValue::from_str(value).map_err(|_| CredentialError::InvalidHeader)?;
                 v.set_sensitive(true);
                 Kind::Static(Secret::Authorization(v))
             }

@@ -73,6 +73,39 @@ pub fn skopeo_ok(args: &[&str]) -> Output {
     run_ok(&mut c)
 }
 
+/// The digest skopeo reports for `docker://reference` (plain HTTP unless `extra` says
+/// otherwise, e.g. `--cert-dir`).
+pub fn skopeo_digest(reference: &str, extra: &[&str]) -> String {
+    let target = format!("docker://{reference}");
+    let mut args = vec!["inspect", "--format", "{{.Digest}}"];
+    if extra.is_empty() {
+        args.push("--tls-verify=false");
+    }
+    args.extend_from_slice(extra);
+    args.push(&target);
+    String::from_utf8_lossy(&skopeo_ok(&args).stdout)
+        .trim()
+        .to_string()
+}
+
+/// Copies `docker://reference` into a fresh OCI layout at `<dir>/out`, layers kept as they
+/// are, so blob files can be compared with what was pushed.
+pub fn skopeo_pull_oci(reference: &str, extra: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!("docker://{reference}");
+    let dest = format!("oci:{}:pulled", dir.path().join("out").display());
+    let mut args = vec![
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+    ];
+    args.extend_from_slice(extra);
+    args.push(&source);
+    args.push(&dest);
+    skopeo_ok(&args);
+    dir
+}
+
 /// A podman with its own storage (vfs) under a temporary directory.
 pub struct Podman {
     dir: tempfile::TempDir,

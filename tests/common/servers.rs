@@ -57,7 +57,9 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// What the token realm was asked.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
+    pub method: String,
     pub authorization: Option<String>,
+    /// The query of a GET, or the form body of a POST.
     pub query: String,
 }
 
@@ -74,6 +76,11 @@ impl TokenServer {
     /// A realm that grants every requested scope, to anyone when `creds` is `None`, else only
     /// to that Basic user.
     pub fn start(creds: Option<(&str, &str)>) -> TokenServer {
+        TokenServer::start_with(creds, None)
+    }
+
+    /// Like [`TokenServer::start`], and also grants OAuth2 POSTs presenting `refresh_token`.
+    pub fn start_with(creds: Option<(&str, &str)>, refresh_token: Option<&str>) -> TokenServer {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = rcgen::CertificateParams::new(vec!["token-signer".to_string()])
@@ -83,8 +90,9 @@ impl TokenServer {
         let cert_path = dir.path().join("token-signer.pem");
         std::fs::write(&cert_path, cert.pem()).unwrap();
         let x5c = base64::engine::general_purpose::STANDARD.encode(cert.der());
-        let encoding =
-            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let encoding = Arc::new(
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+        );
         let issuer = "test-issuer".to_string();
         let service = "test-registry".to_string();
         let expected = creds.map(|(u, p)| {
@@ -96,51 +104,79 @@ impl TokenServer {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
         let (iss, svc) = (issuer.clone(), service.clone());
+        let refresh_token = refresh_token.map(str::to_string);
         let handler: Handler = Arc::new(move |req: Request<Incoming>| {
-            let authorization = req
-                .headers()
-                .get("authorization")
-                .map(|v| v.to_str().unwrap_or_default().to_string());
-            let query = req.uri().query().unwrap_or_default().to_string();
-            seen.lock().unwrap().push(TokenRequest {
-                authorization: authorization.clone(),
-                query: query.clone(),
-            });
-            let allowed = expected.is_none() || authorization == expected;
-            let result = if allowed {
-                let scopes: Vec<serde_json::Value> = url::form_urlencoded::parse(query.as_bytes())
-                    .filter(|(k, _)| k == "scope")
-                    .filter_map(|(_, v)| {
-                        let (kind, rest) = v.split_once(':')?;
-                        let (name, actions) = rest.rsplit_once(':')?;
-                        Some(serde_json::json!({
-                            "type": kind, "name": name,
-                            "actions": actions.split(',').collect::<Vec<_>>(),
-                        }))
-                    })
-                    .collect();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs();
-                let claims = serde_json::json!({
-                    "iss": iss, "sub": "tester", "aud": svc,
-                    "exp": now + 300, "nbf": now - 10, "iat": now,
-                    "jti": format!("{now}-{}", scopes.len()),
-                    "access": scopes,
+            let seen = seen.clone();
+            let expected = expected.clone();
+            let refresh_token = refresh_token.clone();
+            let (iss, svc, x5c, encoding) =
+                (iss.clone(), svc.clone(), x5c.clone(), encoding.clone());
+            Box::pin(async move {
+                let method = req.method().to_string();
+                let authorization = req
+                    .headers()
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap_or_default().to_string());
+                let query = if req.method() == http::Method::POST {
+                    use http_body_util::BodyExt;
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    String::from_utf8_lossy(&body).into_owned()
+                } else {
+                    req.uri().query().unwrap_or_default().to_string()
+                };
+                seen.lock().unwrap().push(TokenRequest {
+                    method: method.clone(),
+                    authorization: authorization.clone(),
+                    query: query.clone(),
                 });
-                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-                header.x5c = Some(vec![x5c.clone()]);
-                let token = jsonwebtoken::encode(&header, &claims, &encoding).unwrap();
-                respond(
+                let form = |key: &str| {
+                    url::form_urlencoded::parse(query.as_bytes())
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.into_owned())
+                };
+                let allowed = if method == "POST" {
+                    form("grant_type").as_deref() == Some("refresh_token")
+                        && refresh_token.is_some()
+                        && form("refresh_token") == refresh_token
+                } else {
+                    expected.is_none() || authorization == expected
+                };
+                if allowed {
+                    let scopes: Vec<serde_json::Value> =
+                        url::form_urlencoded::parse(query.as_bytes())
+                            .filter(|(k, _)| k == "scope")
+                            .flat_map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>())
+                            .filter_map(|v| {
+                                let (kind, rest) = v.split_once(':')?;
+                                let (name, actions) = rest.rsplit_once(':')?;
+                                Some(serde_json::json!({
+                                    "type": kind, "name": name,
+                                    "actions": actions.split(',').collect::<Vec<_>>(),
+                                }))
+                            })
+                            .collect();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    let claims = serde_json::json!({
+                        "iss": iss, "sub": "tester", "aud": svc,
+                        "exp": now + 300, "nbf": now - 10, "iat": now,
+                        "jti": format!("{now}-{}", scopes.len()),
+                        "access": scopes,
+                    });
+                    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+                    header.x5c = Some(vec![x5c.clone()]);
+                    let token = jsonwebtoken::encode(&header, &claims, &encoding).unwrap();
+                    respond(
                     StatusCode::OK,
                     serde_json::json!({"token": token, "access_token": token, "expires_in": 300})
                         .to_string(),
                 )
-            } else {
-                respond(StatusCode::UNAUTHORIZED, r#"{"details":"bad credentials"}"#)
-            };
-            Box::pin(async move { result })
+                } else {
+                    respond(StatusCode::UNAUTHORIZED, r#"{"details":"bad credentials"}"#)
+                }
+            })
         });
         let addr = serve(handler);
         TokenServer {
