@@ -2,6 +2,7 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use crate::auth::Denied;
 use crate::body::{self, Body};
 use crate::oci::{API_VERSION, ErrorCode, OciError};
 use crate::upstream::UpstreamError;
@@ -11,6 +12,9 @@ pub enum GatewayError {
     /// A protocol-level refusal: bad name, unknown route, …
     #[error("{0}")]
     Oci(OciError),
+    /// The client's token is missing, invalid or too weak: a 401 with a challenge.
+    #[error("{}", .0.error)]
+    Denied(Denied),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// An upstream answer we must rewrite was not what the protocol promises.
@@ -32,6 +36,7 @@ impl GatewayError {
     pub fn to_oci(&self) -> OciError {
         match self {
             GatewayError::Oci(e) => e.clone(),
+            GatewayError::Denied(d) => d.error.clone(),
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => {
                 OciError::new(ErrorCode::Unavailable, self.to_string())
                     .with_status(StatusCode::GATEWAY_TIMEOUT)
@@ -43,7 +48,13 @@ impl GatewayError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        oci_response(&self.to_oci())
+        let mut response = oci_response(&self.to_oci());
+        if let GatewayError::Denied(d) = &self
+            && let Ok(v) = HeaderValue::from_str(&d.challenge.to_string())
+        {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        response
     }
 }
 

@@ -6,6 +6,7 @@
 //! server (accept, TLS, HTTP/1.1 + HTTP/2)
 //!   → pipeline::Gateway::handle
 //!       parse      oci::ApiPath             /v2/<name>/<endpoint>, validated
+//!       auth       auth::ClientAuth         the client's bearer token covers the request
 //!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
 //!       rewrite    rewrite::RouteTable      local name → route → remote name (+ mount `from`)
 //!       upstream   upstream::Upstream       credentials, token dance, pooled client, redirects
@@ -17,12 +18,14 @@
 //! Modules:
 //! - [`config`]: the YAML schema, `${VAR}` expansion, `file:line:column` errors.
 //! - [`oci`]: protocol grammar without I/O (paths, names, errors, challenges, scopes).
+//! - [`auth`]: client authentication (distribution token auth: JWT, x5c, JWKS).
 //! - [`rewrite`]: routes and name mapping both ways.
 //! - [`upstream`]: everything that talks to registries.
 //! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
 //! - [`server`]: sockets, TLS and graceful shutdown.
 //! - [`body`], [`metrics`], [`error`]: shared plumbing.
 
+pub mod auth;
 pub mod body;
 pub mod catalog;
 pub mod config;

@@ -58,9 +58,64 @@ struct ServeArgs {
     /// Quick mode: do not redirect browsers to the upstream's web page.
     #[arg(long, env = "DISABLE_BROWSER_REDIRECTS", requires = "upstream")]
     disable_browser_redirects: bool,
+    #[command(flatten)]
+    token: TokenFlags,
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "OCIGATE_LOG_FORMAT")]
     log_format: LogFormat,
+}
+
+/// Quick mode client auth, with the names registry-auth-proxy (and distribution) use.
+#[derive(clap::Args)]
+struct TokenFlags {
+    /// Where clients get tokens (auth.token.realm).
+    #[arg(long, requires_all = ["upstream", "token_issuer", "token_service"])]
+    token_realm: Option<String>,
+    /// The issuer tokens must name (auth.token.issuer).
+    #[arg(long, requires = "upstream")]
+    token_issuer: Option<String>,
+    /// The service tokens must be for (auth.token.service).
+    #[arg(long, requires = "upstream")]
+    token_service: Option<String>,
+    /// PEM certificates token signatures chain to (auth.token.rootcertbundle).
+    #[arg(long, requires = "token_issuer")]
+    token_root_cert_bundle: Option<PathBuf>,
+    /// A JWKS file of token signing keys (auth.token.jwks).
+    #[arg(long, requires = "token_issuer")]
+    token_jwks: Option<PathBuf>,
+    /// Challenge with this server's own /token instead of --token-realm.
+    #[arg(long, requires = "token_issuer")]
+    token_auto_redirect: bool,
+}
+
+impl TokenFlags {
+    fn auth(&self) -> Result<Option<config::AuthConfig>> {
+        let (Some(issuer), Some(service)) = (&self.token_issuer, &self.token_service) else {
+            return Ok(None);
+        };
+        if self.token_realm.is_none() && !self.token_auto_redirect {
+            bail!("--token-issuer needs --token-realm or --token-auto-redirect");
+        }
+        if self.token_root_cert_bundle.is_none() && self.token_jwks.is_none() {
+            bail!("--token-issuer needs --token-root-cert-bundle and/or --token-jwks");
+        }
+        let realm = match &self.token_realm {
+            Some(r) => Some(url::Url::parse(r).with_context(|| format!("--token-realm {r:?}"))?),
+            None => None,
+        };
+        Ok(Some(config::AuthConfig {
+            token: config::TokenAuthConfig {
+                realm,
+                service: service.clone(),
+                issuer: issuer.clone(),
+                rootcertbundle: self.token_root_cert_bundle.clone(),
+                jwks: self.token_jwks.clone(),
+                signing_algorithms: config::DEFAULT_SIGNING_ALGORITHMS.to_vec(),
+                autoredirect: self.token_auto_redirect,
+            },
+            anonymous: Vec::new(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,6 +196,7 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
         upstream: "upstream".into(),
         remote,
     }];
+    config.auth = args.token.auth()?;
     Ok(config)
 }
 

@@ -1,11 +1,13 @@
 //! The driver: the life of one request, stage by stage.
 //!
-//! 1. **parse** the path into an [`ApiPath`] (or answer locally: `/v2/`, health, metrics,
-//!    browser redirects);
-//! 2. **rewrite**: pick the route, map local names to remote ones ([`crate::rewrite`]);
-//! 3. **upstream**: credentials, token dance and pooled send ([`crate::upstream`]);
-//! 4. **response rewriting**: `Location`, `Link`, challenges, `tags/list` names;
-//! 5. **observe**: one access-log line and the metrics, when the body has finished streaming.
+//! 1. **parse** the path into an [`ApiPath`] (or answer locally: health, metrics, browser
+//!    redirects);
+//! 2. **client auth**: the client's bearer token must cover the request ([`crate::auth`]);
+//!    only then `/v2/` and `_catalog` are answered;
+//! 3. **rewrite**: pick the route, map local names to remote ones ([`crate::rewrite`]);
+//! 4. **upstream**: credentials, token dance and pooled send ([`crate::upstream`]);
+//! 5. **response rewriting**: `Location`, `Link`, challenges, `tags/list` names;
+//! 6. **observe**: one access-log line and the metrics, when the body has finished streaming.
 //!
 //! Stages see a [`RequestContext`], not the gateway. Errors become answers only in
 //! [`GatewayError::into_response`].
@@ -22,6 +24,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use url::Url;
 
+use crate::auth::ClientAuth;
+use crate::auth::keys::KeyError;
 use crate::body::{self, Body, Finish, Observed, Outcome};
 use crate::config::{Config, RedirectPolicy};
 use crate::error::GatewayError;
@@ -45,6 +49,16 @@ pub struct Gateway {
     pub config: Config,
     pub routes: RouteTable,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub auth: Option<ClientAuth>,
+}
+
+/// What can stop a gateway from being built out of a valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamBuildError),
+    #[error("auth.token: {0}")]
+    Auth(#[from] KeyError),
 }
 
 /// What the stages know about one request.
@@ -58,12 +72,14 @@ pub struct RequestContext {
     pub peer: SocketAddr,
     /// Route label for metrics and logs; `-` when no route was involved.
     pub route: String,
+    /// The verified client token's subject, for logs.
+    pub subject: Option<String>,
     pub upstream: Option<String>,
     pub names: NameMap,
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Result<Gateway, UpstreamBuildError> {
+    pub fn new(config: Config) -> Result<Gateway, BuildError> {
         let mut upstreams = HashMap::new();
         for (name, u) in &config.upstreams {
             upstreams.insert(name.clone(), Arc::new(Upstream::new(u.clone())?));
@@ -78,10 +94,15 @@ impl Gateway {
                 })
                 .collect(),
         );
+        let auth = match &config.auth {
+            Some(a) => Some(ClientAuth::new(&a.token, &a.anonymous)?),
+            None => None,
+        };
         Ok(Gateway {
             config,
             routes,
             upstreams,
+            auth,
         })
     }
 
@@ -95,6 +116,7 @@ impl Gateway {
             public_base: public_base(&self.config, &req, conn),
             peer: conn.peer,
             route: "-".into(),
+            subject: None,
             upstream: None,
             names: NameMap::default(),
         };
@@ -122,6 +144,16 @@ impl Gateway {
             None => return self.non_api(ctx, &req),
             Some(parsed) => parsed?,
         };
+        if let Some(auth) = &self.auth {
+            let required = crate::auth::required_scopes(&ctx.method, &api, ctx.query.as_deref());
+            ctx.subject = auth
+                .check(
+                    req.headers().get(header::AUTHORIZATION),
+                    &required,
+                    &ctx.public_base,
+                )
+                .map_err(GatewayError::Denied)?;
+        }
         match &api.endpoint {
             Endpoint::Base => Ok(local::api_base()),
             Endpoint::Catalog => crate::catalog::serve(self, ctx).await,
@@ -176,7 +208,10 @@ impl Gateway {
         ctx.upstream = Some(upstream.name().to_string());
         ctx.names.add(&mapped.remote, &local_name);
 
-        let mut scopes = vec![Scope::repository(&mapped.remote, actions_for(&ctx.method))];
+        let mut scopes = vec![Scope::repository(
+            &mapped.remote,
+            crate::oci::required_actions(&ctx.method),
+        )];
         let mut query = ctx.query.clone();
         if api.endpoint == Endpoint::UploadStart && ctx.method == Method::POST {
             query = self.rewrite_mount(ctx, query, &mapped.route.config.upstream, &mut scopes);
@@ -248,14 +283,6 @@ struct UploadBytes;
 impl Finish for UploadBytes {
     fn finish(self: Box<Self>, bytes: u64, _outcome: Outcome) {
         crate::metrics::bytes("upload", bytes);
-    }
-}
-
-fn actions_for(method: &Method) -> &'static [&'static str] {
-    match *method {
-        Method::GET | Method::HEAD => &["pull"],
-        Method::DELETE => &["delete"],
-        _ => &["pull", "push"],
     }
 }
 
@@ -556,6 +583,7 @@ impl Finish for AccessLog {
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             route = %c.route,
             upstream = c.upstream.as_deref().unwrap_or("-"),
+            subject = c.subject.as_deref().unwrap_or("-"),
             peer = %c.peer,
         );
     }
@@ -618,6 +646,7 @@ mod tests {
             public_base: "https://r.example.com".into(),
             peer: SocketAddr::from(([127, 0, 0, 1], 1)),
             route: "-".into(),
+            subject: None,
             upstream: None,
             names: NameMap::default(),
         };

@@ -44,7 +44,42 @@ pub struct Config {
     /// Upstreams by name, in name order.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Client authentication (distribution token auth); `None` lets every client through.
+    pub auth: Option<AuthConfig>,
 }
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub token: TokenAuthConfig,
+    /// Actions allowed without a token (`pull`, `push`, `delete`, `*`).
+    pub anonymous: Vec<String>,
+}
+
+/// The distribution registry's `token` auth options, under the same names.
+#[derive(Debug, Clone)]
+pub struct TokenAuthConfig {
+    pub realm: Option<Url>,
+    pub service: String,
+    pub issuer: String,
+    pub rootcertbundle: Option<PathBuf>,
+    pub jwks: Option<PathBuf>,
+    pub signing_algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Challenge with our own `/token` on the request's forwarded host instead of `realm`.
+    pub autoredirect: bool,
+}
+
+/// Every asymmetric algorithm distribution accepts; HMAC never (a public key is no secret).
+pub const DEFAULT_SIGNING_ALGORITHMS: [jsonwebtoken::Algorithm; 9] = [
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::RS384,
+    jsonwebtoken::Algorithm::RS512,
+    jsonwebtoken::Algorithm::PS256,
+    jsonwebtoken::Algorithm::PS384,
+    jsonwebtoken::Algorithm::PS512,
+    jsonwebtoken::Algorithm::ES256,
+    jsonwebtoken::Algorithm::ES384,
+    jsonwebtoken::Algorithm::EdDSA,
+];
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -209,6 +244,23 @@ impl Config {
         if let Some(url) = &self.server.public_url {
             let _ = writeln!(s, "public_url: {url}");
         }
+        if let Some(a) = &self.auth {
+            let realm = match (&a.token.realm, a.token.autoredirect) {
+                (_, true) => "<this server>/token".to_string(),
+                (Some(r), false) => r.to_string(),
+                (None, false) => "-".to_string(),
+            };
+            let anonymous = if a.anonymous.is_empty() {
+                "none".to_string()
+            } else {
+                a.anonymous.join(",")
+            };
+            let _ = writeln!(
+                s,
+                "auth: token (realm {realm}, service {}, issuer {}); anonymous: {anonymous}",
+                a.token.service, a.token.issuer
+            );
+        }
         let _ = writeln!(s, "upstreams:");
         for u in self.upstreams.values() {
             let creds = u
@@ -360,11 +412,112 @@ impl Resolver<'_> {
                 "routes: at least one route is needed (prefix \"\" routes every name)",
             ));
         }
+        let auth = match raw.auth {
+            Some(a) => Some(self.auth(a)?),
+            None => None,
+        };
         Ok(Config {
             source: self.file.to_string(),
             server,
             upstreams,
             routes,
+            auth,
+        })
+    }
+
+    fn auth(&self, raw: Spanned<raw::RawAuth>) -> Result<AuthConfig, ConfigError> {
+        let at = raw.referenced;
+        let a = raw.value;
+        let Some(t) = a.token else {
+            return Err(self.err(
+                at,
+                "auth: `token` is required (realm, service, issuer, keys)",
+            ));
+        };
+        let mut anonymous = Vec::new();
+        for action in a.anonymous.iter().flatten() {
+            let v = self.string("auth.anonymous", action)?;
+            if !matches!(v.as_str(), "pull" | "push" | "delete" | "*") {
+                return Err(self.err(
+                    action.referenced,
+                    format!("auth.anonymous: {v:?} is not an action (pull, push, delete, *)"),
+                ));
+            }
+            anonymous.push(v);
+        }
+        let token_at = t.referenced;
+        let t = t.value;
+        let realm = match &t.realm {
+            None => None,
+            Some(r) => {
+                let s = self.string("auth.token.realm", r)?;
+                let url = Url::parse(&s)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                    .ok_or_else(|| {
+                        self.err(
+                            r.referenced,
+                            format!("auth.token.realm: {s:?} is not an http(s) URL"),
+                        )
+                    })?;
+                Some(url)
+            }
+        };
+        let autoredirect = t.autoredirect.unwrap_or(false);
+        if realm.is_none() && !autoredirect {
+            return Err(self.err(
+                token_at,
+                "auth.token: give `realm`, or `autoredirect: true` to use this server's /token",
+            ));
+        }
+        let rootcertbundle = match &t.rootcertbundle {
+            Some(p) => Some(self.existing_file("auth.token.rootcertbundle", p)?),
+            None => None,
+        };
+        let jwks = match &t.jwks {
+            Some(p) => Some(self.existing_file("auth.token.jwks", p)?),
+            None => None,
+        };
+        if rootcertbundle.is_none() && jwks.is_none() {
+            return Err(self.err(
+                token_at,
+                "auth.token: give `rootcertbundle` and/or `jwks`: the keys tokens are signed with",
+            ));
+        }
+        let signing_algorithms = match &t.signingalgorithms {
+            None => DEFAULT_SIGNING_ALGORITHMS.to_vec(),
+            Some(list) => {
+                let mut algs = Vec::new();
+                for item in list {
+                    let name = self.string("auth.token.signingalgorithms", item)?;
+                    let alg = name
+                        .parse::<jsonwebtoken::Algorithm>()
+                        .ok()
+                        .filter(|a| DEFAULT_SIGNING_ALGORITHMS.contains(a))
+                        .ok_or_else(|| {
+                            self.err(
+                                item.referenced,
+                                format!(
+                                    "auth.token.signingalgorithms: {name:?} is not one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
+                                ),
+                            )
+                        })?;
+                    algs.push(alg);
+                }
+                algs
+            }
+        };
+        Ok(AuthConfig {
+            token: TokenAuthConfig {
+                realm,
+                service: self.string("auth.token.service", &t.service)?,
+                issuer: self.string("auth.token.issuer", &t.issuer)?,
+                rootcertbundle,
+                jwks,
+                signing_algorithms,
+                autoredirect,
+            },
+            anonymous,
         })
     }
 

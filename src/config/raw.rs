@@ -16,6 +16,26 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+    pub auth: Option<Spanned<RawAuth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub token: Option<Spanned<RawTokenAuth>>,
+    pub anonymous: Option<Vec<S>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenAuth {
+    pub realm: Option<S>,
+    pub service: S,
+    pub issuer: S,
+    pub rootcertbundle: Option<S>,
+    pub jwks: Option<S>,
+    pub signingalgorithms: Option<Vec<S>>,
+    pub autoredirect: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,3 +13,13 @@ pub use path::{ApiPath, Endpoint, Reference};
 
 /// `Docker-Distribution-Api-Version` value every `/v2/` answer carries.
 pub const API_VERSION: &str = "registry/2.0";
+
+/// The repository actions a request method needs: pull to read, pull and push to write,
+/// delete to delete.
+pub fn required_actions(method: &http::Method) -> &'static [&'static str] {
+    match *method {
+        http::Method::GET | http::Method::HEAD => &["pull"],
+        http::Method::DELETE => &["delete"],
+        _ => &["pull", "push"],
+    }
+}

@@ -7,6 +7,7 @@
 pub mod http;
 pub mod image;
 pub mod servers;
+pub mod tokens;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};

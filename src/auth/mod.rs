@@ -1,0 +1,219 @@
+//! The client-authentication stage: distribution token auth in front of any upstream.
+//!
+//! Reads the client's `Authorization: Bearer` token and the scopes the request needs (in
+//! local names); verifies the token as distribution does ([`jwt`], [`keys`]), caching
+//! verified tokens until they expire; answers with a 401 challenge when the token is missing,
+//! invalid or too weak. Must not touch upstreams: the client's token never goes further.
+
+pub mod jwt;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{HeaderValue, Method};
+
+use crate::config::TokenAuthConfig;
+use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
+use jwt::{Claims, Policy};
+use keys::{KeyError, KeyStore};
+
+/// Verified tokens kept at most; beyond it expired ones are dropped, then all.
+const CACHE_LIMIT: usize = 10_000;
+
+/// A refusal: the challenge to send and the OCI error body.
+#[derive(Debug, Clone)]
+pub struct Denied {
+    pub challenge: Challenge,
+    pub error: OciError,
+}
+
+pub struct ClientAuth {
+    realm: Option<String>,
+    service: String,
+    policy: Policy,
+    keys: KeyStore,
+    anonymous: Vec<String>,
+    verified: Mutex<HashMap<String, Arc<Claims>>>,
+}
+
+impl ClientAuth {
+    pub fn new(config: &TokenAuthConfig, anonymous: &[String]) -> Result<ClientAuth, KeyError> {
+        let mut keys = KeyStore::default();
+        if let Some(bundle) = &config.rootcertbundle {
+            keys.add_bundle(bundle)?;
+        }
+        if let Some(path) = &config.jwks {
+            let json = std::fs::read(path).map_err(|e| KeyError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let added = keys.add_jwks(&json, &path.display().to_string())?;
+            if added == 0 {
+                return Err(KeyError::File {
+                    path: path.display().to_string(),
+                    reason: "no usable (RSA, EC P-256/P-384 or Ed25519) key in the set".into(),
+                });
+            }
+        }
+        Ok(ClientAuth {
+            realm: (!config.autoredirect)
+                .then(|| config.realm.as_ref().map(|u| u.to_string()))
+                .flatten(),
+            service: config.service.clone(),
+            policy: Policy {
+                issuer: config.issuer.clone(),
+                service: config.service.clone(),
+                algorithms: config.signing_algorithms.clone(),
+            },
+            keys,
+            anonymous: anonymous.to_vec(),
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Checks the request's token against the scopes it needs. `Ok` carries the token's
+    /// subject (for logs), `None` for an anonymous request.
+    pub fn check(
+        &self,
+        authorization: Option<&HeaderValue>,
+        required: &[Scope],
+        public_base: &str,
+    ) -> Result<Option<String>, Denied> {
+        let token = authorization
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        let Some(token) = token else {
+            if !required.is_empty() && required.iter().all(|s| self.anonymous_covers(s)) {
+                return Ok(None);
+            }
+            return Err(self.deny(
+                required,
+                public_base,
+                None,
+                OciError::new(ErrorCode::Unauthorized, "authentication required"),
+            ));
+        };
+        let claims = self.verified(token).map_err(|reason| {
+            tracing::debug!(%reason, "client token refused");
+            self.deny(
+                required,
+                public_base,
+                Some("invalid_token"),
+                OciError::new(ErrorCode::Unauthorized, format!("invalid token: {reason}")),
+            )
+        })?;
+        for scope in required {
+            for action in &scope.actions {
+                if !claims.grants(&scope.kind, &scope.name, action)
+                    && !self.anonymous.iter().any(|a| a == action || a == "*")
+                {
+                    return Err(self.deny(
+                        required,
+                        public_base,
+                        Some("insufficient_scope"),
+                        OciError::new(
+                            ErrorCode::Denied,
+                            "requested access to the resource is denied",
+                        )
+                        .with_detail(serde_json::json!({
+                            "type": scope.kind, "name": scope.name, "action": action,
+                        })),
+                    ));
+                }
+            }
+        }
+        Ok(claims.sub.clone())
+    }
+
+    fn anonymous_covers(&self, scope: &Scope) -> bool {
+        scope.is_repository()
+            && scope
+                .actions
+                .iter()
+                .all(|a| self.anonymous.iter().any(|x| x == a || x == "*"))
+    }
+
+    /// A verified token from the cache, or verified now and cached until it expires.
+    fn verified(&self, token: &str) -> Result<Arc<Claims>, jwt::Rejected> {
+        let now = unix_now();
+        if let Ok(cache) = self.verified.lock()
+            && let Some(claims) = cache.get(token)
+            && now <= claims.exp.saturating_add(jwt::LEEWAY_SECS)
+        {
+            return Ok(claims.clone());
+        }
+        let claims = Arc::new(jwt::verify(token, &self.keys, &self.policy, now)?);
+        if let Ok(mut cache) = self.verified.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.retain(|_, c| now <= c.exp.saturating_add(jwt::LEEWAY_SECS));
+                if cache.len() >= CACHE_LIMIT {
+                    cache.clear();
+                }
+            }
+            cache.insert(token.to_string(), claims.clone());
+        }
+        Ok(claims)
+    }
+
+    /// The realm clients are sent to: configured, or (autoredirect) our own `/token`.
+    pub fn realm(&self, public_base: &str) -> String {
+        self.realm
+            .clone()
+            .unwrap_or_else(|| format!("{public_base}/token"))
+    }
+
+    fn deny(
+        &self,
+        required: &[Scope],
+        public_base: &str,
+        error: Option<&str>,
+        body: OciError,
+    ) -> Denied {
+        let mut challenge = Challenge::bearer(&self.realm(public_base), &self.service, required);
+        if let Some(e) = error {
+            challenge.set_param("error", e.to_string());
+        }
+        Denied {
+            challenge,
+            error: body.with_status(http::StatusCode::UNAUTHORIZED),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The access a request needs, in local names: pull for reads, pull+push for writes,
+/// delete for DELETE, `registry:catalog:*` for the catalog, and pull on a mount's `from`.
+pub fn required_scopes(method: &Method, api: &ApiPath, query: Option<&str>) -> Vec<Scope> {
+    let Some(name) = &api.name else {
+        return match api.endpoint {
+            Endpoint::Catalog => vec![Scope {
+                kind: "registry".into(),
+                name: "catalog".into(),
+                actions: vec!["*".into()],
+            }],
+            _ => Vec::new(),
+        };
+    };
+    let mut scopes = vec![Scope::repository(
+        name,
+        crate::oci::required_actions(method),
+    )];
+    if api.endpoint == Endpoint::UploadStart
+        && method == Method::POST
+        && let Some(from) = query.and_then(|q| crate::rewrite::query_param(q, "from"))
+        && crate::oci::path::validate_name(&from).is_ok()
+    {
+        scopes.push(Scope::repository(&from, &["pull"]));
+    }
+    scopes
+}
