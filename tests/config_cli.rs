@@ -179,6 +179,13 @@ fn bundled_example_configs_are_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let docker_config = tempfile::tempdir().unwrap();
     std::fs::write(docker_config.path().join("config.json"), r#"{"auths":{}}"#).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["token ca".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca_bundle = docker_config.path().join("token-ca.pem");
+    std::fs::write(&ca_bundle, ca.pem()).unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -191,6 +198,7 @@ fn bundled_example_configs_are_valid() {
                 .env("GHCR_TOKEN", "x")
                 .env("REGISTRY_AUTH_HEADER", "Basic eDp4")
                 .env("DOCKER_CONFIG", docker_config.path())
+                .env("TOKEN_CA_BUNDLE", &ca_bundle)
                 .output()
                 .unwrap();
             assert!(
