@@ -15,6 +15,9 @@ pub enum GatewayError {
     /// The client's token is missing, invalid or too weak: a 401 with a challenge.
     #[error("{}", .0.error)]
     Denied(Denied),
+    /// A token-server login failed: a 401 asking for Basic credentials.
+    #[error("{0}")]
+    Login(OciError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// An upstream answer we must rewrite was not what the protocol promises.
@@ -37,6 +40,7 @@ impl GatewayError {
         match self {
             GatewayError::Oci(e) => e.clone(),
             GatewayError::Denied(d) => d.error.clone(),
+            GatewayError::Login(e) => e.clone().with_status(StatusCode::UNAUTHORIZED),
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => {
                 OciError::new(ErrorCode::Unavailable, self.to_string())
                     .with_status(StatusCode::GATEWAY_TIMEOUT)
@@ -49,9 +53,12 @@ impl GatewayError {
 
     pub fn into_response(self) -> Response<Body> {
         let mut response = oci_response(&self.to_oci());
-        if let GatewayError::Denied(d) = &self
-            && let Ok(v) = HeaderValue::from_str(&d.challenge.to_string())
-        {
+        let challenge = match &self {
+            GatewayError::Denied(d) => HeaderValue::from_str(&d.challenge.to_string()).ok(),
+            GatewayError::Login(_) => Some(crate::token::login_challenge()),
+            _ => None,
+        };
+        if let Some(v) = challenge {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
         response

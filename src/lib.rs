@@ -5,6 +5,7 @@
 //! ```text
 //! server (accept, TLS, HTTP/1.1 + HTTP/2)
 //!   → pipeline::Gateway::handle
+//!       token      token::TokenServer       `token_server.path`: logins, tokens
 //!       parse      oci::ApiPath             /v2/<name>/<endpoint>, validated
 //!       auth       auth::ClientAuth         the client's bearer token covers the request
 //!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
@@ -19,6 +20,7 @@
 //! - [`config`]: the YAML schema, `${VAR}` expansion, `file:line:column` errors.
 //! - [`oci`]: protocol grammar without I/O (paths, names, errors, challenges, scopes).
 //! - [`auth`]: client authentication (distribution token auth: JWT, x5c, JWKS).
+//! - [`token`]: the built-in token server (htpasswd, OIDC federation, ACL).
 //! - [`rewrite`]: routes and name mapping both ways.
 //! - [`upstream`]: everything that talks to registries.
 //! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
@@ -36,4 +38,5 @@ pub mod oci;
 pub mod pipeline;
 pub mod rewrite;
 pub mod server;
+pub mod token;
 pub mod upstream;

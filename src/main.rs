@@ -31,6 +31,18 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
+    /// Print a token from the config's token server (no password asked; the ACL applies).
+    Token {
+        /// The YAML config file (needs `token_server`).
+        #[arg(long, env = "OCIGATE_CONFIG")]
+        config: PathBuf,
+        /// The account the token is for.
+        #[arg(long)]
+        account: String,
+        /// A scope such as `repository:team/app:pull,push` (repeatable).
+        #[arg(long)]
+        scope: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -108,7 +120,7 @@ impl TokenFlags {
                 realm,
                 service: service.clone(),
                 issuer: issuer.clone(),
-                rootcertbundle: self.token_root_cert_bundle.clone(),
+                rootcertbundles: self.token_root_cert_bundle.iter().cloned().collect(),
                 jwks: self.token_jwks.clone(),
                 signing_algorithms: config::DEFAULT_SIGNING_ALGORITHMS.to_vec(),
                 autoredirect: self.token_auto_redirect,
@@ -128,6 +140,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Token {
+            config,
+            account,
+            scope,
+        } => print_token(&config, &account, &scope),
         Command::Serve(args) => serve(*args),
     };
     match result {
@@ -146,6 +163,24 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     Gateway::new(config.clone())?;
     print!("{}", config.summary());
     println!("ok");
+    Ok(())
+}
+
+fn print_token(file: &std::path::Path, account: &str, scopes: &[String]) -> Result<()> {
+    install_crypto();
+    let config = Config::load(file)?;
+    let Some(ts) = &config.token_server else {
+        bail!("{}: no token_server section", file.display());
+    };
+    let scopes = scopes
+        .iter()
+        .map(|s| {
+            ocigate::oci::Scope::parse(s)
+                .with_context(|| format!("--scope {s:?} is not type:name:actions"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let server = ocigate::token::TokenServer::new(ts)?;
+    println!("{}", server.token_for(account, &scopes)?);
     Ok(())
 }
 

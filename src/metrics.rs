@@ -10,6 +10,7 @@ pub const REQUESTS: &str = "ocigate_requests_total";
 pub const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
 pub const BYTES: &str = "ocigate_bytes_streamed_total";
 pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
+pub const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -51,6 +52,12 @@ pub fn upstream_latency(upstream: &str, elapsed: Duration) {
 /// `direction` is `download` (to clients) or `upload` (from clients).
 pub fn bytes(direction: &'static str, n: u64) {
     metrics::counter!(BYTES, "direction" => direction).increment(n);
+}
+
+/// A token-server answer: a token issued, or a login refused.
+pub fn token_issued(ok: bool) {
+    let result = if ok { "issued" } else { "refused" };
+    metrics::counter!(TOKENS_ISSUED, "result" => result).increment(1);
 }
 
 pub fn token_fetch(upstream: &str, ok: bool) {

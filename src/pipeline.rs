@@ -32,6 +32,7 @@ use crate::error::GatewayError;
 use crate::local;
 use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
 use crate::rewrite::{self, NameMap, Route, RouteTable};
+use crate::token::{TokenServer, TokenSetupError};
 use crate::upstream::{Upstream, UpstreamBuildError, UpstreamRequest};
 
 /// Largest upstream JSON answer the gateway reads in order to rewrite it (tags, catalog).
@@ -50,6 +51,7 @@ pub struct Gateway {
     pub routes: RouteTable,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub auth: Option<ClientAuth>,
+    pub token_server: Option<TokenServer>,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -59,6 +61,8 @@ pub enum BuildError {
     Upstream(#[from] UpstreamBuildError),
     #[error("auth.token: {0}")]
     Auth(#[from] KeyError),
+    #[error(transparent)]
+    TokenServer(#[from] TokenSetupError),
 }
 
 /// What the stages know about one request.
@@ -98,11 +102,16 @@ impl Gateway {
             Some(a) => Some(ClientAuth::new(&a.token, &a.anonymous)?),
             None => None,
         };
+        let token_server = match &config.token_server {
+            Some(t) => Some(TokenServer::new(t)?),
+            None => None,
+        };
         Ok(Gateway {
             config,
             routes,
             upstreams,
             auth,
+            token_server,
         })
     }
 
@@ -140,6 +149,12 @@ impl Gateway {
         ctx: &mut RequestContext,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
+        if let Some(ts) = &self.token_server
+            && ctx.path == ts.path()
+        {
+            ctx.route = "token".into();
+            return ts.handle(req).await;
+        }
         let api = match ApiPath::parse(&ctx.path) {
             None => return self.non_api(ctx, &req),
             Some(parsed) => parsed?,

@@ -22,7 +22,7 @@ pub struct Claims {
     pub access: Vec<AccessEntry>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 pub struct AccessEntry {
     #[serde(rename = "type")]
     pub kind: String,

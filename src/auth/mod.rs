@@ -41,7 +41,7 @@ pub struct ClientAuth {
 impl ClientAuth {
     pub fn new(config: &TokenAuthConfig, anonymous: &[String]) -> Result<ClientAuth, KeyError> {
         let mut keys = KeyStore::default();
-        if let Some(bundle) = &config.rootcertbundle {
+        for bundle in &config.rootcertbundles {
             keys.add_bundle(bundle)?;
         }
         if let Some(path) = &config.jwks {

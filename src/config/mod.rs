@@ -46,6 +46,43 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Client authentication (distribution token auth); `None` lets every client through.
     pub auth: Option<AuthConfig>,
+    /// The built-in token server, issuing tokens at `path` on every listener.
+    pub token_server: Option<TokenServerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenServerConfig {
+    pub path: String,
+    pub issuer: String,
+    pub service: String,
+    pub signing_key: PathBuf,
+    pub certificate: PathBuf,
+    pub lifetime: Duration,
+    pub refresh_lifetime: Duration,
+    pub htpasswd: Option<PathBuf>,
+    pub oidc: Vec<OidcProviderConfig>,
+    pub acl: Vec<AclRuleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OidcProviderConfig {
+    /// The username clients log in with; accounts are `<name>:<sub>`.
+    pub name: String,
+    pub issuer: Url,
+    pub audience: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AclRuleConfig {
+    /// Glob over the account name.
+    pub account: String,
+    /// Resource type the rule covers: `repository` (default) or `registry`.
+    pub kind: String,
+    /// Glob over the resource name; `${account}` and `${claims.<name>}` expand literally.
+    pub repository: String,
+    /// Claims that must all equal these values.
+    pub claims: BTreeMap<String, String>,
+    pub actions: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,7 +98,9 @@ pub struct TokenAuthConfig {
     pub realm: Option<Url>,
     pub service: String,
     pub issuer: String,
-    pub rootcertbundle: Option<PathBuf>,
+    /// PEM bundles whose certificates are roots for `x5c` and whose keys are trusted by `kid`:
+    /// `rootcertbundle`, and the built-in token server's certificate.
+    pub rootcertbundles: Vec<PathBuf>,
     pub jwks: Option<PathBuf>,
     pub signing_algorithms: Vec<jsonwebtoken::Algorithm>,
     /// Challenge with our own `/token` on the request's forwarded host instead of `realm`.
@@ -412,8 +451,12 @@ impl Resolver<'_> {
                 "routes: at least one route is needed (prefix \"\" routes every name)",
             ));
         }
+        let token_server = match raw.token_server {
+            Some(t) => Some(self.token_server(t, raw.auth.as_ref())?),
+            None => None,
+        };
         let auth = match raw.auth {
-            Some(a) => Some(self.auth(a)?),
+            Some(a) => Some(self.auth(a, token_server.as_ref())?),
             None => None,
         };
         Ok(Config {
@@ -422,10 +465,160 @@ impl Resolver<'_> {
             upstreams,
             routes,
             auth,
+            token_server,
         })
     }
 
-    fn auth(&self, raw: Spanned<raw::RawAuth>) -> Result<AuthConfig, ConfigError> {
+    fn token_server(
+        &self,
+        raw: Spanned<raw::RawTokenServer>,
+        auth: Option<&Spanned<raw::RawAuth>>,
+    ) -> Result<TokenServerConfig, ConfigError> {
+        let at = raw.referenced;
+        let t = raw.value;
+        let path = match &t.path {
+            Some(p) => self.string("token_server.path", p)?,
+            None => "/token".to_string(),
+        };
+        if !path.starts_with('/')
+            || path.starts_with("/v2")
+            || path == "/healthz"
+            || path == "/metrics"
+        {
+            let loc = t.path.as_ref().map_or(at, |p| p.referenced);
+            return Err(self.err(
+                loc,
+                format!("token_server.path: {path:?} must start with / and not clash with /v2, /healthz or /metrics"),
+            ));
+        }
+        let service = match (&t.service, auth.and_then(|a| a.value.token.as_ref())) {
+            (Some(s), _) => self.string("token_server.service", s)?,
+            (None, Some(token)) => self.string("auth.token.service", &token.value.service)?,
+            (None, None) => {
+                return Err(self.err(
+                    at,
+                    "token_server: give `service` (or configure auth.token.service)",
+                ));
+            }
+        };
+        let lifetime = match &t.lifetime {
+            Some(l) => self.duration("token_server.lifetime", l)?,
+            None => Duration::from_secs(300),
+        };
+        if lifetime < Duration::from_secs(60) {
+            let loc = t.lifetime.as_ref().map_or(at, |l| l.referenced);
+            return Err(self.err(
+                loc,
+                "token_server.lifetime: at least 60s (clients expect it)",
+            ));
+        }
+        let refresh_lifetime = match &t.refresh_lifetime {
+            Some(l) => self.duration("token_server.refresh_lifetime", l)?,
+            None => Duration::from_secs(30 * 86400),
+        };
+        let htpasswd = match t.users.as_ref().and_then(|u| u.htpasswd.as_ref()) {
+            Some(p) => Some(self.existing_file("token_server.users.htpasswd", p)?),
+            None => None,
+        };
+        let mut oidc = Vec::new();
+        for p in &t.oidc {
+            let name = self.string("token_server.oidc.name", &p.value.name)?;
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid || oidc.iter().any(|o: &OidcProviderConfig| o.name == name) {
+                return Err(self.err(
+                    p.value.name.referenced,
+                    format!("token_server.oidc.name: {name:?} must be unique and made of letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            let issuer_text = self.string("token_server.oidc.issuer", &p.value.issuer)?;
+            let issuer = Url::parse(&issuer_text)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| {
+                    self.err(
+                        p.value.issuer.referenced,
+                        format!("token_server.oidc.issuer: {issuer_text:?} is not an http(s) URL"),
+                    )
+                })?;
+            let audience = self.string("token_server.oidc.audience", &p.value.audience)?;
+            if audience.is_empty() {
+                return Err(self.err(
+                    p.value.audience.referenced,
+                    "token_server.oidc.audience: required",
+                ));
+            }
+            oidc.push(OidcProviderConfig {
+                name,
+                issuer,
+                audience,
+            });
+        }
+        let mut acl = Vec::new();
+        for r in &t.acl {
+            let rule = &r.value;
+            let kind = match &rule.kind {
+                Some(k) => self.string("token_server.acl.type", k)?,
+                None => "repository".to_string(),
+            };
+            if kind != "repository" && kind != "registry" {
+                let loc = rule.kind.as_ref().map_or(r.referenced, |k| k.referenced);
+                return Err(self.err(
+                    loc,
+                    format!("token_server.acl.type: {kind:?} is neither repository nor registry"),
+                ));
+            }
+            let repository = rule.repository.value.clone();
+            if let Err(m) = crate::token::acl::check_template(&repository) {
+                return Err(self.err(
+                    rule.repository.referenced,
+                    format!("token_server.acl.repository: {m}"),
+                ));
+            }
+            let mut actions = Vec::new();
+            for a in &rule.actions {
+                let v = self.string("token_server.acl.actions", a)?;
+                if !matches!(v.as_str(), "pull" | "push" | "delete" | "*") {
+                    return Err(self.err(
+                        a.referenced,
+                        format!("token_server.acl.actions: {v:?} is not pull, push, delete or *"),
+                    ));
+                }
+                actions.push(v);
+            }
+            let mut claims = BTreeMap::new();
+            for (k, v) in &rule.claims {
+                claims.insert(k.clone(), self.string("token_server.acl.claims", v)?);
+            }
+            acl.push(AclRuleConfig {
+                account: self.string("token_server.acl.account", &rule.account)?,
+                kind,
+                repository,
+                claims,
+                actions,
+            });
+        }
+        Ok(TokenServerConfig {
+            path,
+            issuer: self.string("token_server.issuer", &t.issuer)?,
+            service,
+            signing_key: self.existing_file("token_server.signing_key", &t.signing_key)?,
+            certificate: self.existing_file("token_server.certificate", &t.certificate)?,
+            lifetime,
+            refresh_lifetime,
+            htpasswd,
+            oidc,
+            acl,
+        })
+    }
+
+    fn auth(
+        &self,
+        raw: Spanned<raw::RawAuth>,
+        token_server: Option<&TokenServerConfig>,
+    ) -> Result<AuthConfig, ConfigError> {
         let at = raw.referenced;
         let a = raw.value;
         let Some(t) = a.token else {
@@ -463,7 +656,9 @@ impl Resolver<'_> {
                 Some(url)
             }
         };
-        let autoredirect = t.autoredirect.unwrap_or(false);
+        // With the built-in token server and no realm, clients are sent to it.
+        let autoredirect =
+            t.autoredirect.unwrap_or(false) || (realm.is_none() && token_server.is_some());
         if realm.is_none() && !autoredirect {
             return Err(self.err(
                 token_at,
@@ -478,7 +673,12 @@ impl Resolver<'_> {
             Some(p) => Some(self.existing_file("auth.token.jwks", p)?),
             None => None,
         };
-        if rootcertbundle.is_none() && jwks.is_none() {
+        // The built-in token server's certificate is trusted without being named again.
+        let rootcertbundles: Vec<PathBuf> = rootcertbundle
+            .into_iter()
+            .chain(token_server.map(|t| t.certificate.clone()))
+            .collect();
+        if rootcertbundles.is_empty() && jwks.is_none() {
             return Err(self.err(
                 token_at,
                 "auth.token: give `rootcertbundle` and/or `jwks`: the keys tokens are signed with",
@@ -512,7 +712,7 @@ impl Resolver<'_> {
                 realm,
                 service: self.string("auth.token.service", &t.service)?,
                 issuer: self.string("auth.token.issuer", &t.issuer)?,
-                rootcertbundle,
+                rootcertbundles,
                 jwks,
                 signing_algorithms,
                 autoredirect,

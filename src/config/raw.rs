@@ -17,6 +17,50 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     pub auth: Option<Spanned<RawAuth>>,
+    pub token_server: Option<Spanned<RawTokenServer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenServer {
+    pub path: Option<S>,
+    pub issuer: S,
+    pub service: Option<S>,
+    pub signing_key: S,
+    pub certificate: S,
+    pub lifetime: Option<S>,
+    pub refresh_lifetime: Option<S>,
+    pub users: Option<RawUsers>,
+    #[serde(default)]
+    pub oidc: Vec<Spanned<RawOidc>>,
+    #[serde(default)]
+    pub acl: Vec<Spanned<RawAclRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsers {
+    pub htpasswd: Option<S>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidc {
+    pub name: S,
+    pub issuer: S,
+    pub audience: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAclRule {
+    pub account: S,
+    #[serde(rename = "type")]
+    pub kind: Option<S>,
+    pub repository: S,
+    #[serde(default)]
+    pub claims: BTreeMap<String, S>,
+    pub actions: Vec<S>,
 }
 
 #[derive(Debug, Deserialize)]

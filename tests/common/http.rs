@@ -80,7 +80,7 @@ pub fn request_body(method: &str, url: &str, headers: &[(&str, &str)], body: Bod
         let resp = client()
             .request(req)
             .await
-            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         Resp {

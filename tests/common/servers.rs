@@ -260,3 +260,74 @@ impl StaticServer {
         self.requests.lock().unwrap().clone()
     }
 }
+
+/// An OIDC identity provider: discovery document, JWKS, and JWTs minted with its current
+/// key (ES256). Keys can be rotated to exercise JWKS refresh.
+pub struct IdentityProvider {
+    pub addr: SocketAddr,
+    keys: Arc<Mutex<Vec<(String, rcgen::KeyPair)>>>,
+}
+
+impl IdentityProvider {
+    pub fn start() -> IdentityProvider {
+        let keys = Arc::new(Mutex::new(vec![(
+            "idp-key-1".to_string(),
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        )]));
+        let published = keys.clone();
+        let issuer_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let issuer_for_handler = issuer_cell.clone();
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let issuer = issuer_for_handler.lock().unwrap().clone();
+            let result = match req.uri().path() {
+                "/.well-known/openid-configuration" => respond(
+                    StatusCode::OK,
+                    serde_json::json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")})
+                        .to_string(),
+                ),
+                "/jwks" => {
+                    let keys: Vec<serde_json::Value> = published
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(kid, k)| super::tokens::jwk_of(k, Some(kid)))
+                        .collect();
+                    respond(
+                        StatusCode::OK,
+                        serde_json::json!({ "keys": keys }).to_string(),
+                    )
+                }
+                _ => respond(StatusCode::NOT_FOUND, "not found"),
+            };
+            Box::pin(async move { result })
+        });
+        let addr = serve(handler);
+        *issuer_cell.lock().unwrap() = format!("http://{addr}");
+        IdentityProvider { addr, keys }
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Adds a new signing key and makes it the current one.
+    pub fn rotate(&self) {
+        let mut keys = self.keys.lock().unwrap();
+        let kid = format!("idp-key-{}", keys.len() + 1);
+        keys.push((
+            kid,
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        ));
+    }
+
+    /// A JWT with these claims, signed with the current key.
+    pub fn mint(&self, claims: &serde_json::Value) -> String {
+        let keys = self.keys.lock().unwrap();
+        let (kid, key) = keys.last().unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.clone());
+        let encoding =
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+    }
+}

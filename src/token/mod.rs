@@ -1,0 +1,301 @@
+//! The built-in token server: distribution's token endpoint on the gateway's own listener.
+//!
+//! Authenticates the client (htpasswd Basic, `<provider>:<jwt>` OIDC, a refresh token, or
+//! nobody), grants each requested scope the intersection of what was asked and what the ACL
+//! allows, and mints a JWT the real registry and ocigate's own auth stage accept. Owns the
+//! `/token` answers; must not talk to upstream registries.
+
+pub mod acl;
+pub mod issuer;
+pub mod oidc;
+pub mod users;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::auth::jwt::AccessEntry;
+use crate::body::Body;
+use crate::config::TokenServerConfig;
+use crate::error::{GatewayError, registry_json};
+use crate::oci::{ErrorCode, OciError, Scope};
+use acl::{Acl, ClaimMap};
+use issuer::{Issuer, IssuerError};
+use oidc::Oidc;
+use users::{Htpasswd, HtpasswdError};
+
+const MAX_FORM: usize = 64 << 10;
+pub const ANONYMOUS: &str = "anonymous";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSetupError {
+    #[error(transparent)]
+    Issuer(#[from] IssuerError),
+    #[error("token_server.users.htpasswd {0}")]
+    Users(#[from] HtpasswdError),
+    #[error("token_server.oidc: {0}")]
+    Oidc(#[from] crate::upstream::client::ClientBuildError),
+}
+
+pub struct TokenServer {
+    path: String,
+    issuer: Issuer,
+    users: Option<Arc<Htpasswd>>,
+    oidc: Oidc,
+    acl: Acl,
+}
+
+/// Who a token request speaks for.
+struct Identity {
+    account: String,
+    claims: ClaimMap,
+}
+
+/// The parameters of a GET or POST token request.
+#[derive(Default)]
+struct Params {
+    service: Option<String>,
+    scopes: Vec<String>,
+    offline: bool,
+    grant_type: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    refresh_token: Option<String>,
+}
+
+impl TokenServer {
+    pub fn new(config: &TokenServerConfig) -> Result<TokenServer, TokenSetupError> {
+        Ok(TokenServer {
+            path: config.path.clone(),
+            issuer: Issuer::load(config)?,
+            users: match &config.htpasswd {
+                Some(p) => Some(Arc::new(Htpasswd::load(p)?)),
+                None => None,
+            },
+            oidc: Oidc::new(&config.oidc)?,
+            acl: Acl::new(config.acl.clone()),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// A token for `account` (no credentials checked) covering what the ACL allows of
+    /// `scopes`: `ocigate token`, for scripts and tests.
+    pub fn token_for(&self, account: &str, scopes: &[Scope]) -> Result<String, IssuerError> {
+        let access = self.grant(account, &ClaimMap::new(), scopes);
+        Ok(self.issuer.access_token(account, &access)?.token)
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let (parts, incoming) = req.into_parts();
+        let mut params = Params::default();
+        if let Some(q) = parts.uri.query() {
+            params.read(q, false);
+        }
+        if parts.method == Method::POST {
+            let form = Limited::new(incoming, MAX_FORM)
+                .collect()
+                .await
+                .map_err(|_| bad_request("the form is too large or unreadable"))?
+                .to_bytes();
+            params.read(&String::from_utf8_lossy(&form), true);
+        } else if parts.method != Method::GET {
+            return Err(OciError::new(ErrorCode::Unsupported, "use GET or POST").into());
+        }
+        if let Some(s) = &params.service
+            && s != self.issuer.service()
+        {
+            return Err(bad_request(&format!("unknown service {s:?}")));
+        }
+        let scopes = params
+            .scopes
+            .iter()
+            .map(|s| Scope::parse(s).ok_or_else(|| bad_request(&format!("invalid scope {s:?}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let identity = self.authenticate(&parts.headers, &params).await?;
+        let access = self.grant(&identity.account, &identity.claims, &scopes);
+        let minted = self
+            .issuer
+            .access_token(&identity.account, &access)
+            .map_err(|e| internal(&e.to_string()))?;
+        let mut answer = json!({
+            "token": minted.token,
+            "access_token": minted.token,
+            "expires_in": minted.expires_in,
+            "issued_at": minted.issued_at,
+        });
+        if params.offline && identity.account != ANONYMOUS {
+            let refresh = self
+                .issuer
+                .refresh_token(&identity.account, &identity.claims)
+                .map_err(|e| internal(&e.to_string()))?;
+            answer["refresh_token"] = json!(refresh);
+        }
+        tracing::info!(
+            account = %identity.account,
+            granted = %access.iter().map(|a| format!("{}:{}:{}", a.kind, a.name, a.actions.join(","))).collect::<Vec<_>>().join(" "),
+            "token issued"
+        );
+        crate::metrics::token_issued(true);
+        Ok(registry_json(StatusCode::OK, answer.to_string()))
+    }
+
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        p: &Params,
+    ) -> Result<Identity, GatewayError> {
+        let refused = |why: &str| {
+            crate::metrics::token_issued(false);
+            unauthorized(why)
+        };
+        if p.grant_type.as_deref() == Some("refresh_token") {
+            let token = p
+                .refresh_token
+                .as_deref()
+                .ok_or_else(|| bad_request("refresh_token is required"))?;
+            let (account, claims) = self
+                .issuer
+                .open_refresh(token)
+                .map_err(|_| refused("invalid or expired refresh token"))?;
+            return Ok(Identity { account, claims });
+        }
+        let credentials = match (&p.username, &p.password) {
+            (Some(u), Some(pw)) if p.grant_type.as_deref() == Some("password") => {
+                Some((u.clone(), pw.clone()))
+            }
+            _ => basic_credentials(headers),
+        };
+        let Some((user, password)) = credentials else {
+            return Ok(Identity {
+                account: ANONYMOUS.into(),
+                claims: ClaimMap::new(),
+            });
+        };
+        if self.oidc.has(&user) {
+            let (account, claims) = self.oidc.verify(&user, &password).await.map_err(|e| {
+                tracing::info!(provider = %user, error = %e, "identity token refused");
+                match e {
+                    oidc::OidcError::Unreachable(_) => GatewayError::Oci(
+                        OciError::new(ErrorCode::Unavailable, "identity provider unreachable")
+                            .with_status(StatusCode::SERVICE_UNAVAILABLE),
+                    ),
+                    _ => refused("invalid identity token"),
+                }
+            })?;
+            return Ok(Identity { account, claims });
+        }
+        let Some(users) = self.users.clone() else {
+            return Err(refused("invalid username or password"));
+        };
+        let (u, pw) = (user.clone(), password);
+        let ok = tokio::task::spawn_blocking(move || users.verify(&u, &pw))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            tracing::info!(account = %user, "password refused");
+            return Err(refused("invalid username or password"));
+        }
+        Ok(Identity {
+            account: user,
+            claims: ClaimMap::new(),
+        })
+    }
+
+    fn grant(&self, account: &str, claims: &ClaimMap, scopes: &[Scope]) -> Vec<AccessEntry> {
+        let mut access: Vec<AccessEntry> = Vec::new();
+        for scope in scopes {
+            let actions = self.acl.grant(account, claims, scope);
+            if actions.is_empty() {
+                continue;
+            }
+            let kind = if scope.is_repository() {
+                "repository"
+            } else {
+                scope.kind.as_str()
+            };
+            match access
+                .iter_mut()
+                .find(|a| a.kind == kind && a.name == scope.name)
+            {
+                Some(entry) => {
+                    for a in actions {
+                        if !entry.actions.contains(&a) {
+                            entry.actions.push(a);
+                        }
+                    }
+                }
+                None => access.push(AccessEntry {
+                    kind: kind.to_string(),
+                    name: scope.name.clone(),
+                    actions,
+                }),
+            }
+        }
+        access
+    }
+}
+
+impl Params {
+    fn read(&mut self, query: &str, form: bool) {
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let v = v.into_owned();
+            match k.as_ref() {
+                "service" => self.service = Some(v),
+                // GET repeats `scope`; the OAuth2 form separates scopes with spaces.
+                "scope" if form => self.scopes.extend(v.split_whitespace().map(str::to_string)),
+                "scope" => self.scopes.push(v),
+                "offline_token" => self.offline |= v == "true",
+                "access_type" => self.offline |= v == "offline",
+                "grant_type" => self.grant_type = Some(v),
+                "username" => self.username = Some(v),
+                "password" => self.password = Some(v),
+                "refresh_token" => self.refresh_token = Some(v),
+                _ => {}
+            }
+        }
+        // An OAuth2 password or refresh grant is an offline login.
+        if form && self.grant_type.is_some() {
+            self.offline = true;
+        }
+    }
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn unauthorized(why: &str) -> GatewayError {
+    GatewayError::Login(OciError::new(ErrorCode::Unauthorized, why))
+}
+
+fn bad_request(why: &str) -> GatewayError {
+    GatewayError::Oci(
+        OciError::new(ErrorCode::Unsupported, why).with_status(StatusCode::BAD_REQUEST),
+    )
+}
+
+fn internal(why: &str) -> GatewayError {
+    GatewayError::Oci(OciError::new(ErrorCode::Unknown, why))
+}
+
+/// The challenge a failed login gets, so clients know to send Basic credentials.
+pub fn login_challenge() -> HeaderValue {
+    HeaderValue::from_static("Basic realm=\"ocigate token server\"")
+}
