@@ -298,7 +298,7 @@ fn token_endpoint_protocol() {
     );
     let r = token_get(
         &gw,
-        &format!("scope=repository:team/app:pull,push"),
+        "scope=repository:team/app:pull,push",
         Some(&basic("bob", "builder")),
     );
     assert_eq!(access_of(r.json()["token"].as_str().unwrap()), json!([]));
