@@ -100,6 +100,11 @@ fn accepted_token_forms() {
             mint(&header_x5c(&[&pki.leaf]), &pull, &pki.leaf.encoding()),
         ),
         (
+            // `openssl req -x509` style: a self-signed CA:TRUE certificate that is the bundle.
+            "x5c of the bundle's own CA:TRUE certificate",
+            mint(&header_x5c(&[&pki.ca]), &pull, &pki.ca.encoding()),
+        ),
+        (
             "kid = libtrust fingerprint",
             mint(&header_kid(&libtrust_kid), &pull, &pki.ca.encoding()),
         ),

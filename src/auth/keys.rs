@@ -153,6 +153,8 @@ impl webpki::ExtendedKeyUsageValidator for AnyUsage {
 #[derive(Default)]
 pub struct KeyStore {
     anchors: Vec<TrustAnchor<'static>>,
+    /// The bundle's certificates themselves: an `x5c` leaf equal to one is trusted as is.
+    bundle: Vec<CertificateDer<'static>>,
     by_kid: HashMap<String, Arc<TrustedKey>>,
     by_thumbprint: HashMap<String, Arc<TrustedKey>>,
 }
@@ -193,6 +195,7 @@ impl KeyStore {
             let spki = cert.public_key();
             let key = TrustedKey::from_spki(spki).map_err(|e| err(e.to_string()))?;
             self.insert(&[libtrust_fingerprint(spki.raw)], key);
+            self.bundle.push(der);
         }
         Ok(())
     }
@@ -242,6 +245,19 @@ impl KeyStore {
         if self.anchors.is_empty() {
             return Err(KeyError::Chain("no rootcertbundle configured".into()));
         }
+        let (_, cert) = X509Certificate::from_der(leaf_der)
+            .map_err(|e| KeyError::Certificate(e.to_string()))?;
+        if self.bundle.iter().any(|b| b.as_ref() == leaf_der.as_ref()) {
+            // The bundle names this very certificate (often a self-signed `CA:TRUE` one from
+            // `openssl req -x509`, which path building refuses as an end entity). Go's
+            // verifier, and so distribution, trusts it as is, within its validity period.
+            if !cert.validity().is_valid() {
+                return Err(KeyError::Chain(
+                    "certificate expired or not yet valid".into(),
+                ));
+            }
+            return TrustedKey::from_spki(cert.public_key());
+        }
         let leaf = webpki::EndEntityCert::try_from(leaf_der)
             .map_err(|e| KeyError::Certificate(format!("{e:?}")))?;
         let algorithms = rustls::crypto::aws_lc_rs::default_provider()
@@ -257,8 +273,6 @@ impl KeyStore {
             None,
         )
         .map_err(|e| KeyError::Chain(format!("{e:?}")))?;
-        let (_, cert) = X509Certificate::from_der(leaf_der)
-            .map_err(|e| KeyError::Certificate(e.to_string()))?;
         TrustedKey::from_spki(cert.public_key())
     }
 }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# On-demand benchmark (not part of `cargo test`): the cost of client authentication.
+#
+#   bash tests/bench/auth.sh
+#
+# Measures manifest HEAD requests/s (ApacheBench, 16 keep-alive connections, 20000 requests)
+# through ocigate without auth and through ocigate with token auth presenting a valid token
+# (steady state: the verified-token cache), and token issuance per second from the built-in
+# token server: anonymous (signing only) and with an htpasswd password (bcrypt cost 10).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for tool in docker-registry ab curl python3 openssl htpasswd; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry apache2-utils curl openssl)"; exit 1; }
+done
+cargo build --release --bin ocigate >/dev/null
+bin=target/release/ocigate
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+rport=$(port); open_port=$(port); auth_port=$(port)
+cat > "$work/registry.yml" <<YML
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $work/storage } }
+http: { addr: 127.0.0.1:$rport }
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+wait_port "$rport"
+printf '{}' > "$work/config"; cdigest="sha256:$(sha256sum "$work/config" | cut -d' ' -f1)"
+loc=$(curl -fsS -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/team/app/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$work/config" "$loc&digest=$cdigest"
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":2},"layers":[]}' "$cdigest" > "$work/manifest"
+curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$work/manifest" "http://127.0.0.1:$rport/v2/team/app/manifests/v1"
+
+openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$work/token.key"
+openssl req -new -x509 -key "$work/token.key" -subj /CN=bench -days 2 -out "$work/token.crt" 2>/dev/null
+htpasswd -Bbn -C 10 bench benchpass > "$work/htpasswd"
+common="upstreams: { reg: { url: \"http://127.0.0.1:$rport\" } }
+routes: [ { prefix: \"mirror/\", upstream: reg, remote: \"team/\" } ]"
+printf 'server: { listen: "127.0.0.1:%s" }\n%s\n' "$open_port" "$common" > "$work/open.yaml"
+cat > "$work/auth.yaml" <<YML
+server: { listen: "127.0.0.1:$auth_port" }
+$common
+auth: { token: { service: bench, issuer: bench } }
+token_server:
+  issuer: bench
+  signing_key: $work/token.key
+  certificate: $work/token.crt
+  users: { htpasswd: $work/htpasswd }
+  acl:
+    - { account: "*", repository: "mirror/*", actions: [pull] }
+YML
+OCIGATE_LOG=warn $bin serve --config "$work/open.yaml" >"$work/open.log" 2>&1 &
+OCIGATE_LOG=warn $bin serve --config "$work/auth.yaml" >"$work/auth.log" 2>&1 &
+wait_port "$open_port"; wait_port "$auth_port"
+token=$($bin token --config "$work/auth.yaml" --account bench --scope repository:mirror/app:pull)
+
+rate() { ab -q "$@" | awk '/Requests per second/{printf "%.0f", $4}'; }
+accept='Accept: application/vnd.oci.image.manifest.v1+json'
+open_head=$(rate -i -k -c 16 -n 20000 -H "$accept" "http://127.0.0.1:$open_port/v2/mirror/app/manifests/v1")
+auth_head=$(rate -i -k -c 16 -n 20000 -H "$accept" -H "Authorization: Bearer $token" "http://127.0.0.1:$auth_port/v2/mirror/app/manifests/v1")
+anon_tokens=$(rate -k -c 16 -n 20000 "http://127.0.0.1:$auth_port/token?service=bench&scope=repository:mirror/app:pull")
+basic=$(printf 'bench:benchpass' | base64)
+pw_tokens=$(rate -k -c 16 -n 200 -H "Authorization: Basic $basic" "http://127.0.0.1:$auth_port/token?service=bench&scope=repository:mirror/app:pull")
+
+echo "| benchmark | without auth | with token auth | ratio | goal |"
+echo "|---|---|---|---|---|"
+echo "| manifest HEAD, 16 connections (req/s) | $open_head | $auth_head | $(python3 -c "print(f'{$auth_head/$open_head:.2f}×')") | ≥ 0.9× |"
+echo "| tokens issued per second, anonymous | — | $anon_tokens | — | — |"
+echo "| tokens issued per second, htpasswd password (bcrypt cost 10) | — | $pw_tokens | — | — |"
