@@ -186,6 +186,10 @@ fn bundled_example_configs_are_valid() {
         .unwrap();
     let ca_bundle = docker_config.path().join("token-ca.pem");
     std::fs::write(&ca_bundle, ca.pem()).unwrap();
+    let signing_key = docker_config.path().join("token.key");
+    std::fs::write(&signing_key, key.serialize_pem()).unwrap();
+    let htpasswd = docker_config.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -199,6 +203,9 @@ fn bundled_example_configs_are_valid() {
                 .env("REGISTRY_AUTH_HEADER", "Basic eDp4")
                 .env("DOCKER_CONFIG", docker_config.path())
                 .env("TOKEN_CA_BUNDLE", &ca_bundle)
+                .env("TOKEN_SIGNING_KEY", &signing_key)
+                .env("TOKEN_CERTIFICATE", &ca_bundle)
+                .env("TOKEN_HTPASSWD", &htpasswd)
                 .output()
                 .unwrap();
             assert!(
