@@ -92,9 +92,9 @@ struct TokenFlags {
     /// PEM certificates token signatures chain to (auth.token.rootcertbundle).
     #[arg(long, requires = "token_issuer")]
     token_root_cert_bundle: Option<PathBuf>,
-    /// A JWKS file of token signing keys (auth.token.jwks).
+    /// A JWKS of token signing keys, a file or an https URL (auth.token.jwks).
     #[arg(long, requires = "token_issuer")]
-    token_jwks: Option<PathBuf>,
+    token_jwks: Option<String>,
     /// Challenge with this server's own /token instead of --token-realm.
     #[arg(long, requires = "token_issuer")]
     token_auto_redirect: bool,
@@ -121,7 +121,15 @@ impl TokenFlags {
                 service: service.clone(),
                 issuer: issuer.clone(),
                 rootcertbundles: self.token_root_cert_bundle.iter().cloned().collect(),
-                jwks: self.token_jwks.clone(),
+                jwks: match &self.token_jwks {
+                    None => None,
+                    Some(j) if j.starts_with("https://") || j.starts_with("http://") => {
+                        Some(config::JwksSource::Url(
+                            url::Url::parse(j).with_context(|| format!("--token-jwks {j:?}"))?,
+                        ))
+                    }
+                    Some(j) => Some(config::JwksSource::File(PathBuf::from(j))),
+                },
                 signing_algorithms: config::DEFAULT_SIGNING_ALGORITHMS.to_vec(),
                 autoredirect: self.token_auto_redirect,
             },

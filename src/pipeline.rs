@@ -167,6 +167,7 @@ impl Gateway {
                     &required,
                     &ctx.public_base,
                 )
+                .await
                 .map_err(GatewayError::Denied)?;
         }
         match &api.endpoint {

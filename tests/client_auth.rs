@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::http::{Resp, request};
+use common::http::{Resp, bearer_get, request};
 use common::image::{self, OCI_MANIFEST};
 use common::servers::TokenServer;
 use common::tokens::{
@@ -599,29 +599,49 @@ fn a_libtrust_kid_is_the_one_distribution_computes() {
         &claims("team/app", &["pull"]),
         &pki.ca.encoding(),
     );
-    let r = request(
-        "GET",
-        &format!("{}/v2/team/app/manifests/v1", reg.url()),
-        &[
-            ("accept", OCI_MANIFEST),
-            ("authorization", &format!("Bearer {token}")),
-        ],
-        Vec::new(),
-    );
+    let r = bearer_get(&format!("{}/v2/team/app/manifests/v1", reg.url()), &token);
     assert_eq!(r.status, 200, "{}", r.text());
     let wrong = mint(
         &header_kid("AAAA:BBBB:CCCC:DDDD:EEEE:FFFF:GGGG:HHHH:IIII:JJJJ:KKKK:LLLL"),
         &claims("team/app", &["pull"]),
         &pki.ca.encoding(),
     );
-    let r = request(
-        "GET",
-        &format!("{}/v2/team/app/manifests/v1", reg.url()),
-        &[
-            ("accept", OCI_MANIFEST),
-            ("authorization", &format!("Bearer {wrong}")),
-        ],
-        Vec::new(),
-    );
+    let r = bearer_get(&format!("{}/v2/team/app/manifests/v1", reg.url()), &wrong);
     assert_eq!(r.status, 401, "the registry really checks the kid");
+}
+
+#[test]
+fn jwks_from_a_url_is_fetched_and_refreshed_on_key_rotation() {
+    let reg = Registry::start("");
+    let img = image::image(&[("hello", b"jwks url\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let idp = common::servers::IdentityProvider::start();
+    let config = simple_config(&reg.url(), "mirror/", "team/", "")
+        + &format!(
+            "auth:\n  token:\n    realm: {REALM}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    jwks: \"{}/jwks\"\n",
+            idp.issuer()
+        );
+    let gw = Ocigate::start(&config);
+    let token = idp.mint(&claims("mirror/app", &["pull"]));
+    let r = call(&gw, "GET", MANIFEST, Some(&token));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The publisher rotates its key: the new kid is unknown, so the JWKS is fetched again.
+    idp.rotate();
+    let rotated = idp.mint(&claims("mirror/app", &["pull"]));
+    assert_eq!(call(&gw, "GET", MANIFEST, Some(&rotated)).status, 200);
+    // A kid the publisher does not have stays refused.
+    let pki = Pki::new();
+    let stranger = mint(
+        &header_kid("idp-key-99"),
+        &claims("mirror/app", &["pull"]),
+        &pki.stranger.encoding(),
+    );
+    let r = call(&gw, "GET", MANIFEST, Some(&stranger));
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
+    assert!(gw.logs().contains("signing keys fetched"));
 }

@@ -189,7 +189,11 @@ fn bundled_example_configs_are_valid() {
     let signing_key = docker_config.path().join("token.key");
     std::fs::write(&signing_key, key.serialize_pem()).unwrap();
     let htpasswd = docker_config.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+    std::fs::write(
+        &htpasswd,
+        format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()),
+    )
+    .unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -7,8 +7,8 @@ mod common;
 use std::process::Command;
 
 use base64::Engine as _;
-use common::http::{Resp, get_with, request};
-use common::image::{self, OCI_MANIFEST};
+use common::http::{Resp, bearer_get, get_with, request};
+use common::image;
 use common::servers::IdentityProvider;
 use common::{
     Ocigate, Podman, Registry, run_ok, skopeo, skopeo_digest, skopeo_ok, skopeo_pull_oci,
@@ -108,6 +108,15 @@ fn token_get(gw: &Ocigate, query: &str, auth: Option<&str>) -> Resp {
         headers.push(("authorization", a));
     }
     get_with(&format!("{}/token?{query}", gw.url()), &headers)
+}
+
+fn token_post(gw: &Ocigate, form: &str) -> Resp {
+    request(
+        "POST",
+        &format!("{}/token", gw.url()),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.to_string(),
+    )
 }
 
 #[test]
@@ -251,15 +260,7 @@ fn the_real_registry_accepts_our_tokens() {
         access_of(&token),
         json!([{"type": "repository", "name": "alice/app", "actions": ["pull"]}])
     );
-    let r = request(
-        "GET",
-        &format!("{}/v2/alice/app/manifests/v1", reg.url()),
-        &[
-            ("accept", OCI_MANIFEST),
-            ("authorization", &format!("Bearer {token}")),
-        ],
-        Vec::new(),
-    );
+    let r = bearer_get(&format!("{}/v2/alice/app/manifests/v1", reg.url()), &token);
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -333,12 +334,7 @@ fn token_endpoint_protocol() {
     let form = format!(
         "grant_type=refresh_token&refresh_token={refresh}&service={SERVICE}&client_id=test&scope=repository:team/app:pull"
     );
-    let r = request(
-        "POST",
-        &format!("{}/token", gw.url()),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form,
-    );
+    let r = token_post(&gw, &form);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         access_of(r.json()["access_token"].as_str().unwrap()),
@@ -356,24 +352,14 @@ fn token_endpoint_protocol() {
         "grant_type=refresh_token&refresh_token={}x&service={SERVICE}",
         &refresh[..refresh.len() - 1]
     );
-    let r = request(
-        "POST",
-        &format!("{}/token", gw.url()),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form,
-    );
+    let r = token_post(&gw, &form);
     assert_eq!(r.status, 401);
 
     // The OAuth2 password grant (containerd's first try).
     let form = format!(
         "grant_type=password&username=alice&password=wonderland&service={SERVICE}&client_id=containerd&scope=repository:a/b:pull repository:c/d:push"
     );
-    let r = request(
-        "POST",
-        &format!("{}/token", gw.url()),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form,
-    );
+    let r = token_post(&gw, &form);
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert!(v["refresh_token"].is_string());

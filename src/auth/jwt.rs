@@ -66,7 +66,13 @@ pub struct Policy {
     pub algorithms: Vec<Algorithm>,
 }
 
-pub fn verify(token: &str, keys: &KeyStore, policy: &Policy, now: u64) -> Result<Claims, Rejected> {
+/// Verifies `token` with the keys of `stores` (the configured ones, then fetched ones).
+pub fn verify(
+    token: &str,
+    stores: &[&KeyStore],
+    policy: &Policy,
+    now: u64,
+) -> Result<Claims, Rejected> {
     if token.split('.').count() != 3 {
         return Err(Rejected::Malformed("not three dot-separated parts".into()));
     }
@@ -78,15 +84,24 @@ pub fn verify(token: &str, keys: &KeyStore, policy: &Policy, now: u64) -> Result
         return Err(Rejected::Algorithm(format!("{alg:?}")));
     }
     let key: Arc<TrustedKey> = if let Some(x5c) = &header.x5c {
+        let roots = stores
+            .iter()
+            .find(|s| s.has_roots())
+            .ok_or_else(|| Rejected::UnknownKey("x5c, but no rootcertbundle configured".into()))?;
         Arc::new(
-            keys.verify_chain(x5c)
+            roots
+                .verify_chain(x5c)
                 .map_err(|e| Rejected::UnknownKey(e.to_string()))?,
         )
     } else if let Some(jwk) = &header.jwk {
-        keys.matching_jwk(jwk)
+        stores
+            .iter()
+            .find_map(|s| s.matching_jwk(jwk))
             .ok_or_else(|| Rejected::UnknownKey("the jwk header is not a trusted key".into()))?
     } else if let Some(kid) = &header.kid {
-        keys.by_kid(kid)
+        stores
+            .iter()
+            .find_map(|s| s.by_kid(kid))
             .ok_or_else(|| Rejected::UnknownKey("unknown kid".into()))?
     } else {
         return Err(Rejected::UnknownKey("no x5c, jwk or kid".into()));
@@ -157,7 +172,7 @@ mod tests {
     #[test]
     fn leeway_is_sixty_seconds_either_way() {
         let (keys, enc, policy) = setup();
-        let check = |exp, nbf| verify(&token(&enc, exp, nbf), &keys, &policy, NOW);
+        let check = |exp, nbf| verify(&token(&enc, exp, nbf), &[&keys], &policy, NOW);
         assert!(check(NOW - 59, NOW - 100).is_ok());
         assert!(check(NOW - 60, NOW - 100).is_ok());
         assert_eq!(check(NOW - 61, NOW - 100).unwrap_err(), Rejected::Expired);

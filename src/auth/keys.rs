@@ -160,8 +160,8 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    pub fn is_empty(&self) -> bool {
-        self.by_kid.is_empty() && self.anchors.is_empty()
+    pub fn has_roots(&self) -> bool {
+        !self.anchors.is_empty()
     }
 
     fn insert(&mut self, kids: &[String], key: TrustedKey) {
@@ -242,9 +242,6 @@ impl KeyStore {
         let (leaf_der, intermediates) = ders
             .split_first()
             .ok_or_else(|| KeyError::Certificate("empty x5c".into()))?;
-        if self.anchors.is_empty() {
-            return Err(KeyError::Chain("no rootcertbundle configured".into()));
-        }
         let (_, cert) = X509Certificate::from_der(leaf_der)
             .map_err(|e| KeyError::Certificate(e.to_string()))?;
         if self.bundle.iter().any(|b| b.as_ref() == leaf_der.as_ref()) {

@@ -7,6 +7,7 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,10 +15,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method};
 
-use crate::config::TokenAuthConfig;
+use crate::config::{JwksSource, TokenAuthConfig, UpstreamConfig};
 use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
 use jwt::{Claims, Policy};
 use keys::{KeyError, KeyStore};
+use remote::RemoteKeys;
 
 /// Verified tokens kept at most; beyond it expired ones are dropped, then all.
 const CACHE_LIMIT: usize = 10_000;
@@ -34,6 +36,8 @@ pub struct ClientAuth {
     service: String,
     policy: Policy,
     keys: KeyStore,
+    /// Keys from a JWKS URL, fetched when a token names a `kid` we do not know.
+    remote: Option<RemoteKeys>,
     anonymous: Vec<String>,
     verified: Mutex<HashMap<String, Arc<Claims>>>,
 }
@@ -44,17 +48,30 @@ impl ClientAuth {
         for bundle in &config.rootcertbundles {
             keys.add_bundle(bundle)?;
         }
-        if let Some(path) = &config.jwks {
-            let json = std::fs::read(path).map_err(|e| KeyError::File {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            let added = keys.add_jwks(&json, &path.display().to_string())?;
-            if added == 0 {
-                return Err(KeyError::File {
+        let mut remote = None;
+        match &config.jwks {
+            None => {}
+            Some(JwksSource::File(path)) => {
+                let json = std::fs::read(path).map_err(|e| KeyError::File {
                     path: path.display().to_string(),
-                    reason: "no usable (RSA, EC P-256/P-384 or Ed25519) key in the set".into(),
-                });
+                    reason: e.to_string(),
+                })?;
+                let added = keys.add_jwks(&json, &path.display().to_string())?;
+                if added == 0 {
+                    return Err(KeyError::File {
+                        path: path.display().to_string(),
+                        reason: "no usable (RSA, EC P-256/P-384 or Ed25519) key in the set".into(),
+                    });
+                }
+            }
+            Some(JwksSource::Url(url)) => {
+                let client =
+                    crate::upstream::client::build(&UpstreamConfig::new("jwks", url.clone()))
+                        .map_err(|e| KeyError::File {
+                            path: url.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                remote = Some(RemoteKeys::jwks(url.as_str(), client));
             }
         }
         Ok(ClientAuth {
@@ -68,6 +85,7 @@ impl ClientAuth {
                 algorithms: config.signing_algorithms.clone(),
             },
             keys,
+            remote,
             anonymous: anonymous.to_vec(),
             verified: Mutex::new(HashMap::new()),
         })
@@ -75,7 +93,7 @@ impl ClientAuth {
 
     /// Checks the request's token against the scopes it needs. `Ok` carries the token's
     /// subject (for logs), `None` for an anonymous request.
-    pub fn check(
+    pub async fn check(
         &self,
         authorization: Option<&HeaderValue>,
         required: &[Scope],
@@ -97,7 +115,7 @@ impl ClientAuth {
                 OciError::new(ErrorCode::Unauthorized, "authentication required"),
             ));
         };
-        let claims = self.verified(token).map_err(|reason| {
+        let claims = self.verified(token).await.map_err(|reason| {
             tracing::debug!(%reason, "client token refused");
             self.deny(
                 required,
@@ -129,6 +147,24 @@ impl ClientAuth {
         Ok(claims.sub.clone())
     }
 
+    /// Verifies against the configured keys and the JWKS URL's, fetching those again once
+    /// when the token names a key neither has.
+    async fn verify(&self, token: &str, now: u64) -> Result<Claims, jwt::Rejected> {
+        let Some(remote) = &self.remote else {
+            return jwt::verify(token, &[&self.keys], &self.policy, now);
+        };
+        let first = jwt::verify(token, &[&self.keys, &remote.current()], &self.policy, now);
+        let kid = match (&first, jsonwebtoken::decode_header(token)) {
+            (Err(jwt::Rejected::UnknownKey(_)), Ok(h)) => h.kid.unwrap_or_default(),
+            _ => return first,
+        };
+        if let Err(e) = remote.refresh_if_needed(&kid).await {
+            tracing::warn!(error = %e, "cannot fetch the JWKS");
+            return first;
+        }
+        jwt::verify(token, &[&self.keys, &remote.current()], &self.policy, now)
+    }
+
     fn anonymous_covers(&self, scope: &Scope) -> bool {
         scope.is_repository()
             && scope
@@ -138,7 +174,7 @@ impl ClientAuth {
     }
 
     /// A verified token from the cache, or verified now and cached until it expires.
-    fn verified(&self, token: &str) -> Result<Arc<Claims>, jwt::Rejected> {
+    async fn verified(&self, token: &str) -> Result<Arc<Claims>, jwt::Rejected> {
         let now = unix_now();
         if let Ok(cache) = self.verified.lock()
             && let Some(claims) = cache.get(token)
@@ -146,7 +182,7 @@ impl ClientAuth {
         {
             return Ok(claims.clone());
         }
-        let claims = Arc::new(jwt::verify(token, &self.keys, &self.policy, now)?);
+        let claims = Arc::new(self.verify(token, now).await?);
         if let Ok(mut cache) = self.verified.lock() {
             if cache.len() >= CACHE_LIMIT {
                 cache.retain(|_, c| now <= c.exp.saturating_add(jwt::LEEWAY_SECS));

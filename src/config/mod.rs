@@ -101,10 +101,17 @@ pub struct TokenAuthConfig {
     /// PEM bundles whose certificates are roots for `x5c` and whose keys are trusted by `kid`:
     /// `rootcertbundle`, and the built-in token server's certificate.
     pub rootcertbundles: Vec<PathBuf>,
-    pub jwks: Option<PathBuf>,
+    pub jwks: Option<JwksSource>,
     pub signing_algorithms: Vec<jsonwebtoken::Algorithm>,
     /// Challenge with our own `/token` on the request's forwarded host instead of `realm`.
     pub autoredirect: bool,
+}
+
+/// Where a JWKS comes from: a file read at start, or a URL fetched (and refreshed) on demand.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(Url),
 }
 
 /// Every asymmetric algorithm distribution accepts; HMAC never (a public key is no secret).
@@ -670,7 +677,17 @@ impl Resolver<'_> {
             None => None,
         };
         let jwks = match &t.jwks {
-            Some(p) => Some(self.existing_file("auth.token.jwks", p)?),
+            Some(p) => {
+                let text = self.string("auth.token.jwks", p)?;
+                if text.starts_with("https://") || text.starts_with("http://") {
+                    let url = Url::parse(&text).map_err(|e| {
+                        self.err(p.referenced, format!("auth.token.jwks: {text:?}: {e}"))
+                    })?;
+                    Some(JwksSource::Url(url))
+                } else {
+                    Some(JwksSource::File(self.existing_file("auth.token.jwks", p)?))
+                }
+            }
             None => None,
         };
         // The built-in token server's certificate is trusted without being named again.

@@ -3,7 +3,8 @@
 #
 #   bash tests/bench/auth.sh
 #
-# Measures manifest HEAD requests/s (ApacheBench, 16 keep-alive connections, 20000 requests)
+# Measures manifest HEAD requests/s (ApacheBench, 16 keep-alive connections, 20000 requests,
+# best of three runs alternating between the two setups)
 # through ocigate without auth and through ocigate with token auth presenting a valid token
 # (steady state: the verified-token cache); the same for `GET /v2/`, which ocigate answers
 # itself, to isolate the auth stage; and token issuance per second from the built-in
@@ -17,23 +18,11 @@ cargo build --release --bin ocigate >/dev/null
 bin=target/release/ocigate
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+. tests/bench/lib.sh
 
 rport=$(port); open_port=$(port); auth_port=$(port)
-cat > "$work/registry.yml" <<YML
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $work/storage } }
-http: { addr: 127.0.0.1:$rport }
-YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-wait_port "$rport"
-printf '{}' > "$work/config"; cdigest="sha256:$(sha256sum "$work/config" | cut -d' ' -f1)"
-loc=$(curl -fsS -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/team/app/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
-curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$work/config" "$loc&digest=$cdigest"
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":2},"layers":[]}' "$cdigest" > "$work/manifest"
-curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$work/manifest" "http://127.0.0.1:$rport/v2/team/app/manifests/v1"
+start_registry "$work" "$rport"
+push_image "$rport" team/app v1 "$work"
 
 openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$work/token.key"
 openssl req -new -x509 -key "$work/token.key" -subj /CN=bench -days 2 -out "$work/token.crt" 2>/dev/null
@@ -58,12 +47,13 @@ OCIGATE_LOG=warn $bin serve --config "$work/auth.yaml" >"$work/auth.log" 2>&1 &
 wait_port "$open_port"; wait_port "$auth_port"
 token=$($bin token --config "$work/auth.yaml" --account bench --scope repository:mirror/app:pull)
 
-rate() { ab -q "$@" | awk '/Requests per second/{printf "%.0f", $4}'; }
 accept='Accept: application/vnd.oci.image.manifest.v1+json'
-open_head=$(rate -i -k -c 16 -n 20000 -H "$accept" "http://127.0.0.1:$open_port/v2/mirror/app/manifests/v1")
-auth_head=$(rate -i -k -c 16 -n 20000 -H "$accept" -H "Authorization: Bearer $token" "http://127.0.0.1:$auth_port/v2/mirror/app/manifests/v1")
-open_base=$(rate -k -c 16 -n 50000 "http://127.0.0.1:$open_port/v2/")
-auth_base=$(rate -k -c 16 -n 50000 -H "Authorization: Bearer $token" "http://127.0.0.1:$auth_port/v2/")
+read -r open_head auth_head < <(best_pair \
+  "rate -i -k -c 16 -n 20000 -H '$accept' http://127.0.0.1:$open_port/v2/mirror/app/manifests/v1" \
+  "rate -i -k -c 16 -n 20000 -H '$accept' -H 'Authorization: Bearer $token' http://127.0.0.1:$auth_port/v2/mirror/app/manifests/v1")
+read -r open_base auth_base < <(best_pair \
+  "rate -k -c 16 -n 50000 http://127.0.0.1:$open_port/v2/" \
+  "rate -k -c 16 -n 50000 -H 'Authorization: Bearer $token' http://127.0.0.1:$auth_port/v2/")
 anon_tokens=$(rate -k -c 16 -n 20000 "http://127.0.0.1:$auth_port/token?service=bench&scope=repository:mirror/app:pull")
 basic=$(printf 'bench:benchpass' | base64)
 pw_tokens=$(rate -k -c 16 -n 200 -H "Authorization: Basic $basic" "http://127.0.0.1:$auth_port/token?service=bench&scope=repository:mirror/app:pull")

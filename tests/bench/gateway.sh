@@ -5,7 +5,8 @@
 #   bash tests/bench/gateway.sh
 #
 # Measures: a 200 MiB blob GET through ocigate vs straight from docker-registry (best of 5),
-# manifest HEAD requests/s at 16 keep-alive connections (ApacheBench `ab -i`, 20000 requests;
+# manifest HEAD requests/s at 16 keep-alive connections (ApacheBench `ab -i`, 20000 requests,
+# best of three alternating runs;
 # wrk cannot measure HEAD: it waits for a body), and ocigate's peak RSS while serving 64
 # concurrent downloads of that blob.
 set -euo pipefail
@@ -16,18 +17,10 @@ done
 cargo build --release --bin ocigate >/dev/null
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+. tests/bench/lib.sh
 
 rport=$(port); gport=$(port)
-cat > "$work/registry.yml" <<YML
-version: 0.1
-log: { level: error, accesslog: { disabled: true } }
-storage: { filesystem: { rootdirectory: $work/storage } }
-http: { addr: 127.0.0.1:$rport }
-YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-wait_port "$rport"
+start_registry "$work" "$rport"
 cat > "$work/ocigate.yaml" <<YML
 server: { listen: "127.0.0.1:$gport" }
 upstreams: { reg: { url: "http://127.0.0.1:$rport" } }
@@ -37,21 +30,10 @@ OCIGATE_LOG=warn target/release/ocigate serve --config "$work/ocigate.yaml" >"$w
 gpid=$!
 wait_port "$gport"
 
-# A 200 MiB blob and a manifest, pushed straight to the registry.
+# A 200 MiB blob in an image, pushed straight to the registry.
 head -c $((200 << 20)) /dev/urandom > "$work/blob"
 digest="sha256:$(sha256sum "$work/blob" | cut -d' ' -f1)"
-push() { # repo file digest
-  loc=$(curl -fsS -D - -o /dev/null -X POST "http://127.0.0.1:$rport/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
-  case "$loc" in http*) ;; *) loc="http://127.0.0.1:$rport$loc";; esac
-  sep='?'; case "$loc" in *\?*) sep='&';; esac
-  curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$2" "$loc${sep}digest=$3"
-}
-push team/bench "$work/blob" "$digest"
-printf '{}' > "$work/config"; cdigest="sha256:$(sha256sum "$work/config" | cut -d' ' -f1)"
-push team/bench "$work/config" "$cdigest"
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":2},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%d}]}' \
-  "$cdigest" "$digest" $((200 << 20)) > "$work/manifest"
-curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$work/manifest" "http://127.0.0.1:$rport/v2/team/bench/manifests/v1"
+push_image "$rport" team/bench v1 "$work" "$work/blob"
 
 best_speed() { # url → best MiB/s of 5
   local best=0
@@ -65,11 +47,11 @@ direct_blob=$(best_speed "http://127.0.0.1:$rport/v2/team/bench/blobs/$digest")
 proxy_blob=$(best_speed "http://127.0.0.1:$gport/v2/mirror/bench/blobs/$digest")
 
 head_rate() { # url → requests/s
-  ab -q -i -k -c 16 -n 20000 -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$1" \
-    | awk '/Requests per second/{printf "%.0f", $4}'
+  rate -i -k -c 16 -n 20000 -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$1"
 }
-direct_head=$(head_rate "http://127.0.0.1:$rport/v2/team/bench/manifests/v1")
-proxy_head=$(head_rate "http://127.0.0.1:$gport/v2/mirror/bench/manifests/v1")
+read -r direct_head proxy_head < <(best_pair \
+  "head_rate http://127.0.0.1:$rport/v2/team/bench/manifests/v1" \
+  "head_rate http://127.0.0.1:$gport/v2/mirror/bench/manifests/v1")
 
 # Peak RSS while 64 clients download the blob at once.
 downloads=()

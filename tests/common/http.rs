@@ -99,6 +99,18 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Resp {
     request("GET", url, headers, Bytes::new())
 }
 
+/// GET with `Authorization: Bearer <token>`, accepting OCI manifests.
+pub fn bearer_get(url: &str, token: &str) -> Resp {
+    let auth = format!("Bearer {token}");
+    get_with(
+        url,
+        &[
+            ("accept", "application/vnd.oci.image.manifest.v1+json"),
+            ("authorization", &auth),
+        ],
+    )
+}
+
 pub fn head(url: &str, headers: &[(&str, &str)]) -> Resp {
     request("HEAD", url, headers, Bytes::new())
 }

@@ -1,0 +1,169 @@
+//! Signing keys published over HTTP: a JWKS URL, or an OIDC discovery document naming one.
+//! Fetched lazily, cached for an hour, fetched again when a token names an unknown `kid`
+//! (one fetch at a time; after a fetch that still lacks the `kid`, unknown kids wait a
+//! while, so random kids cannot make us hammer the publisher, while a real key rotation is
+//! picked up at once).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::keys::KeyStore;
+use crate::body;
+use crate::upstream::client::HttpClient;
+
+const FRUITLESS_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_AGE: Duration = Duration::from_secs(3600);
+const MAX_DOCUMENT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: {reason}")]
+pub struct RemoteError {
+    pub url: String,
+    pub reason: String,
+}
+
+enum Source {
+    Jwks(String),
+    /// The issuer, whose discovery document must name itself and a `jwks_uri`.
+    Discovery(String),
+}
+
+struct State {
+    keys: Arc<KeyStore>,
+    fetched: Option<Instant>,
+    fruitless: Option<Instant>,
+}
+
+pub struct RemoteKeys {
+    source: Source,
+    client: HttpClient,
+    state: RwLock<State>,
+    refreshing: Mutex<()>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+impl RemoteKeys {
+    pub fn jwks(url: &str, client: HttpClient) -> RemoteKeys {
+        RemoteKeys::new(Source::Jwks(url.to_string()), client)
+    }
+
+    pub fn discovery(issuer: &str, client: HttpClient) -> RemoteKeys {
+        RemoteKeys::new(
+            Source::Discovery(issuer.trim_end_matches('/').to_string()),
+            client,
+        )
+    }
+
+    fn new(source: Source, client: HttpClient) -> RemoteKeys {
+        RemoteKeys {
+            source,
+            client,
+            state: RwLock::new(State {
+                keys: Arc::new(KeyStore::default()),
+                fetched: None,
+                fruitless: None,
+            }),
+            refreshing: Mutex::new(()),
+        }
+    }
+
+    /// The keys as last fetched.
+    pub fn current(&self) -> Arc<KeyStore> {
+        self.state
+            .read()
+            .map(|s| s.keys.clone())
+            .unwrap_or_default()
+    }
+
+    /// Fetches again when the keys are missing, old, or lack `kid`.
+    pub async fn refresh_if_needed(&self, kid: &str) -> Result<(), RemoteError> {
+        let needed = |s: &State| {
+            let old = s.fetched.is_none_or(|t| t.elapsed() > MAX_AGE);
+            let unknown = s.keys.by_kid(kid).is_none()
+                && s.fruitless.is_none_or(|t| t.elapsed() > FRUITLESS_BACKOFF);
+            old || unknown
+        };
+        if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.refreshing.lock().await;
+        // Another request may have refreshed while this one waited.
+        if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
+            return Ok(());
+        }
+        let (jwks_url, json) = self.fetch().await?;
+        let mut keys = KeyStore::default();
+        keys.add_jwks(&json, &jwks_url).map_err(|e| RemoteError {
+            url: jwks_url.clone(),
+            reason: e.to_string(),
+        })?;
+        let now = Instant::now();
+        let fruitless = keys.by_kid(kid).is_none().then_some(now);
+        if let Ok(mut s) = self.state.write() {
+            *s = State {
+                keys: Arc::new(keys),
+                fetched: Some(now),
+                fruitless,
+            };
+        }
+        tracing::info!(url = %jwks_url, "signing keys fetched");
+        Ok(())
+    }
+
+    async fn fetch(&self) -> Result<(String, bytes::Bytes), RemoteError> {
+        match &self.source {
+            Source::Jwks(url) => Ok((url.clone(), self.get(url).await?)),
+            Source::Discovery(issuer) => {
+                let url = format!("{issuer}/.well-known/openid-configuration");
+                let doc: Discovery =
+                    serde_json::from_slice(&self.get(&url).await?).map_err(|e| RemoteError {
+                        url: url.clone(),
+                        reason: format!("not a discovery document: {e}"),
+                    })?;
+                if doc.issuer.trim_end_matches('/') != issuer {
+                    return Err(RemoteError {
+                        url,
+                        reason: format!("names issuer {:?}, configured {issuer:?}", doc.issuer),
+                    });
+                }
+                let json = self.get(&doc.jwks_uri).await?;
+                Ok((doc.jwks_uri, json))
+            }
+        }
+    }
+
+    async fn get(&self, url: &str) -> Result<bytes::Bytes, RemoteError> {
+        let fail = |reason: String| RemoteError {
+            url: url.to_string(),
+            reason,
+        };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(body::empty())
+            .map_err(|e| fail(e.to_string()))?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(fail(format!("answered {}", response.status())));
+        }
+        Limited::new(response.into_body(), MAX_DOCUMENT)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| fail(e.to_string()))
+    }
+}

@@ -1,0 +1,58 @@
+# Shared by the benchmark scripts: free ports, waiting for them, a throwaway docker-registry,
+# and pushing blobs and manifests to it with curl.
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+# start_registry DIR PORT: a registry with storage under DIR, quiet logs.
+start_registry() {
+  cat > "$1/registry.yml" <<YML
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $1/storage } }
+http: { addr: 127.0.0.1:$2 }
+YML
+  docker-registry serve "$1/registry.yml" >"$1/registry.log" 2>&1 &
+  wait_port "$2"
+}
+
+# push_blob PORT REPO FILE DIGEST: a monolithic upload.
+push_blob() {
+  local loc sep
+  loc=$(curl -fsS -D - -o /dev/null -X POST "http://127.0.0.1:$1/v2/$2/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+  case "$loc" in http*) ;; *) loc="http://127.0.0.1:$1$loc";; esac
+  sep='?'; case "$loc" in *\?*) sep='&';; esac
+  curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$3" "$loc${sep}digest=$4"
+}
+
+# push_image PORT REPO TAG WORKDIR [LAYER_FILE]: an empty config, the layer if given, a manifest.
+push_image() {
+  local cdigest layers=""
+  printf '{}' > "$4/config"; cdigest="sha256:$(sha256sum "$4/config" | cut -d' ' -f1)"
+  push_blob "$1" "$2" "$4/config" "$cdigest"
+  if [ -n "${5:-}" ]; then
+    local ldigest size
+    ldigest="sha256:$(sha256sum "$5" | cut -d' ' -f1)"; size=$(stat -c %s "$5")
+    push_blob "$1" "$2" "$5" "$ldigest"
+    layers=$(printf '{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%d}' "$ldigest" "$size")
+  fi
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":2},"layers":[%s]}' \
+    "$cdigest" "$layers" > "$4/manifest"
+  curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
+    --data-binary "@$4/manifest" "http://127.0.0.1:$1/v2/$2/manifests/$3"
+}
+
+# rate ARGS…: ApacheBench's requests per second.
+rate() { ab -q "$@" | awk '/Requests per second/{printf "%.0f", $4}'; }
+
+# best_pair CMD_A CMD_B: runs the two rate commands alternately three times and prints the
+# best of each ("A B"), so drift in the shared registry hits both sides alike.
+best_pair() {
+  local a b best_a=0 best_b=0
+  for _ in 1 2 3; do
+    a=$(eval "$1"); b=$(eval "$2")
+    [ "$a" -gt "$best_a" ] && best_a=$a
+    [ "$b" -gt "$best_b" ] && best_b=$b
+  done
+  echo "$best_a $best_b"
+}
