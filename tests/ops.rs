@@ -346,3 +346,36 @@ fn sigterm_lets_an_inflight_transfer_finish() {
     // No new connections after shutdown.
     assert!(std::net::TcpStream::connect(gw.addr).is_err());
 }
+
+#[test]
+fn shutdown_grace_bounds_how_long_a_stalled_transfer_is_waited_for() {
+    let reg = Registry::start("");
+    let big = BigLayer::new(64 << 20, 9);
+    big.push_image(&reg.url(), "team/big", "v1");
+    let config = simple_config(&reg.url(), "mirror/", "team/", "").replace(
+        "  listen: \"127.0.0.1:0\"\n",
+        "  listen: \"127.0.0.1:0\"\n  shutdown_grace: 1s\n",
+    );
+    let mut gw = Ocigate::start(&config);
+    let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http::Body>(hyper_util::client::legacy::connect::HttpConnector::new());
+    let req = ::http::Request::get(&url)
+        .body(http::full(bytes::Bytes::new()))
+        .unwrap();
+    // Start the download and then stop reading: the transfer stalls on backpressure.
+    let mut body = http::rt().block_on(async { client.request(req).await.unwrap().into_body() });
+    let first = http::rt().block_on(body.frame()).unwrap().unwrap();
+    assert!(first.is_data());
+    let started = std::time::Instant::now();
+    let status = gw.terminate();
+    // The stalled client is not waited for beyond the grace period (plus slack for a busy CI).
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gw.logs().contains("grace period over"), "{}", gw.logs());
+    drop(body);
+}
