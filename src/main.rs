@@ -132,6 +132,7 @@ impl TokenFlags {
                 },
                 signing_algorithms: config::DEFAULT_SIGNING_ALGORITHMS.to_vec(),
                 autoredirect: self.token_auto_redirect,
+                realm_path: "/token".into(),
             },
             anonymous: Vec::new(),
         }))

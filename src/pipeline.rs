@@ -30,8 +30,8 @@ use crate::body::{self, Body, Finish, Observed, Outcome};
 use crate::config::{Config, RedirectPolicy};
 use crate::error::GatewayError;
 use crate::local;
-use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
-use crate::rewrite::{self, NameMap, Route, RouteTable};
+use crate::oci::{ApiPath, Endpoint, ErrorCode, OciError, Scope};
+use crate::rewrite::{self, NameMap, Route, RouteTable, UploadQuery};
 use crate::token::{TokenServer, TokenSetupError};
 use crate::upstream::{Upstream, UpstreamBuildError, UpstreamRequest};
 
@@ -159,8 +159,15 @@ impl Gateway {
             None => return self.non_api(ctx, &req),
             Some(parsed) => parsed?,
         };
+        let upload = match (&api.endpoint, &ctx.method) {
+            (Endpoint::UploadStart, &Method::POST) => Some(UploadQuery::parse(
+                ctx.query.as_deref().unwrap_or_default(),
+            )?),
+            _ => None,
+        };
+        let mount_from = upload.as_ref().and_then(UploadQuery::from);
+        let required = crate::auth::required_scopes(&ctx.method, &api, mount_from);
         if let Some(auth) = &self.auth {
-            let required = crate::auth::required_scopes(&ctx.method, &api, ctx.query.as_deref());
             ctx.subject = auth
                 .check(
                     req.headers().get(header::AUTHORIZATION),
@@ -173,7 +180,7 @@ impl Gateway {
         match &api.endpoint {
             Endpoint::Base => Ok(local::api_base()),
             Endpoint::Catalog => crate::catalog::serve(self, ctx).await,
-            _ => self.proxy(ctx, api, req).await,
+            _ => self.proxy(ctx, api, upload, &required, req).await,
         }
     }
 
@@ -200,11 +207,14 @@ impl Gateway {
         Err(local::not_found(&ctx.path).into())
     }
 
-    /// Stages 2–4 for a repository endpoint.
+    /// Stages 3–5 for a repository endpoint. `required` is what the request needs, in local
+    /// names, for answering an upstream refusal.
     async fn proxy(
         &self,
         ctx: &mut RequestContext,
         api: ApiPath,
+        upload: Option<UploadQuery>,
+        required: &[Scope],
         req: Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
         let local_name = api.name.clone().unwrap_or_default();
@@ -228,10 +238,13 @@ impl Gateway {
             &mapped.remote,
             crate::oci::required_actions(&ctx.method),
         )];
-        let mut query = ctx.query.clone();
-        if api.endpoint == Endpoint::UploadStart && ctx.method == Method::POST {
-            query = self.rewrite_mount(ctx, query, &mapped.route.config.upstream, &mut scopes);
-        }
+        let query = match upload {
+            Some(mut q) => {
+                self.rewrite_mount(ctx, &mut q, &mapped.route.config.upstream, &mut scopes);
+                Some(q.encode())
+            }
+            None => ctx.query.clone(),
+        };
         let mut path_and_query = format!("/v2/{}/{}", mapped.remote, api.suffix());
         if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
             path_and_query.push('?');
@@ -239,17 +252,25 @@ impl Gateway {
         }
 
         let (parts, incoming) = req.into_parts();
+        let mut headers = forward_headers(&parts.headers);
+        if api.endpoint == Endpoint::Tags {
+            // The tags body is rewritten: it must arrive as plain JSON.
+            headers.remove(header::ACCEPT_ENCODING);
+        }
         let body = (!incoming.is_end_stream())
             .then(|| body::boxed(Observed::new(body::boxed(incoming), Box::new(UploadBytes))));
         let response = upstream
             .send(UpstreamRequest {
                 method: parts.method.clone(),
                 path_and_query: path_and_query.clone(),
-                headers: forward_headers(&parts.headers),
+                headers,
                 body,
                 scopes,
             })
             .await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.upstream_refused(ctx, upstream.name(), required));
+        }
         let asked = upstream.url(&path_and_query)?;
         let is_blob_read = matches!(api.endpoint, Endpoint::Blob(_))
             && (ctx.method == Method::GET || ctx.method == Method::HEAD);
@@ -272,24 +293,43 @@ impl Gateway {
     fn rewrite_mount(
         &self,
         ctx: &mut RequestContext,
-        query: Option<String>,
+        query: &mut UploadQuery,
         upstream: &str,
         scopes: &mut Vec<Scope>,
-    ) -> Option<String> {
-        let q = query?;
-        let Some(from) = rewrite::query_param(&q, "from") else {
-            return Some(q);
+    ) {
+        let Some(from) = query.from().map(str::to_string) else {
+            return;
         };
         match self.routes.resolve(&from) {
             Some(m) if m.route.config.upstream == upstream => {
                 ctx.names.add(&m.remote, &from);
                 scopes.push(Scope::repository(&m.remote, &["pull"]));
-                Some(rewrite::replace_query_param(&q, "from", Some(&m.remote)))
+                query.set_from(Some(&m.remote));
             }
-            _ => {
-                let q = rewrite::replace_query_param(&q, "from", None);
-                Some(rewrite::replace_query_param(&q, "mount", None))
-            }
+            _ => query.set_from(None),
+        }
+    }
+
+    /// The upstream refused the proxy's own credentials (after a fresh token). Its challenge
+    /// is never passed on: clients send the credentials they hold for *this* host to
+    /// whatever realm a challenge names. With client auth, the answer is our own challenge;
+    /// without, a plain 403.
+    fn upstream_refused(
+        &self,
+        ctx: &RequestContext,
+        upstream: &str,
+        required: &[Scope],
+    ) -> GatewayError {
+        let body = OciError::new(ErrorCode::Denied, "the upstream registry refused access")
+            .with_detail(serde_json::json!({ "upstream": upstream }));
+        match &self.auth {
+            Some(auth) => GatewayError::Denied(auth.refusal(
+                required,
+                &ctx.public_base,
+                Some("insufficient_scope"),
+                body,
+            )),
+            None => GatewayError::Oci(body),
         }
     }
 }
@@ -407,7 +447,6 @@ async fn rewrite_response(
         parts.headers.insert(header::LOCATION, v);
     }
     rewrite_links(ctx, asked, &mut parts.headers);
-    rewrite_challenges(&ctx.names, &mut parts.headers);
 
     let is_tags = api.endpoint == Endpoint::Tags
         && ctx.method == Method::GET
@@ -541,29 +580,6 @@ fn rewrite_links(ctx: &RequestContext, asked: &Url, headers: &mut HeaderMap) {
         if let Ok(hv) = HeaderValue::from_str(&new) {
             headers.append(header::LINK, hv);
         }
-    }
-}
-
-fn rewrite_challenges(names: &NameMap, headers: &mut HeaderMap) {
-    let values: Vec<HeaderValue> = headers
-        .get_all(header::WWW_AUTHENTICATE)
-        .iter()
-        .cloned()
-        .collect();
-    if values.is_empty() {
-        return;
-    }
-    headers.remove(header::WWW_AUTHENTICATE);
-    for v in values {
-        let rewritten = v
-            .to_str()
-            .ok()
-            .and_then(Challenge::parse)
-            .and_then(|mut c| {
-                names.challenge(&mut c);
-                HeaderValue::from_str(&c.to_string()).ok()
-            });
-        headers.append(header::WWW_AUTHENTICATE, rewritten.unwrap_or(v));
     }
 }
 

@@ -5,7 +5,7 @@
 //! `name` of `tags/list`). Must not talk to upstreams or decide about auth.
 
 use crate::config::RouteConfig;
-use crate::oci::{Challenge, Scope};
+use crate::oci::{ErrorCode, OciError};
 
 /// A route with the facts needed to map names through it.
 #[derive(Debug, Clone)]
@@ -141,26 +141,6 @@ impl NameMap {
             tail.starts_with('/').then(|| format!("/v2/{local}{tail}"))
         })
     }
-
-    /// Rewrites repository scopes in a challenge from remote to local names.
-    pub fn challenge(&self, challenge: &mut Challenge) {
-        let scopes = challenge.scopes();
-        if scopes.is_empty() {
-            return;
-        }
-        let local: Vec<Scope> = scopes
-            .into_iter()
-            .map(|mut s| {
-                if s.is_repository()
-                    && let Some(l) = self.local_for(&s.name)
-                {
-                    s.name = l.to_string();
-                }
-                s
-            })
-            .collect();
-        challenge.set_param("scope", crate::oci::challenge::join_scopes(&local));
-    }
 }
 
 /// Rewrites the URL inside each `<…>` of a `Link` header with `rewrite_url`.
@@ -182,25 +162,69 @@ pub fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<String>) ->
         .join(", ")
 }
 
-/// Replaces the `from=` of a cross-repository mount query; every other pair stays byte-exact
-/// (upload `_state` tokens must not be re-encoded).
-pub fn replace_query_param(query: &str, key: &str, value: Option<&str>) -> String {
-    query
-        .split('&')
-        .filter_map(|pair| {
-            let k = pair.split_once('=').map_or(pair, |(k, _)| k);
-            if k != key {
-                return Some(pair.to_string());
+/// The query of `POST …/blobs/uploads/`, decoded once, so that the auth stage checks and the
+/// upstream receives the very same `mount`, `from` and `digest` (a percent-encoded key such
+/// as `fr%6Fm` cannot slip past one and reach the other).
+#[derive(Debug, Clone, Default)]
+pub struct UploadQuery {
+    pairs: Vec<(String, String)>,
+}
+
+impl UploadQuery {
+    pub fn parse(query: &str) -> Result<UploadQuery, OciError> {
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        for key in ["mount", "from", "digest"] {
+            if pairs.iter().filter(|(k, _)| k == key).count() > 1 {
+                return Err(
+                    OciError::new(ErrorCode::Unsupported, format!("`{key}` given twice"))
+                        .with_status(http::StatusCode::BAD_REQUEST),
+                );
             }
-            value.map(|v| {
-                format!(
-                    "{key}={}",
-                    url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
-                )
-            })
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+        }
+        let q = UploadQuery { pairs };
+        if let Some(from) = q.from() {
+            crate::oci::path::validate_name(from)?;
+        }
+        if let Some(d) = q.get("mount").or_else(|| q.get("digest")) {
+            crate::oci::path::validate_digest(d)?;
+        }
+        Ok(q)
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The repository a cross-repository mount copies from.
+    pub fn from(&self) -> Option<&str> {
+        self.get("from")
+    }
+
+    /// Points the mount at `remote`, or drops the mount (`None`): the registry then opens a
+    /// plain upload session, as the spec allows.
+    pub fn set_from(&mut self, remote: Option<&str>) {
+        match remote {
+            Some(r) => {
+                for (k, v) in &mut self.pairs {
+                    if k == "from" {
+                        *v = r.to_string();
+                    }
+                }
+            }
+            None => self.pairs.retain(|(k, _)| k != "from" && k != "mount"),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&self.pairs)
+            .finish()
+    }
 }
 
 /// The first value of `key` in a query string, percent-decoded.
@@ -299,15 +323,6 @@ mod tests {
             Some("/v2/mirror/app/sub/tags/list")
         );
         assert_eq!(n.path("/v2/team/application/tags/list"), None);
-        let mut c = Challenge::parse(
-            r#"Bearer realm="r",service="s",scope="repository:team/app:pull,push repository:x:pull""#,
-        )
-        .unwrap();
-        n.challenge(&mut c);
-        assert_eq!(
-            c.param("scope"),
-            Some("repository:mirror/app:pull,push repository:x:pull")
-        );
     }
 
     #[test]
@@ -316,18 +331,22 @@ mod tests {
             Some(u.replace("team/", "mirror/"))
         });
         assert_eq!(link, r#"</v2/mirror/app/tags/list?last=b&n=2>; rel="next""#);
+        let d = format!("sha256:{}", "a".repeat(64));
+        let mut q = UploadQuery::parse(&format!("mount={d}&from=mirror%2Fx")).unwrap();
+        assert_eq!(q.from(), Some("mirror/x"));
+        q.set_from(Some("team/x"));
         assert_eq!(
-            replace_query_param(
-                "mount=sha256%3Aab&from=mirror%2Fx&_state=a+b%3D",
-                "from",
-                Some("team/x")
-            ),
-            "mount=sha256%3Aab&from=team%2Fx&_state=a+b%3D"
+            q.encode(),
+            format!("mount=sha256%3A{}&from=team%2Fx", "a".repeat(64))
         );
-        assert_eq!(
-            replace_query_param("mount=d&from=x", "from", None),
-            "mount=d"
-        );
+        q.set_from(None);
+        assert_eq!(q.encode(), "");
+        // Keys are compared decoded: an encoded `from` is still `from`, and must be valid.
+        let q = UploadQuery::parse(&format!("m%6Funt={d}&fr%6Fm=secret%2Frepo")).unwrap();
+        assert_eq!(q.from(), Some("secret/repo"));
+        assert!(UploadQuery::parse("from=a&fr%6Fm=b").is_err());
+        assert!(UploadQuery::parse(&format!("from={}", "a/".repeat(200))).is_err());
+        assert!(UploadQuery::parse("mount=nope&from=a").is_err());
         assert_eq!(
             query_param("a=1&from=mirror%2Fx", "from").as_deref(),
             Some("mirror/x")

@@ -303,6 +303,63 @@ fn cross_repository_mount_rewrites_from() {
         Vec::new(),
     );
     assert_eq!(r.status, 202);
+    // Percent-encoded keys are the same keys: `fr%6Fm` is `from`, mapped (or dropped) like it.
+    let r = request(
+        "POST",
+        &format!(
+            "{}/v2/mirror/target3/blobs/uploads/?m%6Funt={d}&fr%6Fm=mirror%2Fsource",
+            gw.url()
+        ),
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(
+        r.status,
+        201,
+        "an encoded from is still mapped: {}",
+        r.text()
+    );
+    let r = request(
+        "POST",
+        &format!(
+            "{}/v2/mirror/target4/blobs/uploads/?m%6Funt={d}&fr%6Fm=team%2Fsource",
+            gw.url()
+        ),
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(
+        r.status, 202,
+        "an unrouted encoded from must not reach the upstream"
+    );
+    assert_eq!(
+        get(&format!("{}/v2/team/target4/blobs/{d}", reg.url())).status,
+        404
+    );
+    let target4: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("/v2/team/target4/"))
+        .map(str::to_string)
+        .collect();
+    assert!(!target4.is_empty());
+    assert!(
+        target4
+            .iter()
+            .all(|l| !l.contains("from") && !l.contains("fr%6Fm")),
+        "{target4:?}"
+    );
+    // Duplicates are refused rather than guessed at.
+    let r = request(
+        "POST",
+        &format!(
+            "{}/v2/mirror/target5/blobs/uploads/?mount={d}&from=mirror/source&from=mirror/other",
+            gw.url()
+        ),
+        &[],
+        Vec::new(),
+    );
+    assert_eq!(r.status, 400);
 }
 
 #[test]

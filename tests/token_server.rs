@@ -69,6 +69,7 @@ auth:
     service: {SERVICE}
     issuer: {ISSUER}
 token_server:
+  path: /auth/token
   issuer: {ISSUER}
   signing_key: {key}
   certificate: {cert}
@@ -107,13 +108,13 @@ fn token_get(gw: &Ocigate, query: &str, auth: Option<&str>) -> Resp {
     if let Some(a) = auth {
         headers.push(("authorization", a));
     }
-    get_with(&format!("{}/token?{query}", gw.url()), &headers)
+    get_with(&format!("{}/auth/token?{query}", gw.url()), &headers)
 }
 
 fn token_post(gw: &Ocigate, form: &str) -> Resp {
     request(
         "POST",
-        &format!("{}/token", gw.url()),
+        &format!("{}/auth/token", gw.url()),
         &[("content-type", "application/x-www-form-urlencoded")],
         form.to_string(),
     )
@@ -128,7 +129,16 @@ fn password_logins_push_and_pull_through_the_proxy() {
     let gw = Ocigate::start(&config(&reg.url(), &keys, None));
     let host = gw.host();
 
-    // alice pushes through the proxy (skopeo logs in at our /token, found via the challenge).
+    // alice pushes through the proxy (skopeo logs in at our /auth/token, found via the
+    // challenge, which names token_server.path).
+    let challenge = common::http::get(&format!("{}/v2/", gw.url()));
+    assert_eq!(
+        challenge.header("www-authenticate").unwrap(),
+        format!(
+            "Bearer realm=\"{}/auth/token\",service=\"{SERVICE}\"",
+            gw.url()
+        )
+    );
     let layout = skopeo_pull_oci(&format!("{}/public/app:v1", reg.host()), &[]);
     skopeo_ok(&[
         "copy",
@@ -225,7 +235,7 @@ fn the_real_registry_accepts_our_tokens() {
     let img = image::image(&[("hello", b"guarded by ocigate tokens\n")], "amd64");
     image::push_image(&reg.url(), "alice/app", "v1", &img);
     reg.reconfigure(&format!(
-        "auth:\n  token:\n    realm: {}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+        "auth:\n  token:\n    realm: {}/auth/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
         gw.url(),
         keys.path("token.crt")
     ));
@@ -339,6 +349,11 @@ fn token_endpoint_protocol() {
     assert_eq!(
         access_of(r.json()["access_token"].as_str().unwrap()),
         json!([{"type": "repository", "name": "team/app", "actions": ["pull"]}])
+    );
+    assert_eq!(
+        r.json()["refresh_token"].as_str(),
+        Some(refresh.as_str()),
+        "a refresh grant hands back the same refresh token: logins do not renew themselves"
     );
     // A refresh token is no access token.
     let r = request(

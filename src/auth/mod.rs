@@ -33,6 +33,7 @@ pub struct Denied {
 
 pub struct ClientAuth {
     realm: Option<String>,
+    realm_path: String,
     service: String,
     policy: Policy,
     keys: KeyStore,
@@ -78,6 +79,7 @@ impl ClientAuth {
             realm: (!config.autoredirect)
                 .then(|| config.realm.as_ref().map(|u| u.to_string()))
                 .flatten(),
+            realm_path: config.realm_path.clone(),
             service: config.service.clone(),
             policy: Policy {
                 issuer: config.issuer.clone(),
@@ -108,7 +110,7 @@ impl ClientAuth {
             if !required.is_empty() && required.iter().all(|s| self.anonymous_covers(s)) {
                 return Ok(None);
             }
-            return Err(self.deny(
+            return Err(self.refusal(
                 required,
                 public_base,
                 None,
@@ -117,7 +119,7 @@ impl ClientAuth {
         };
         let claims = self.verified(token).await.map_err(|reason| {
             tracing::debug!(%reason, "client token refused");
-            self.deny(
+            self.refusal(
                 required,
                 public_base,
                 Some("invalid_token"),
@@ -129,7 +131,7 @@ impl ClientAuth {
                 if !claims.grants(&scope.kind, &scope.name, action)
                     && !self.anonymous.iter().any(|a| a == action || a == "*")
                 {
-                    return Err(self.deny(
+                    return Err(self.refusal(
                         required,
                         public_base,
                         Some("insufficient_scope"),
@@ -195,14 +197,15 @@ impl ClientAuth {
         Ok(claims)
     }
 
-    /// The realm clients are sent to: configured, or (autoredirect) our own `/token`.
+    /// The realm clients are sent to: configured, or (autoredirect) our own token path.
     pub fn realm(&self, public_base: &str) -> String {
         self.realm
             .clone()
-            .unwrap_or_else(|| format!("{public_base}/token"))
+            .unwrap_or_else(|| format!("{public_base}{}", self.realm_path))
     }
 
-    fn deny(
+    /// A 401 with our challenge for `required` (local names) and this body.
+    pub fn refusal(
         &self,
         required: &[Scope],
         public_base: &str,
@@ -229,7 +232,7 @@ fn unix_now() -> u64 {
 
 /// The access a request needs, in local names: pull for reads, pull+push for writes,
 /// delete for DELETE, `registry:catalog:*` for the catalog, and pull on a mount's `from`.
-pub fn required_scopes(method: &Method, api: &ApiPath, query: Option<&str>) -> Vec<Scope> {
+pub fn required_scopes(method: &Method, api: &ApiPath, mount_from: Option<&str>) -> Vec<Scope> {
     let Some(name) = &api.name else {
         return match api.endpoint {
             Endpoint::Catalog => vec![Scope {
@@ -244,12 +247,8 @@ pub fn required_scopes(method: &Method, api: &ApiPath, query: Option<&str>) -> V
         name,
         crate::oci::required_actions(method),
     )];
-    if api.endpoint == Endpoint::UploadStart
-        && method == Method::POST
-        && let Some(from) = query.and_then(|q| crate::rewrite::query_param(q, "from"))
-        && crate::oci::path::validate_name(&from).is_ok()
-    {
-        scopes.push(Scope::repository(&from, &["pull"]));
+    if let Some(from) = mount_from {
+        scopes.push(Scope::repository(from, &["pull"]));
     }
     scopes
 }

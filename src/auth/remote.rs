@@ -19,6 +19,8 @@ use crate::upstream::client::HttpClient;
 const FRUITLESS_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_AGE: Duration = Duration::from_secs(3600);
 const MAX_DOCUMENT: usize = 1 << 20;
+/// Discovery, JWKS, headers and bodies together.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{url}: {reason}")]
@@ -88,10 +90,10 @@ impl RemoteKeys {
     /// Fetches again when the keys are missing, old, or lack `kid`.
     pub async fn refresh_if_needed(&self, kid: &str) -> Result<(), RemoteError> {
         let needed = |s: &State| {
+            let backing_off = s.fruitless.is_some_and(|t| t.elapsed() < FRUITLESS_BACKOFF);
             let old = s.fetched.is_none_or(|t| t.elapsed() > MAX_AGE);
-            let unknown = s.keys.by_kid(kid).is_none()
-                && s.fruitless.is_none_or(|t| t.elapsed() > FRUITLESS_BACKOFF);
-            old || unknown
+            let unknown = s.keys.by_kid(kid).is_none();
+            !backing_off && (old || unknown)
         };
         if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
             return Ok(());
@@ -101,12 +103,29 @@ impl RemoteKeys {
         if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
             return Ok(());
         }
-        let (jwks_url, json) = self.fetch().await?;
-        let mut keys = KeyStore::default();
-        keys.add_jwks(&json, &jwks_url).map_err(|e| RemoteError {
-            url: jwks_url.clone(),
-            reason: e.to_string(),
-        })?;
+        let fetched = async {
+            let (jwks_url, json) = self.fetch().await?;
+            let mut keys = KeyStore::default();
+            keys.add_jwks(&json, &jwks_url).map_err(|e| RemoteError {
+                url: jwks_url.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok::<_, RemoteError>((jwks_url, keys))
+        };
+        let (jwks_url, keys) = match tokio::time::timeout(FETCH_TIMEOUT, fetched).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                self.note_failure();
+                return Err(e);
+            }
+            Err(_) => {
+                self.note_failure();
+                return Err(RemoteError {
+                    url: self.source_url(),
+                    reason: format!("no answer within {FETCH_TIMEOUT:?}"),
+                });
+            }
+        };
         let now = Instant::now();
         let fruitless = keys.by_kid(kid).is_none().then_some(now);
         if let Ok(mut s) = self.state.write() {
@@ -118,6 +137,21 @@ impl RemoteKeys {
         }
         tracing::info!(url = %jwks_url, "signing keys fetched");
         Ok(())
+    }
+
+    /// A failed fetch backs off like a fruitless one: a publisher that is down is not asked
+    /// again by every request.
+    fn note_failure(&self) {
+        if let Ok(mut s) = self.state.write() {
+            s.fruitless = Some(Instant::now());
+        }
+    }
+
+    fn source_url(&self) -> String {
+        match &self.source {
+            Source::Jwks(url) => url.clone(),
+            Source::Discovery(issuer) => format!("{issuer}/.well-known/openid-configuration"),
+        }
     }
 
     async fn fetch(&self) -> Result<(String, bytes::Bytes), RemoteError> {
@@ -153,9 +187,10 @@ impl RemoteKeys {
             .header(http::header::ACCEPT, "application/json")
             .body(body::empty())
             .map_err(|e| fail(e.to_string()))?;
-        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+        let response = self
+            .client
+            .request(request)
             .await
-            .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         if !response.status().is_success() {
             return Err(fail(format!("answered {}", response.status())));

@@ -103,8 +103,10 @@ pub struct TokenAuthConfig {
     pub rootcertbundles: Vec<PathBuf>,
     pub jwks: Option<JwksSource>,
     pub signing_algorithms: Vec<jsonwebtoken::Algorithm>,
-    /// Challenge with our own `/token` on the request's forwarded host instead of `realm`.
+    /// Challenge with our own token path on the request's forwarded host instead of `realm`.
     pub autoredirect: bool,
+    /// That path: `token_server.path`, else `/token`.
+    pub realm_path: String,
 }
 
 /// Where a JWKS comes from: a file read at start, or a URL fetched (and refreshed) on demand.
@@ -733,6 +735,7 @@ impl Resolver<'_> {
                 jwks,
                 signing_algorithms,
                 autoredirect,
+                realm_path: token_server.map_or_else(|| "/token".to_string(), |t| t.path.clone()),
             },
             anonymous,
         })

@@ -71,24 +71,52 @@ fn compile(
     Ok(Some(out))
 }
 
+/// Glob matching in O(pattern × text): the classic backtrack-to-the-last-star walk, so no
+/// pattern can make a name cost more than a few thousand steps.
 fn matches(tokens: &[Token], text: &str) -> bool {
-    match tokens.split_first() {
-        None => text.is_empty(),
-        Some((Token::Literal(l), rest)) => text
-            .strip_prefix(l.as_str())
-            .is_some_and(|t| matches(rest, t)),
-        Some((Token::Question, rest)) => {
-            let mut chars = text.chars();
-            chars.next().is_some() && matches(rest, chars.as_str())
-        }
-        Some((Token::Star, rest)) => {
-            // Names are short (≤ 255 bytes): trying every split is cheap enough.
-            text.char_indices()
-                .map(|(i, _)| i)
-                .chain(std::iter::once(text.len()))
-                .any(|i| matches(rest, &text[i..]))
+    #[derive(Clone, Copy, PartialEq)]
+    enum P {
+        Char(char),
+        Any,
+        Star,
+    }
+    let pattern: Vec<P> = tokens
+        .iter()
+        .flat_map(|t| match t {
+            Token::Literal(l) => l.chars().map(P::Char).collect::<Vec<_>>(),
+            Token::Question => vec![P::Any],
+            Token::Star => vec![P::Star],
+        })
+        .collect();
+    let text: Vec<char> = text.chars().collect();
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(P::Star) => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(P::Any) => {
+                p += 1;
+                t += 1;
+            }
+            Some(P::Char(c)) if *c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // Let the last star swallow one more character and try again from there.
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
         }
     }
+    pattern[p..].iter().all(|x| *x == P::Star)
 }
 
 /// An identity's claims, flattened to strings (numbers and booleans as their JSON text).
@@ -186,6 +214,12 @@ mod tests {
         assert!(matches(&c("*-dev"), "app-dev"));
         assert!(!matches(&c("*-dev"), "app-prod"));
         assert!(matches(&c(""), ""));
+        assert!(matches(&c("a*b*c"), "axxbyyc"));
+        assert!(!matches(&c("a*b*c"), "axxbyy"));
+        assert!(matches(&c("**"), ""));
+        // Adversarial: many stars against a long name stays fast.
+        let long = format!("team-{}", "/".repeat(250));
+        assert!(!matches(&c("team-*/*/*/*x"), &long));
     }
 
     #[test]

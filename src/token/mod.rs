@@ -45,6 +45,8 @@ pub struct TokenServer {
     path: String,
     issuer: Issuer,
     users: Option<Arc<Htpasswd>>,
+    /// bcrypt is slow on purpose: at most one check per core runs at once.
+    bcrypt_slots: tokio::sync::Semaphore,
     oidc: Oidc,
     acl: Acl,
 }
@@ -53,6 +55,9 @@ pub struct TokenServer {
 struct Identity {
     account: String,
     claims: ClaimMap,
+    /// The refresh token the client presented: handed back as it is, never renewed, so
+    /// a login lasts at most `refresh_lifetime`.
+    presented_refresh: Option<String>,
 }
 
 /// The parameters of a GET or POST token request.
@@ -76,6 +81,9 @@ impl TokenServer {
                 Some(p) => Some(Arc::new(Htpasswd::load(p)?)),
                 None => None,
             },
+            bcrypt_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
             oidc: Oidc::new(&config.oidc)?,
             acl: Acl::new(config.acl.clone()),
         })
@@ -116,8 +124,19 @@ impl TokenServer {
         let scopes = params
             .scopes
             .iter()
-            .map(|s| Scope::parse(s).ok_or_else(|| bad_request(&format!("invalid scope {s:?}"))))
+            .map(|s| {
+                Scope::parse(s)
+                    .filter(|scope| {
+                        !scope.is_repository()
+                            || crate::oci::path::validate_name(&scope.name).is_ok()
+                    })
+                    .filter(|scope| scope.name.len() <= 255 && scope.actions.len() <= 8)
+                    .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        if scopes.len() > 64 {
+            return Err(bad_request("too many scopes"));
+        }
         let identity = self.authenticate(&parts.headers, &params).await?;
         let access = self.grant(&identity.account, &identity.claims, &scopes);
         let minted = self
@@ -131,10 +150,13 @@ impl TokenServer {
             "issued_at": minted.issued_at,
         });
         if params.offline && identity.account != ANONYMOUS {
-            let refresh = self
-                .issuer
-                .refresh_token(&identity.account, &identity.claims)
-                .map_err(|e| internal(&e.to_string()))?;
+            let refresh = match identity.presented_refresh {
+                Some(r) => r,
+                None => self
+                    .issuer
+                    .refresh_token(&identity.account, &identity.claims)
+                    .map_err(|e| internal(&e.to_string()))?,
+            };
             answer["refresh_token"] = json!(refresh);
         }
         tracing::info!(
@@ -164,7 +186,20 @@ impl TokenServer {
                 .issuer
                 .open_refresh(token)
                 .map_err(|_| refused("invalid or expired refresh token"))?;
-            return Ok(Identity { account, claims });
+            // A password account must still exist; an OIDC login keeps its claims until the
+            // refresh token expires.
+            let federated = account
+                .split_once(':')
+                .is_some_and(|(provider, _)| self.oidc.has(provider));
+            let known = self.users.as_ref().is_some_and(|u| u.contains(&account));
+            if !federated && !known {
+                return Err(refused("the account no longer exists"));
+            }
+            return Ok(Identity {
+                account,
+                claims,
+                presented_refresh: Some(token.to_string()),
+            });
         }
         let credentials = match (&p.username, &p.password) {
             (Some(u), Some(pw)) if p.grant_type.as_deref() == Some("password") => {
@@ -176,6 +211,7 @@ impl TokenServer {
             return Ok(Identity {
                 account: ANONYMOUS.into(),
                 claims: ClaimMap::new(),
+                presented_refresh: None,
             });
         };
         if self.oidc.has(&user) {
@@ -189,15 +225,22 @@ impl TokenServer {
                     _ => refused("invalid identity token"),
                 }
             })?;
-            return Ok(Identity { account, claims });
+            return Ok(Identity {
+                account,
+                claims,
+                presented_refresh: None,
+            });
         }
         let Some(users) = self.users.clone() else {
             return Err(refused("invalid username or password"));
         };
         let (u, pw) = (user.clone(), password);
-        let ok = tokio::task::spawn_blocking(move || users.verify(&u, &pw))
-            .await
-            .unwrap_or(false);
+        let ok = match self.bcrypt_slots.acquire().await {
+            Ok(_slot) => tokio::task::spawn_blocking(move || users.verify(&u, &pw))
+                .await
+                .unwrap_or(false),
+            Err(_) => false,
+        };
         if !ok {
             tracing::info!(account = %user, "password refused");
             return Err(refused("invalid username or password"));
@@ -205,6 +248,7 @@ impl TokenServer {
         Ok(Identity {
             account: user,
             claims: ClaimMap::new(),
+            presented_refresh: None,
         })
     }
 

@@ -47,6 +47,10 @@ impl Htpasswd {
         Ok(Htpasswd { users })
     }
 
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// Checks a password; slow on purpose (bcrypt), so call it off the async threads.
     pub fn verify(&self, user: &str, password: &str) -> bool {
         match self.users.get(user) {

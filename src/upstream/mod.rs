@@ -178,13 +178,14 @@ impl Upstream {
         };
         let learned = AuthScheme::from_challenge(&challenge);
         self.set_scheme(learned.clone());
-        let mut scopes = req.scopes.clone();
-        for s in challenge.scopes() {
-            if !scopes.contains(&s) {
-                scopes.push(s);
-            }
-        }
-        match self.authorization(&learned, &scopes, secret.as_ref()).await {
+        // The token we sent (if any) was refused: never reuse it. The retry asks for the
+        // request's own scopes only; the upstream's challenge may not widen what the proxy's
+        // credentials are used for.
+        self.tokens.remove(&TokenCache::key(&req.scopes));
+        match self
+            .authorization(&learned, &req.scopes, secret.as_ref())
+            .await
+        {
             Some(retry_auth) if Some(&retry_auth) != auth.as_ref() => {
                 self.dispatch(&req, Some(retry_auth), None).await
             }

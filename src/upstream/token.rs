@@ -18,6 +18,11 @@ use crate::body;
 use crate::oci::Scope;
 
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+const MAX_TOKENS: usize = 4096;
+/// A realm's whole answer (connect, headers, body) must come within this.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tokens are used at most this long, whatever `expires_in` claims.
+const MAX_LIFETIME: Duration = Duration::from_secs(86400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -97,12 +102,22 @@ impl TokenCache {
 
     pub fn put(&self, key: String, token: Token) {
         if let Ok(mut entries) = self.entries.lock() {
-            // Bound the map: drop expired entries when it grows.
-            if entries.len() > 4096 {
+            // Bound the map: drop expired entries when it grows, and everything if that was
+            // not enough (many distinct names within a token's lifetime).
+            if entries.len() >= MAX_TOKENS {
                 let now = Instant::now();
                 entries.retain(|_, t| t.valid_until > now);
+                if entries.len() >= MAX_TOKENS {
+                    entries.clear();
+                }
             }
             entries.insert(key, token);
+        }
+    }
+
+    pub fn remove(&self, key: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(key);
         }
     }
 }
@@ -173,22 +188,27 @@ pub async fn fetch(
         realm: realm.to_string(),
         reason,
     };
-    let response = client
-        .request(request)
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(TokenError::Refused {
+                realm: realm.to_string(),
+                status,
+            });
+        }
+        Ok(Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes())
+    };
+    let bytes = tokio::time::timeout(FETCH_TIMEOUT, exchange)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(TokenError::Refused {
-            realm: realm.to_string(),
-            status,
-        });
-    }
-    let bytes = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
+        .map_err(|_| unreachable(format!("no answer within {FETCH_TIMEOUT:?}")))??;
     let parsed: TokenResponse =
         serde_json::from_slice(&bytes).map_err(|_| TokenError::NoToken {
             realm: realm.to_string(),
@@ -206,7 +226,7 @@ pub async fn fetch(
         })?;
     header.set_sensitive(true);
     // The spec's default lifetime is 60 s; stop using a token a little before it ends.
-    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(60));
+    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(60)).min(MAX_LIFETIME);
     let margin = (lifetime / 5).min(Duration::from_secs(30));
     Ok(Token {
         header,
