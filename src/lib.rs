@@ -11,7 +11,7 @@
 //!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
 //!       rewrite    rewrite::RouteTable      local name → route → remote name (+ mount `from`)
 //!       upstream   upstream::Upstream       credentials, token dance, pooled client, redirects
-//!       response   pipeline (rewrite_*)     Location, Link, WWW-Authenticate, tags/list name
+//!       response   pipeline (rewrite_*)     Location, Link, tags/list name; upstream 401 → ours
 //!       observe    body::Observed           access log + metrics when the body ends
 //!   ← error::GatewayError::into_response    the one place errors become answers
 //! ```

@@ -6,7 +6,8 @@
 //!    only then `/v2/` and `_catalog` are answered;
 //! 3. **rewrite**: pick the route, map local names to remote ones ([`crate::rewrite`]);
 //! 4. **upstream**: credentials, token dance and pooled send ([`crate::upstream`]);
-//! 5. **response rewriting**: `Location`, `Link`, challenges, `tags/list` names;
+//! 5. **response rewriting**: `Location`, `Link`, `tags/list` names; an upstream's 401 becomes
+//!    our own answer, never its challenge;
 //! 6. **observe**: one access-log line and the metrics, when the body has finished streaming.
 //!
 //! Stages see a [`RequestContext`], not the gateway. Errors become answers only in

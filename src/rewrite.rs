@@ -1,7 +1,7 @@
 //! The rewrite stage: local repository names ↔ upstream names, both ways.
 //!
 //! Owns the route table (longest prefix wins) and every rewrite of names in requests
-//! (`from=` on mounts) and responses (`Location`, `Link`, `WWW-Authenticate` scopes, the
+//! (`from=` on mounts) and responses (`Location`, `Link`, the
 //! `name` of `tags/list`). Must not talk to upstreams or decide about auth.
 
 use crate::config::RouteConfig;
