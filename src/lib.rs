@@ -36,6 +36,7 @@ pub mod local;
 pub mod metrics;
 pub mod oci;
 pub mod pipeline;
+pub mod relay;
 pub mod rewrite;
 pub mod server;
 pub mod token;

@@ -239,6 +239,7 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
         prefix: String::new(),
         upstream: "upstream".into(),
         remote,
+        relay: false,
     }];
     config.auth = args.token.auth()?;
     Ok(config)

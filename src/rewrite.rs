@@ -244,6 +244,7 @@ mod tests {
                 prefix: prefix.into(),
                 upstream: upstream.into(),
                 remote: remote.into(),
+                relay: false,
             },
             docker_hub: hub,
         }

@@ -48,6 +48,27 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// The built-in token server, issuing tokens at `path` on every listener.
     pub token_server: Option<TokenServerConfig>,
+    /// Keys of the PASETO relay, for routes with `relay: true`.
+    pub relay: Option<RelayConfig>,
+}
+
+#[derive(Clone)]
+pub struct RelayConfig {
+    /// 32 bytes: seals new relay tokens.
+    pub secret_key: Vec<u8>,
+    /// Still accepted for opening (key rotation).
+    pub previous_keys: Vec<Vec<u8>>,
+}
+
+/// Never prints the keys.
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RelayConfig(*** + {} previous)",
+            self.previous_keys.len()
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +250,8 @@ pub struct RouteConfig {
     pub upstream: String,
     /// What replaces `prefix` upstream: `""`, `"team/"` for namespaces; a full name for exact routes.
     pub remote: String,
+    /// Relay upstream tokens to clients sealed in PASETOs (needs the `relay` section).
+    pub relay: bool,
 }
 
 impl RouteConfig {
@@ -333,10 +356,11 @@ impl Config {
             } else {
                 &r.prefix
             };
-            let kind = if r.is_namespace() {
-                "namespace"
-            } else {
-                "repository"
+            let kind = match (r.is_namespace(), r.relay) {
+                (true, false) => "namespace",
+                (true, true) => "namespace, relay",
+                (false, false) => "repository",
+                (false, true) => "repository, relay",
             };
             let _ = writeln!(
                 s,
@@ -432,9 +456,11 @@ impl Resolver<'_> {
             upstreams.insert(name, upstream);
         }
         let mut routes: Vec<RouteConfig> = Vec::new();
+        let mut route_locations = Vec::new();
         let mut seen: BTreeMap<String, Location> = BTreeMap::new();
         for r in raw.routes {
             let at = r.referenced;
+            route_locations.push(at);
             let route = self.route(r.value, &upstreams)?;
             if let Some(first) = seen.insert(route.prefix.clone(), at) {
                 return Err(self.err(
@@ -464,6 +490,31 @@ impl Resolver<'_> {
             Some(t) => Some(self.token_server(t, raw.auth.as_ref())?),
             None => None,
         };
+        let relay = match &raw.relay {
+            Some(r) => Some(self.relay(r)?),
+            None => None,
+        };
+        if relay.is_some() && (raw.auth.is_some() || token_server.is_some()) {
+            let at = raw
+                .relay
+                .as_ref()
+                .map_or(Location::UNKNOWN, |r| r.referenced);
+            return Err(self.err(
+                at,
+                "relay: combining the relay with `auth` or `token_server` is not supported yet",
+            ));
+        }
+        if let Some((route, at)) = routes.iter().zip(&route_locations).find(|(r, _)| r.relay)
+            && relay.is_none()
+        {
+            return Err(self.err(
+                *at,
+                format!(
+                    "routes: prefix {:?} has `relay: true` but there is no `relay` section with a secret_key",
+                    route.prefix
+                ),
+            ));
+        }
         let auth = match raw.auth {
             Some(a) => Some(self.auth(a, token_server.as_ref())?),
             None => None,
@@ -475,6 +526,33 @@ impl Resolver<'_> {
             routes,
             auth,
             token_server,
+            relay,
+        })
+    }
+
+    fn relay(&self, raw: &Spanned<raw::RawRelay>) -> Result<RelayConfig, ConfigError> {
+        let key = |v: &S, name: &str| -> Result<Vec<u8>, ConfigError> {
+            let text = self.string(name, v)?;
+            hex::decode(text.trim())
+                .ok()
+                .filter(|k| k.len() == 32)
+                .ok_or_else(|| {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "{name}: must be 64 hex characters (32 bytes; `openssl rand -hex 32`)"
+                        ),
+                    )
+                })
+        };
+        Ok(RelayConfig {
+            secret_key: key(&raw.value.secret_key, "relay.secret_key")?,
+            previous_keys: raw
+                .value
+                .previous_keys
+                .iter()
+                .map(|k| key(k, "relay.previous_keys"))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -979,6 +1057,7 @@ impl Resolver<'_> {
             prefix,
             upstream,
             remote,
+            relay: r.relay.unwrap_or(false),
         })
     }
 }

@@ -18,6 +18,15 @@ pub struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
     pub auth: Option<Spanned<RawAuth>>,
     pub token_server: Option<Spanned<RawTokenServer>>,
+    pub relay: Option<Spanned<RawRelay>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelay {
+    pub secret_key: S,
+    #[serde(default)]
+    pub previous_keys: Vec<S>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,4 +165,5 @@ pub struct RawRoute {
     pub prefix: S,
     pub upstream: S,
     pub remote: Option<S>,
+    pub relay: Option<bool>,
 }
