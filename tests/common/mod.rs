@@ -62,16 +62,22 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-pub fn skopeo(args: &[&str]) -> Output {
+/// skopeo with no stored credentials: the machine-wide auth file (where `podman login`
+/// writes) would otherwise leak logins from earlier runs on a reused port.
+fn skopeo_command(args: &[&str]) -> Command {
     let mut c = Command::new("skopeo");
-    c.args(["--insecure-policy"]).args(args);
-    c.output().expect("skopeo runs")
+    c.env("REGISTRY_AUTH_FILE", "/nonexistent/ocigate-tests/auth.json")
+        .args(["--insecure-policy"])
+        .args(args);
+    c
+}
+
+pub fn skopeo(args: &[&str]) -> Output {
+    skopeo_command(args).output().expect("skopeo runs")
 }
 
 pub fn skopeo_ok(args: &[&str]) -> Output {
-    let mut c = Command::new("skopeo");
-    c.args(["--insecure-policy"]).args(args);
-    run_ok(&mut c)
+    run_ok(&mut skopeo_command(args))
 }
 
 /// The digest skopeo reports for `docker://reference` (plain HTTP unless `extra` says
@@ -123,7 +129,9 @@ impl Podman {
         let root = self.dir.path().join("root");
         let runroot = self.dir.path().join("runroot");
         let mut c = Command::new("podman");
-        c.arg("--storage-driver")
+        // Logins stay with this podman, not in the machine-wide auth file.
+        c.env("REGISTRY_AUTH_FILE", self.dir.path().join("auth.json"))
+            .arg("--storage-driver")
             .arg("vfs")
             .arg("--root")
             .arg(root)
