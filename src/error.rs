@@ -41,6 +41,10 @@ impl GatewayError {
             GatewayError::Oci(e) => e.clone(),
             GatewayError::Denied(d) => d.error.clone(),
             GatewayError::Login(e) => e.clone().with_status(StatusCode::UNAUTHORIZED),
+            GatewayError::Upstream(UpstreamError::TokenRefused { upstream }) => {
+                OciError::new(ErrorCode::Denied, "the upstream registry refused access")
+                    .with_detail(serde_json::json!({ "upstream": upstream }))
+            }
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => {
                 OciError::new(ErrorCode::Unavailable, self.to_string())
                     .with_status(StatusCode::GATEWAY_TIMEOUT)

@@ -32,6 +32,7 @@ use crate::config::{Config, RedirectPolicy};
 use crate::error::GatewayError;
 use crate::local;
 use crate::oci::{ApiPath, Endpoint, ErrorCode, OciError, Scope};
+use crate::relay::{Relay, RelayError};
 use crate::rewrite::{self, NameMap, Route, RouteTable, UploadQuery};
 use crate::token::{TokenServer, TokenSetupError};
 use crate::upstream::{Upstream, UpstreamBuildError, UpstreamRequest};
@@ -53,6 +54,7 @@ pub struct Gateway {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub auth: Option<ClientAuth>,
     pub token_server: Option<TokenServer>,
+    pub relay: Option<Relay>,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -64,6 +66,8 @@ pub enum BuildError {
     Auth(#[from] KeyError),
     #[error(transparent)]
     TokenServer(#[from] TokenSetupError),
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
 }
 
 /// What the stages know about one request.
@@ -107,12 +111,17 @@ impl Gateway {
             Some(t) => Some(TokenServer::new(t)?),
             None => None,
         };
+        let relay = match &config.relay {
+            Some(r) => Some(Relay::new(r)?),
+            None => None,
+        };
         Ok(Gateway {
             config,
             routes,
             upstreams,
             auth,
             token_server,
+            relay,
         })
     }
 
@@ -156,6 +165,12 @@ impl Gateway {
             ctx.route = "token".into();
             return ts.handle(req).await;
         }
+        if let Some(relay) = &self.relay
+            && ctx.path == crate::relay::endpoint::PATH
+        {
+            ctx.route = "token".into();
+            return crate::relay::endpoint::issue(relay, &self.routes, &self.upstreams, req).await;
+        }
         let api = match ApiPath::parse(&ctx.path) {
             None => return self.non_api(ctx, &req),
             Some(parsed) => parsed?,
@@ -176,6 +191,21 @@ impl Gateway {
                     &ctx.public_base,
                 )
                 .await
+                .map_err(GatewayError::Denied)?;
+        }
+        if let (Some(relay), None, Endpoint::Base) = (&self.relay, &self.auth, &api.endpoint) {
+            let relay_routes = self
+                .routes
+                .routes()
+                .iter()
+                .filter(|r| r.config.relay)
+                .map(|r| r.config.prefix.as_str());
+            relay
+                .admit_base(
+                    req.headers().get(header::AUTHORIZATION),
+                    relay_routes,
+                    &ctx.public_base,
+                )
                 .map_err(GatewayError::Denied)?;
         }
         match &api.endpoint {
@@ -252,6 +282,20 @@ impl Gateway {
             path_and_query.push_str(q);
         }
 
+        // Relay routes: the client's PASETO is exchanged for the upstream token it carries.
+        let relayed = match (&self.relay, mapped.route.config.relay) {
+            (Some(relay), true) => relay
+                .admit(
+                    req.headers().get(header::AUTHORIZATION),
+                    &mapped.route.config.prefix,
+                    upstream.name(),
+                    required,
+                    &ctx.public_base,
+                )
+                .map_err(GatewayError::Denied)?,
+            _ => None,
+        };
+        let is_relay_route = mapped.route.config.relay;
         let (parts, incoming) = req.into_parts();
         let mut headers = forward_headers(&parts.headers);
         if api.endpoint == Endpoint::Tags {
@@ -260,16 +304,27 @@ impl Gateway {
         }
         let body = (!incoming.is_end_stream())
             .then(|| body::boxed(Observed::new(body::boxed(incoming), Box::new(UploadBytes))));
-        let response = upstream
-            .send(UpstreamRequest {
-                method: parts.method.clone(),
-                path_and_query: path_and_query.clone(),
-                headers,
-                body,
-                scopes,
-            })
-            .await?;
+        let request = UpstreamRequest {
+            method: parts.method.clone(),
+            path_and_query: path_and_query.clone(),
+            headers,
+            body,
+            scopes,
+        };
+        let response = match relayed {
+            Some(token) => upstream.send_as(request, token).await?,
+            None => upstream.send(request).await?,
+        };
         if response.status() == StatusCode::UNAUTHORIZED {
+            if is_relay_route {
+                // The relayed token no longer works upstream: the client gets a fresh one.
+                return Err(GatewayError::Denied(crate::relay::refusal(
+                    &ctx.public_base,
+                    required,
+                    Some("invalid_token"),
+                    "the upstream refused the relayed token",
+                )));
+            }
             return Err(self.upstream_refused(ctx, upstream.name(), required));
         }
         let asked = upstream.url(&path_and_query)?;

@@ -4,8 +4,10 @@
 //! A relay token carries the upstream token, the upstream and route it belongs to, the local
 //! scopes it covers and an expiry no later than the upstream token's. The route is also the
 //! PASETO's implicit assertion, so a token minted for one route does not even decrypt on
-//! another. Owns sealing and opening; the token endpoint and the request stage live in
-//! [`crate::pipeline`] and use this.
+//! another. Owns sealing and opening, the request stage ([`Relay::admit`]) and the token
+//! endpoint ([`endpoint`]); must not decide routes (the pipeline resolves them).
+
+pub mod endpoint;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,8 +17,11 @@ use pasetors::token::UntrustedToken;
 use pasetors::version4::{LocalToken, V4};
 use serde::{Deserialize, Serialize};
 
+use http::HeaderValue;
+
+use crate::auth::Denied;
 use crate::config::RelayConfig;
-use crate::oci::Scope;
+use crate::oci::{Challenge, ErrorCode, OciError, Scope};
 
 /// Relay tokens live at most this long, however long the upstream token would.
 pub const MAX_LIFETIME_SECS: u64 = 300;
@@ -95,6 +100,15 @@ impl Relay {
         upstream: &str,
         now: u64,
     ) -> Result<RelayClaims, RelayError> {
+        let claims = self.open_on_route(token, route, now)?;
+        if claims.up != upstream {
+            return Err(RelayError::OtherUpstream);
+        }
+        Ok(claims)
+    }
+
+    /// Opens a token presented on `route` (its implicit assertion), checking expiry.
+    fn open_on_route(&self, token: &str, route: &str, now: u64) -> Result<RelayClaims, RelayError> {
         let untrusted =
             UntrustedToken::<Local, V4>::try_from(token).map_err(|_| RelayError::Malformed)?;
         let trusted = self
@@ -107,14 +121,118 @@ impl Relay {
         if claims.rt != route {
             return Err(RelayError::Unsealed);
         }
-        if claims.up != upstream {
-            return Err(RelayError::OtherUpstream);
-        }
         if now > claims.exp {
             return Err(RelayError::Expired);
         }
         Ok(claims)
     }
+
+    /// The `/v2/` check: clients learn the realm from it, so it is challenged unless the
+    /// client shows a relay token sealed for one of `routes` (or a scope-less login token).
+    pub fn admit_base<'a>(
+        &self,
+        authorization: Option<&HeaderValue>,
+        routes: impl Iterator<Item = &'a str>,
+        public_base: &str,
+    ) -> Result<(), Denied> {
+        let now = unix_now();
+        let valid = bearer(authorization).is_some_and(|t| {
+            std::iter::once("")
+                .chain(routes)
+                .any(|route| self.open_on_route(t, route, now).is_ok())
+        });
+        if valid {
+            Ok(())
+        } else {
+            Err(refusal(public_base, &[], None, "authentication required"))
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+fn bearer(authorization: Option<&HeaderValue>) -> Option<&str> {
+    authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+}
+
+impl Relay {
+    /// The request stage for a relay route: the client's bearer PASETO must open for this
+    /// route and upstream, be unexpired and cover `required` (local names). Gives the
+    /// upstream token to send instead (`None` when the upstream takes no bearer tokens);
+    /// anything wrong is a 401 with a fresh challenge pointing at our token endpoint.
+    pub fn admit(
+        &self,
+        authorization: Option<&HeaderValue>,
+        route: &str,
+        upstream: &str,
+        required: &[Scope],
+        public_base: &str,
+    ) -> Result<Option<HeaderValue>, Denied> {
+        let Some(token) = bearer(authorization) else {
+            return Err(refusal(
+                public_base,
+                required,
+                None,
+                "authentication required",
+            ));
+        };
+        let claims = self
+            .open(token, route, upstream, unix_now())
+            .map_err(|e| refusal(public_base, required, Some("invalid_token"), &e.to_string()))?;
+        if !claims.covers(required) {
+            return Err(refusal(
+                public_base,
+                required,
+                Some("insufficient_scope"),
+                "the relay token does not cover this request",
+            ));
+        }
+        if claims.ut.is_empty() {
+            return Ok(None);
+        }
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", claims.ut)).map_err(|_| {
+            refusal(
+                public_base,
+                required,
+                Some("invalid_token"),
+                "bad upstream token",
+            )
+        })?;
+        header.set_sensitive(true);
+        Ok(Some(header))
+    }
+}
+
+/// Our challenge for a relay route: realm and service are the proxy's, scopes local.
+pub fn refusal(public_base: &str, required: &[Scope], error: Option<&str>, why: &str) -> Denied {
+    let mut challenge = Challenge::bearer(
+        &format!("{public_base}{}", endpoint::PATH),
+        &service(public_base),
+        required,
+    );
+    if let Some(e) = error {
+        challenge.set_param("error", e.to_string());
+    }
+    let code = if error == Some("insufficient_scope") {
+        ErrorCode::Denied
+    } else {
+        ErrorCode::Unauthorized
+    };
+    Denied {
+        challenge,
+        error: OciError::new(code, why).with_status(http::StatusCode::UNAUTHORIZED),
+    }
+}
+
+/// The relay's service name: the host clients reach us by.
+pub fn service(public_base: &str) -> String {
+    public_base
+        .split_once("://")
+        .map_or(public_base, |(_, host)| host)
+        .to_string()
 }
 
 pub fn unix_now() -> u64 {

@@ -41,6 +41,8 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream}: bad redirect: {reason}")]
     Redirect { upstream: String, reason: String },
+    #[error("upstream {upstream}: its token realm refused the proxy's credentials")]
+    TokenRefused { upstream: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,28 +279,78 @@ impl Upstream {
         match scheme {
             AuthScheme::Unknown | AuthScheme::Open => None,
             AuthScheme::Basic => secret.and_then(Secret::basic_header),
-            AuthScheme::Bearer { realm, service } => {
-                let key = TokenCache::key(scopes);
-                if let Some(t) = self.tokens.get(&key) {
-                    return Some(t);
-                }
-                let secret = secret.filter(|_| self.realm_allowed(realm));
-                let fetched =
-                    token::fetch(&self.client, realm, service.as_deref(), scopes, secret).await;
-                crate::metrics::token_fetch(&self.config.name, fetched.is_ok());
-                match fetched {
-                    Ok(t) => {
-                        let header = t.header.clone();
-                        self.tokens.put(key, t);
-                        Some(header)
-                    }
-                    Err(e) => {
-                        tracing::warn!(upstream = %self.config.name, error = %e, "token fetch failed");
-                        None
-                    }
-                }
+            AuthScheme::Bearer { realm, service } => self
+                .bearer_token(realm, service.as_deref(), scopes, secret)
+                .await
+                .map(|t| t.header),
+        }
+    }
+
+    /// A bearer token for `scopes` from the realm, cached per scope set.
+    async fn bearer_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[Scope],
+        secret: Option<&Secret>,
+    ) -> Option<token::Token> {
+        let key = TokenCache::key(scopes);
+        if let Some(t) = self.tokens.get(&key) {
+            return Some(t);
+        }
+        let secret = secret.filter(|_| self.realm_allowed(realm));
+        let fetched = token::fetch(&self.client, realm, service, scopes, secret).await;
+        crate::metrics::token_fetch(&self.config.name, fetched.is_ok());
+        match fetched {
+            Ok(t) => {
+                self.tokens.put(key, t.clone());
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %self.config.name, error = %e, "token fetch failed");
+                None
             }
         }
+    }
+
+    /// For the relay: the upstream's bearer token for `scopes` (remote names), fetched with
+    /// the upstream's credentials. `Ok(None)` when the upstream takes no bearer tokens (it is
+    /// open, or uses Basic, which the proxy then sends itself).
+    pub async fn bearer_for(
+        &self,
+        scopes: &[Scope],
+    ) -> Result<Option<token::Token>, UpstreamError> {
+        let secret =
+            self.credentials
+                .resolve()
+                .await
+                .map_err(|source| UpstreamError::Credentials {
+                    upstream: self.config.name.clone(),
+                    source,
+                })?;
+        let mut scheme = self.scheme();
+        if scheme == AuthScheme::Unknown {
+            scheme = self.ping().await;
+        }
+        let AuthScheme::Bearer { realm, service } = &scheme else {
+            return Ok(None);
+        };
+        self.bearer_token(realm, service.as_deref(), scopes, secret.as_ref())
+            .await
+            .map(Some)
+            .ok_or_else(|| UpstreamError::TokenRefused {
+                upstream: self.config.name.clone(),
+            })
+    }
+
+    /// Sends with exactly this `Authorization` (a relayed upstream token): no token dance.
+    pub async fn send_as(
+        &self,
+        mut req: UpstreamRequest,
+        authorization: HeaderValue,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let body = req.body.take();
+        self.dispatch(&req, Some(authorization), body).await
     }
 
     fn realm_allowed(&self, realm: &str) -> bool {

@@ -88,10 +88,10 @@ impl TokenCache {
         s.join(" ")
     }
 
-    pub fn get(&self, key: &str) -> Option<HeaderValue> {
+    pub fn get(&self, key: &str) -> Option<Token> {
         let mut entries = self.entries.lock().ok()?;
         match entries.get(key) {
-            Some(t) if t.valid_until > Instant::now() => Some(t.header.clone()),
+            Some(t) if t.valid_until > Instant::now() => Some(t.clone()),
             Some(_) => {
                 entries.remove(key);
                 None
@@ -323,6 +323,6 @@ mod tests {
                 valid_until: Instant::now() + Duration::from_secs(60),
             },
         );
-        assert_eq!(cache.get("k").unwrap(), "Bearer y");
+        assert_eq!(cache.get("k").unwrap().header, "Bearer y");
     }
 }

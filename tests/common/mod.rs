@@ -120,9 +120,9 @@ pub struct Podman {
 
 impl Podman {
     pub fn new() -> Podman {
-        Podman {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("auth.json"), r#"{"auths":{}}"#).unwrap();
+        Podman { dir }
     }
 
     pub fn command(&self, args: &[&str]) -> Command {

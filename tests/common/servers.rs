@@ -69,6 +69,7 @@ pub struct TokenServer {
     pub issuer: String,
     pub service: String,
     requests: Arc<Mutex<Vec<TokenRequest>>>,
+    issued: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -105,8 +106,11 @@ impl TokenServer {
         let seen = requests.clone();
         let (iss, svc) = (issuer.clone(), service.clone());
         let refresh_token = refresh_token.map(str::to_string);
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let issued_log = issued.clone();
         let handler: Handler = Arc::new(move |req: Request<Incoming>| {
             let seen = seen.clone();
+            let issued_log = issued_log.clone();
             let expected = expected.clone();
             let refresh_token = refresh_token.clone();
             let (iss, svc, x5c, encoding) =
@@ -168,6 +172,7 @@ impl TokenServer {
                     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
                     header.x5c = Some(vec![x5c.clone()]);
                     let token = jsonwebtoken::encode(&header, &claims, &encoding).unwrap();
+                    issued_log.lock().unwrap().push(token.clone());
                     respond(
                     StatusCode::OK,
                     serde_json::json!({"token": token, "access_token": token, "expires_in": 300})
@@ -185,8 +190,14 @@ impl TokenServer {
             issuer,
             service,
             requests,
+            issued,
             _dir: dir,
         }
+    }
+
+    /// Every token this realm handed out.
+    pub fn issued(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
     }
 
     pub fn realm(&self) -> String {

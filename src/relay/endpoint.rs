@@ -1,0 +1,138 @@
+//! The relay's token endpoint: maps each requested scope local → remote, gets the upstream's
+//! token for them with the route's upstream credentials (or anonymously), and answers with a
+//! sealed relay token. A request with no scope (`docker login`) gets a valid, empty token.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{MAX_LIFETIME_SECS, Relay, RelayClaims, unix_now};
+use crate::body::Body;
+use crate::error::{GatewayError, registry_json};
+use crate::oci::{ErrorCode, OciError, Scope};
+use crate::rewrite::RouteTable;
+use crate::upstream::Upstream;
+
+/// Where relay routes send clients for tokens (on every listener).
+pub const PATH: &str = "/token";
+const MAX_FORM: usize = 64 << 10;
+
+fn bad_request(why: &str) -> GatewayError {
+    GatewayError::Oci(
+        OciError::new(ErrorCode::Unsupported, why).with_status(StatusCode::BAD_REQUEST),
+    )
+}
+
+/// The scopes asked for: repeated `scope` in a GET query, space-separated in a POST form.
+async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
+    let (parts, incoming) = req.into_parts();
+    let mut raw: Vec<String> =
+        url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.into_owned())
+            .collect();
+    if parts.method == Method::POST {
+        let form = Limited::new(incoming, MAX_FORM)
+            .collect()
+            .await
+            .map_err(|_| bad_request("the form is too large or unreadable"))?
+            .to_bytes();
+        raw.extend(
+            url::form_urlencoded::parse(&form)
+                .filter(|(k, _)| k == "scope")
+                .flat_map(|(_, v)| v.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
+        );
+    }
+    if raw.len() > 64 {
+        return Err(bad_request("too many scopes"));
+    }
+    raw.iter()
+        .map(|s| {
+            Scope::parse(s)
+                .filter(|sc| {
+                    sc.is_repository() && crate::oci::path::validate_name(&sc.name).is_ok()
+                })
+                .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))
+        })
+        .collect()
+}
+
+pub async fn issue(
+    relay: &Relay,
+    routes: &RouteTable,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let scopes = requested_scopes(req).await?;
+    let now = unix_now();
+    // Scopes of names on no relay route are simply not granted, as for names that exist
+    // nowhere: the endpoint is no oracle for what is routed.
+    let mut route: Option<(String, String)> = None;
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for scope in &scopes {
+        let Some(m) = routes.resolve(&scope.name).filter(|m| m.route.config.relay) else {
+            continue;
+        };
+        let this = (
+            m.route.config.prefix.clone(),
+            m.route.config.upstream.clone(),
+        );
+        match &route {
+            Some(r) if *r != this => {
+                return Err(bad_request(
+                    "the scopes name repositories on different routes",
+                ));
+            }
+            _ => route = Some(this),
+        }
+        let actions: Vec<&str> = scope.actions.iter().map(String::as_str).collect();
+        remote.push(Scope::repository(&m.remote, &actions));
+        local.push(scope.to_string());
+    }
+    let mut claims = RelayClaims {
+        ut: String::new(),
+        up: String::new(),
+        rt: String::new(),
+        sc: local,
+        iat: now,
+        exp: now + MAX_LIFETIME_SECS,
+    };
+    if let Some((prefix, upstream_name)) = route {
+        let upstream = upstreams
+            .get(&upstream_name)
+            .ok_or_else(|| bad_request("route without upstream"))?;
+        if let Some(token) = upstream.bearer_for(&remote).await? {
+            let left = token
+                .valid_until
+                .saturating_duration_since(Instant::now())
+                .as_secs();
+            claims.exp = now + left.min(MAX_LIFETIME_SECS);
+            claims.ut = token
+                .header
+                .to_str()
+                .ok()
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .to_string();
+        }
+        claims.rt = prefix;
+        claims.up = upstream_name;
+    }
+    let sealed = relay
+        .seal(&claims)
+        .map_err(|e| GatewayError::Oci(OciError::new(ErrorCode::Unknown, e.to_string())))?;
+    let answer = json!({
+        "token": sealed,
+        "access_token": sealed,
+        "expires_in": claims.exp.saturating_sub(now),
+        "issued_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    });
+    tracing::info!(route = %claims.rt, scopes = %claims.sc.join(" "), "relay token issued");
+    Ok(registry_json(StatusCode::OK, answer.to_string()))
+}
