@@ -24,6 +24,8 @@
 //! - [`rewrite`]: routes and name mapping both ways.
 //! - [`upstream`]: everything that talks to registries.
 //! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
+//! - [`relay`]: the PASETO relay of upstream tokens (relay routes, its token endpoint).
+//! - [`import`]: converting other tools' configs (`ocigate import backplane`).
 //! - [`server`]: sockets, TLS and graceful shutdown.
 //! - [`body`], [`metrics`], [`error`]: shared plumbing.
 
@@ -32,6 +34,7 @@ pub mod body;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod local;
 pub mod metrics;
 pub mod oci;

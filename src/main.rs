@@ -31,6 +31,13 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
+    /// Print the ocigate config equivalent to another tool's config.
+    Import {
+        #[arg(value_enum)]
+        kind: ImportKind,
+        /// The other tool's config file.
+        file: PathBuf,
+    },
     /// Print a token from the config's token server (no password asked; the ACL applies).
     Token {
         /// The YAML config file (needs `token_server`).
@@ -140,6 +147,12 @@ impl TokenFlags {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ImportKind {
+    /// backplane/registryproxy's YAML.
+    Backplane,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -149,6 +162,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Import {
+            kind: ImportKind::Backplane,
+            file,
+        } => std::fs::read_to_string(&file)
+            .with_context(|| format!("{}: cannot read", file.display()))
+            .and_then(|text| {
+                Ok(ocigate::import::backplane(
+                    &text,
+                    &file.display().to_string(),
+                )?)
+            })
+            .map(|yaml| print!("{yaml}")),
         Command::Token {
             config,
             account,

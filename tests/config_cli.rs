@@ -210,6 +210,7 @@ fn bundled_example_configs_are_valid() {
                 .env("TOKEN_SIGNING_KEY", &signing_key)
                 .env("TOKEN_CERTIFICATE", &ca_bundle)
                 .env("TOKEN_HTPASSWD", &htpasswd)
+                .env("OCIGATE_RELAY_KEY", "ab".repeat(32))
                 .output()
                 .unwrap();
             assert!(
@@ -222,4 +223,36 @@ fn bundled_example_configs_are_valid() {
         }
     }
     assert!(checked >= 5, "every use case has an example");
+}
+
+#[test]
+fn import_backplane_prints_a_config_that_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("backplane.yaml");
+    std::fs::write(
+        &seed,
+        "listen_addr: 0.0.0.0\nport: 5000\nsecretkey: 796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\nproxies:\n  \"bp/\":\n    registry: index.docker.io\n    remote: backplane\n  \"0ebb01be-0a22-4639-898c-bc8c2d20942d/nginx\":\n    registry: ghcr.io\n    remote: modem7/docker-rickroll\n    auth: \"Basic cmljazpOZXZlckdvbm5hTGV0WW91RG93bjI=\"\n",
+    )
+    .unwrap();
+    let out = Command::new(Ocigate::bin())
+        .arg("import")
+        .arg("backplane")
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, stdout, stderr) = check(&String::from_utf8_lossy(&out.stdout));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("bp/") && stdout.contains("relay"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("cmljazpOZXZlckdvbm5hTGV0WW91RG93bjI="),
+        "secrets stay out of the summary"
+    );
 }
