@@ -112,7 +112,13 @@ impl Gateway {
             None => None,
         };
         let relay = match &config.relay {
-            Some(r) => Some(Relay::new(r)?),
+            Some(r) => Some(Relay::new(
+                r,
+                config
+                    .token_server
+                    .as_ref()
+                    .map_or(crate::relay::endpoint::PATH, |t| t.path.as_str()),
+            )?),
             None => None,
         };
         Ok(Gateway {
@@ -159,17 +165,14 @@ impl Gateway {
         ctx: &mut RequestContext,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
-        if let Some(ts) = &self.token_server
-            && ctx.path == ts.path()
-        {
+        let token_path = self
+            .token_server
+            .as_ref()
+            .map(TokenServer::path)
+            .or(self.relay.as_ref().map(Relay::path));
+        if token_path == Some(ctx.path.as_str()) {
             ctx.route = "token".into();
-            return ts.handle(req).await;
-        }
-        if let Some(relay) = &self.relay
-            && ctx.path == crate::relay::endpoint::PATH
-        {
-            ctx.route = "token".into();
-            return crate::relay::endpoint::issue(relay, &self.routes, &self.upstreams, req).await;
+            return self.token_endpoint(req).await;
         }
         let api = match ApiPath::parse(&ctx.path) {
             None => return self.non_api(ctx, &req),
@@ -183,36 +186,89 @@ impl Gateway {
         };
         let mount_from = upload.as_ref().and_then(UploadQuery::from);
         let required = crate::auth::required_scopes(&ctx.method, &api, mount_from);
-        if let Some(auth) = &self.auth {
-            ctx.subject = auth
-                .check(
-                    req.headers().get(header::AUTHORIZATION),
-                    &required,
-                    &ctx.public_base,
-                )
-                .await
-                .map_err(GatewayError::Denied)?;
-        }
-        if let (Some(relay), None, Endpoint::Base) = (&self.relay, &self.auth, &api.endpoint) {
-            let relay_routes = self
-                .routes
-                .routes()
-                .iter()
-                .filter(|r| r.config.relay)
-                .map(|r| r.config.prefix.as_str());
-            relay
-                .admit_base(
-                    req.headers().get(header::AUTHORIZATION),
-                    relay_routes,
-                    &ctx.public_base,
-                )
-                .map_err(GatewayError::Denied)?;
+        let authorization = req.headers().get(header::AUTHORIZATION);
+        // On relay routes the client shows a relay token, checked by the relay stage.
+        let on_relay_route =
+            self.relay.is_some() && api.name.as_deref().is_some_and(|n| self.is_relay_name(n));
+        match (&self.auth, &self.relay) {
+            (Some(auth), _) if !on_relay_route => {
+                match auth.check(authorization, &required, &ctx.public_base).await {
+                    Ok(subject) => ctx.subject = subject,
+                    // `/v2/` takes a relay token too: clients of relay routes only hold those.
+                    Err(denied) => {
+                        let relay_login = api.endpoint == Endpoint::Base
+                            && self.relay_admits_base(authorization, ctx).is_ok();
+                        if !relay_login {
+                            return Err(GatewayError::Denied(denied));
+                        }
+                    }
+                }
+            }
+            (None, Some(_)) if api.endpoint == Endpoint::Base => {
+                self.relay_admits_base(authorization, ctx)
+                    .map_err(GatewayError::Denied)?;
+            }
+            _ => {}
         }
         match &api.endpoint {
             Endpoint::Base => Ok(local::api_base()),
             Endpoint::Catalog => crate::catalog::serve(self, ctx).await,
             _ => self.proxy(ctx, api, upload, &required, req).await,
         }
+    }
+
+    /// The token endpoint. With the token server, clients log in there; scopes on relay
+    /// routes come back sealed in a relay token, cut down to what the ACL grants (the relay
+    /// never widens what a client may do). Without it, the relay's own anonymous endpoint.
+    async fn token_endpoint(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        use crate::relay::endpoint;
+        match (&self.token_server, &self.relay) {
+            (Some(ts), relay) => {
+                let login = ts.login(req).await?;
+                if let Some(relay) = relay
+                    && login.scopes().iter().any(|s| self.is_relay_name(&s.name))
+                {
+                    let granted = ts.granted(&login);
+                    return endpoint::issue(
+                        relay,
+                        &self.routes,
+                        &self.upstreams,
+                        login.scopes(),
+                        &granted,
+                    )
+                    .await;
+                }
+                ts.answer(login)
+            }
+            (None, Some(relay)) => {
+                let scopes = endpoint::requested_scopes(req).await?;
+                endpoint::issue(relay, &self.routes, &self.upstreams, &scopes, &scopes).await
+            }
+            (None, None) => Err(local::not_found("/token").into()),
+        }
+    }
+
+    fn is_relay_name(&self, local: &str) -> bool {
+        self.routes
+            .resolve(local)
+            .is_some_and(|m| m.route.config.relay)
+    }
+
+    fn relay_admits_base(
+        &self,
+        authorization: Option<&HeaderValue>,
+        ctx: &RequestContext,
+    ) -> Result<(), crate::auth::Denied> {
+        let Some(relay) = &self.relay else {
+            return Ok(());
+        };
+        let relay_routes = self
+            .routes
+            .routes()
+            .iter()
+            .filter(|r| r.config.relay)
+            .map(|r| r.config.prefix.as_str());
+        relay.admit_base(authorization, relay_routes, &ctx.public_base)
     }
 
     fn non_api(
@@ -316,9 +372,9 @@ impl Gateway {
             None => upstream.send(request).await?,
         };
         if response.status() == StatusCode::UNAUTHORIZED {
-            if is_relay_route {
+            if let (true, Some(relay)) = (is_relay_route, &self.relay) {
                 // The relayed token no longer works upstream: the client gets a fresh one.
-                return Err(GatewayError::Denied(crate::relay::refusal(
+                return Err(GatewayError::Denied(relay.refusal(
                     &ctx.public_base,
                     required,
                     Some("invalid_token"),

@@ -117,6 +117,21 @@ fn bad_configs_name_file_line_column_and_problem() {
             "bad.yaml:5:",
             "upstreams.hub.credentials.docker_config: cannot read /nonexistent/config.json",
         ),
+        (
+            format!("{UP}routes:\n  - {{prefix: \"p/\", upstream: hub, relay: true}}\n"),
+            "bad.yaml:4:",
+            "has `relay: true` but there is no `relay` section",
+        ),
+        (
+            format!("{UP}{ROUTE}relay:\n  secret_key: \"abcd\"\n"),
+            "bad.yaml:6:15: ",
+            "relay.secret_key: must be 64 hex characters",
+        ),
+        (
+            format!("{UP}{ROUTE}relay:\n  secret_key: \"{}\"\nauth:\n  token: {{realm: \"https://a/token\", service: s, issuer: i, jwks: \"https://a/jwks\"}}\n", "ab".repeat(32)),
+            "bad.yaml:6:",
+            "give both: the token server authenticates clients",
+        ),
     ];
     assert!(cases.len() >= 10);
     for (yaml, location, message) in &cases {

@@ -198,10 +198,13 @@ fn relay_tokens_are_checked_and_refused_with_a_fresh_challenge() {
         exp,
     };
     let sealer = |key: &str| {
-        Relay::new(&RelayConfig {
-            secret_key: hex::decode(key).unwrap(),
-            previous_keys: Vec::new(),
-        })
+        Relay::new(
+            &RelayConfig {
+                secret_key: hex::decode(key).unwrap(),
+                previous_keys: Vec::new(),
+            },
+            "/token",
+        )
         .unwrap()
     };
     let expired = sealer(KEY).seal(&claims(unix_now() - 5)).unwrap();
@@ -283,4 +286,102 @@ fn token_endpoint_scopes_and_capability_urls() {
     assert!(!denied.status.success());
     let catalog = get(&format!("{}/v2/_catalog", s.gw.url())).text();
     assert!(!catalog.contains("0ebb01be"), "{catalog}");
+}
+
+#[test]
+fn with_client_auth_the_relay_seals_only_what_the_acl_grants() {
+    let mut reg = Registry::start("");
+    let img = image::image(&[("hello", b"private, relayed, guarded\n")], "amd64");
+    image::push_image(&reg.url(), "team/private", "v1", &img);
+    let ts = TokenServer::start(Some(("robot", "s3cret")));
+    reg.reconfigure(&ts.registry_auth_yaml());
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["ocigate tokens".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("token.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("token.crt"), cert.pem()).unwrap();
+    let users = format!(
+        "alice:{}\nbob:{}\n",
+        bcrypt::hash("wonderland", 4).unwrap(),
+        bcrypt::hash("builder", 4).unwrap()
+    );
+    std::fs::write(dir.path().join("htpasswd"), users).unwrap();
+    let config = format!(
+        r#"server:
+  listen: "127.0.0.1:0"
+upstreams:
+  reg:
+    url: "{reg}"
+    credentials: {{basic: {{username: robot, password: s3cret}}}}
+    allowed_realms: ["{realm}"]
+routes:
+  - {{prefix: "priv/", upstream: reg, remote: "team/", relay: true}}
+auth:
+  token: {{service: ocigate.test, issuer: ocigate}}
+token_server:
+  issuer: ocigate
+  signing_key: {dir}/token.key
+  certificate: {dir}/token.crt
+  users: {{htpasswd: {dir}/htpasswd}}
+  acl:
+    - {{account: alice, repository: "priv/*", actions: [pull]}}
+relay:
+  secret_key: "{KEY}"
+"#,
+        reg = reg.url(),
+        realm = ts.realm(),
+        dir = dir.path().display()
+    );
+    let gw = Ocigate::start(&config);
+    let reference = format!("{}/priv/private:v1", gw.host());
+    assert_eq!(
+        skopeo_digest(
+            &reference,
+            &["--tls-verify=false", "--creds", "alice:wonderland"]
+        ),
+        img.digest
+    );
+    for creds in [Some("bob:builder"), Some("alice:wrong"), None] {
+        let mut args = vec!["inspect", "--tls-verify=false"];
+        if let Some(c) = creds {
+            args.extend(["--creds", c]);
+        }
+        let target = format!("docker://{reference}");
+        args.push(&target);
+        assert!(
+            !skopeo(&args).status.success(),
+            "{creds:?} must not read priv/private"
+        );
+    }
+    // alice asks for pull and push: the relay token seals only the pull the ACL grants.
+    let r = get_with(
+        &format!("{}/token?scope=repository:priv/private:pull,push", gw.url()),
+        &[("authorization", "Basic YWxpY2U6d29uZGVybGFuZA==")],
+    );
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("v4.local."));
+    let manifest = format!("{}/v2/priv/private/manifests/v1", gw.url());
+    assert_eq!(bearer_get(&manifest, &token).status, 200);
+    let push = common::http::request(
+        "POST",
+        &format!("{}/v2/priv/private/blobs/uploads/", gw.url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        Vec::new(),
+    );
+    assert_challenged(&push, &gw, "insufficient_scope", "push beyond the ACL");
+    // bob's relay token covers nothing.
+    let r = get_with(
+        &format!("{}/token?scope=repository:priv/private:pull", gw.url()),
+        &[("authorization", "Basic Ym9iOmJ1aWxkZXI=")],
+    );
+    let bobs = r.json()["token"].as_str().unwrap().to_string();
+    assert_challenged(
+        &bearer_get(&manifest, &bobs),
+        &gw,
+        "insufficient_scope",
+        "bob",
+    );
 }

@@ -494,14 +494,16 @@ impl Resolver<'_> {
             Some(r) => Some(self.relay(r)?),
             None => None,
         };
-        if relay.is_some() && (raw.auth.is_some() || token_server.is_some()) {
+        // With client auth, the relay seals only what the token server's ACL grants: the two
+        // come together or not at all.
+        if relay.is_some() && (raw.auth.is_some() != token_server.is_some()) {
             let at = raw
                 .relay
                 .as_ref()
                 .map_or(Location::UNKNOWN, |r| r.referenced);
             return Err(self.err(
                 at,
-                "relay: combining the relay with `auth` or `token_server` is not supported yet",
+                "relay: with `auth` or `token_server`, give both: the token server authenticates clients before their relay tokens are sealed",
             ));
         }
         if let Some((route, at)) = routes.iter().zip(&route_locations).find(|(r, _)| r.relay)

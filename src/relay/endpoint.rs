@@ -29,7 +29,7 @@ fn bad_request(why: &str) -> GatewayError {
 }
 
 /// The scopes asked for: repeated `scope` in a GET query, space-separated in a POST form.
-async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
+pub async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
     let (parts, incoming) = req.into_parts();
     let mut raw: Vec<String> =
         url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
@@ -62,20 +62,20 @@ async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayE
         .collect()
 }
 
+/// A relay token for the route that `requested` names, sealing `granted`: the scopes as
+/// asked (anonymous relay), or as the token server's ACL cut them down.
 pub async fn issue(
     relay: &Relay,
     routes: &RouteTable,
     upstreams: &HashMap<String, Arc<Upstream>>,
-    req: Request<Incoming>,
+    requested: &[Scope],
+    granted: &[Scope],
 ) -> Result<Response<Body>, GatewayError> {
-    let scopes = requested_scopes(req).await?;
     let now = unix_now();
     // Scopes of names on no relay route are simply not granted, as for names that exist
     // nowhere: the endpoint is no oracle for what is routed.
     let mut route: Option<(String, String)> = None;
-    let mut local = Vec::new();
-    let mut remote = Vec::new();
-    for scope in &scopes {
+    for scope in requested {
         let Some(m) = routes.resolve(&scope.name).filter(|m| m.route.config.relay) else {
             continue;
         };
@@ -90,6 +90,19 @@ pub async fn issue(
                 ));
             }
             _ => route = Some(this),
+        }
+    }
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for scope in granted {
+        let Some(m) = routes.resolve(&scope.name) else {
+            continue;
+        };
+        let same_route = route
+            .as_ref()
+            .is_some_and(|(prefix, _)| *prefix == m.route.config.prefix);
+        if !same_route || scope.actions.is_empty() {
+            continue;
         }
         let actions: Vec<&str> = scope.actions.iter().map(String::as_str).collect();
         remote.push(Scope::repository(&m.remote, &actions));
@@ -107,7 +120,12 @@ pub async fn issue(
         let upstream = upstreams
             .get(&upstream_name)
             .ok_or_else(|| bad_request("route without upstream"))?;
-        if let Some(token) = upstream.bearer_for(&remote).await? {
+        let upstream_token = if remote.is_empty() {
+            None
+        } else {
+            upstream.bearer_for(&remote).await?
+        };
+        if let Some(token) = upstream_token {
             let left = token
                 .valid_until
                 .saturating_duration_since(Instant::now())

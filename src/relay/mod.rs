@@ -74,15 +74,24 @@ impl RelayClaims {
 pub struct Relay {
     /// The current key first, then the previous ones (still opened, never used to seal).
     keys: Vec<SymmetricKey<V4>>,
+    /// Where clients get relay tokens: `token_server.path` when there is one, else `/token`.
+    path: String,
 }
 
 impl Relay {
-    pub fn new(config: &RelayConfig) -> Result<Relay, RelayError> {
+    pub fn new(config: &RelayConfig, path: &str) -> Result<Relay, RelayError> {
         let keys = std::iter::once(&config.secret_key)
             .chain(&config.previous_keys)
             .map(|k| SymmetricKey::<V4>::from(k).map_err(|e| RelayError::Seal(e.to_string())))
             .collect::<Result<_, _>>()?;
-        Ok(Relay { keys })
+        Ok(Relay {
+            keys,
+            path: path.to_string(),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     pub fn seal(&self, claims: &RelayClaims) -> Result<String, RelayError> {
@@ -144,7 +153,7 @@ impl Relay {
         if valid {
             Ok(())
         } else {
-            Err(refusal(public_base, &[], None, "authentication required"))
+            Err(self.refusal(public_base, &[], None, "authentication required"))
         }
     }
 }
@@ -159,6 +168,33 @@ fn bearer(authorization: Option<&HeaderValue>) -> Option<&str> {
 }
 
 impl Relay {
+    /// Our challenge for a relay route: realm and service are the proxy's, scopes local.
+    pub fn refusal(
+        &self,
+        public_base: &str,
+        required: &[Scope],
+        error: Option<&str>,
+        why: &str,
+    ) -> Denied {
+        let mut challenge = Challenge::bearer(
+            &format!("{public_base}{}", self.path),
+            &service(public_base),
+            required,
+        );
+        if let Some(e) = error {
+            challenge.set_param("error", e.to_string());
+        }
+        let code = if error == Some("insufficient_scope") {
+            ErrorCode::Denied
+        } else {
+            ErrorCode::Unauthorized
+        };
+        Denied {
+            challenge,
+            error: OciError::new(code, why).with_status(http::StatusCode::UNAUTHORIZED),
+        }
+    }
+
     /// The request stage for a relay route: the client's bearer PASETO must open for this
     /// route and upstream, be unexpired and cover `required` (local names). Gives the
     /// upstream token to send instead (`None` when the upstream takes no bearer tokens);
@@ -172,18 +208,13 @@ impl Relay {
         public_base: &str,
     ) -> Result<Option<HeaderValue>, Denied> {
         let Some(token) = bearer(authorization) else {
-            return Err(refusal(
-                public_base,
-                required,
-                None,
-                "authentication required",
-            ));
+            return Err(self.refusal(public_base, required, None, "authentication required"));
         };
-        let claims = self
-            .open(token, route, upstream, unix_now())
-            .map_err(|e| refusal(public_base, required, Some("invalid_token"), &e.to_string()))?;
+        let claims = self.open(token, route, upstream, unix_now()).map_err(|e| {
+            self.refusal(public_base, required, Some("invalid_token"), &e.to_string())
+        })?;
         if !claims.covers(required) {
-            return Err(refusal(
+            return Err(self.refusal(
                 public_base,
                 required,
                 Some("insufficient_scope"),
@@ -194,7 +225,7 @@ impl Relay {
             return Ok(None);
         }
         let mut header = HeaderValue::from_str(&format!("Bearer {}", claims.ut)).map_err(|_| {
-            refusal(
+            self.refusal(
                 public_base,
                 required,
                 Some("invalid_token"),
@@ -203,27 +234,6 @@ impl Relay {
         })?;
         header.set_sensitive(true);
         Ok(Some(header))
-    }
-}
-
-/// Our challenge for a relay route: realm and service are the proxy's, scopes local.
-pub fn refusal(public_base: &str, required: &[Scope], error: Option<&str>, why: &str) -> Denied {
-    let mut challenge = Challenge::bearer(
-        &format!("{public_base}{}", endpoint::PATH),
-        &service(public_base),
-        required,
-    );
-    if let Some(e) = error {
-        challenge.set_param("error", e.to_string());
-    }
-    let code = if error == Some("insufficient_scope") {
-        ErrorCode::Denied
-    } else {
-        ErrorCode::Unauthorized
-    };
-    Denied {
-        challenge,
-        error: OciError::new(code, why).with_status(http::StatusCode::UNAUTHORIZED),
     }
 }
 
@@ -247,10 +257,13 @@ mod tests {
     use super::*;
 
     fn relay(key: u8, previous: &[u8]) -> Relay {
-        Relay::new(&RelayConfig {
-            secret_key: vec![key; 32],
-            previous_keys: previous.iter().map(|p| vec![*p; 32]).collect(),
-        })
+        Relay::new(
+            &RelayConfig {
+                secret_key: vec![key; 32],
+                previous_keys: previous.iter().map(|p| vec![*p; 32]).collect(),
+            },
+            "/token",
+        )
         .unwrap()
     }
 

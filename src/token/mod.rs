@@ -51,6 +51,19 @@ pub struct TokenServer {
     acl: Acl,
 }
 
+/// An authenticated token request.
+pub struct Login {
+    identity: Identity,
+    scopes: Vec<Scope>,
+    offline: bool,
+}
+
+impl Login {
+    pub fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+}
+
 /// Who a token request speaks for.
 struct Identity {
     account: String,
@@ -100,7 +113,14 @@ impl TokenServer {
         Ok(self.issuer.access_token(account, &access)?.token)
     }
 
+    /// A whole token request: log in, grant, answer with a JWT.
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let login = self.login(req).await?;
+        self.answer(login)
+    }
+
+    /// Reads a token request and authenticates its client.
+    pub async fn login(&self, req: Request<Incoming>) -> Result<Login, GatewayError> {
         let (parts, incoming) = req.into_parts();
         let mut params = Params::default();
         if let Some(q) = parts.uri.query() {
@@ -138,6 +158,37 @@ impl TokenServer {
             return Err(bad_request("too many scopes"));
         }
         let identity = self.authenticate(&parts.headers, &params).await?;
+        Ok(Login {
+            identity,
+            scopes,
+            offline: params.offline,
+        })
+    }
+
+    /// The scopes `login` asked for, cut down to what the ACL allows (for the relay, which
+    /// seals them instead of minting a JWT).
+    pub fn granted(&self, login: &Login) -> Vec<Scope> {
+        self.grant(
+            &login.identity.account,
+            &login.identity.claims,
+            &login.scopes,
+        )
+        .into_iter()
+        .map(|a| Scope {
+            kind: a.kind,
+            name: a.name,
+            actions: a.actions,
+        })
+        .collect()
+    }
+
+    /// Answers an authenticated request with a JWT for what the ACL grants.
+    pub fn answer(&self, login: Login) -> Result<Response<Body>, GatewayError> {
+        let Login {
+            identity,
+            scopes,
+            offline,
+        } = login;
         let access = self.grant(&identity.account, &identity.claims, &scopes);
         let minted = self
             .issuer
@@ -149,7 +200,7 @@ impl TokenServer {
             "expires_in": minted.expires_in,
             "issued_at": minted.issued_at,
         });
-        if params.offline && identity.account != ANONYMOUS {
+        if offline && identity.account != ANONYMOUS {
             let refresh = match identity.presented_refresh {
                 Some(r) => r,
                 None => self
