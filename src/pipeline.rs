@@ -197,15 +197,17 @@ impl Gateway {
                     // `/v2/` takes a relay token too: clients of relay routes only hold those.
                     Err(denied) => {
                         let relay_login = api.endpoint == Endpoint::Base
-                            && self.relay_admits_base(authorization, ctx).is_ok();
+                            && self.relay.as_ref().is_some_and(|r| {
+                                self.relay_admits_base(r, authorization, ctx).is_ok()
+                            });
                         if !relay_login {
                             return Err(GatewayError::Denied(denied));
                         }
                     }
                 }
             }
-            (None, Some(_)) if api.endpoint == Endpoint::Base => {
-                self.relay_admits_base(authorization, ctx)
+            (None, Some(relay)) if api.endpoint == Endpoint::Base => {
+                self.relay_admits_base(relay, authorization, ctx)
                     .map_err(GatewayError::Denied)?;
             }
             _ => {}
@@ -254,14 +256,13 @@ impl Gateway {
             .is_some_and(|m| m.route.config.relay)
     }
 
+    /// Whether `/v2/` may answer a client that shows a relay token.
     fn relay_admits_base(
         &self,
+        relay: &Relay,
         authorization: Option<&HeaderValue>,
         ctx: &RequestContext,
     ) -> Result<(), crate::auth::Denied> {
-        let Some(relay) = &self.relay else {
-            return Ok(());
-        };
         let relay_routes = self
             .routes
             .routes()
