@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -20,7 +19,6 @@ use crate::upstream::Upstream;
 
 /// Where relay routes send clients for tokens (on every listener).
 pub const PATH: &str = "/token";
-const MAX_FORM: usize = 64 << 10;
 
 fn bad_request(why: &str) -> GatewayError {
     GatewayError::Oci(
@@ -28,38 +26,10 @@ fn bad_request(why: &str) -> GatewayError {
     )
 }
 
-/// The scopes asked for: repeated `scope` in a GET query, space-separated in a POST form.
+/// The scopes an anonymous relay-token request asks for.
 pub async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
-    let (parts, incoming) = req.into_parts();
-    let mut raw: Vec<String> =
-        url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
-            .filter(|(k, _)| k == "scope")
-            .map(|(_, v)| v.into_owned())
-            .collect();
-    if parts.method == Method::POST {
-        let form = Limited::new(incoming, MAX_FORM)
-            .collect()
-            .await
-            .map_err(|_| bad_request("the form is too large or unreadable"))?
-            .to_bytes();
-        raw.extend(
-            url::form_urlencoded::parse(&form)
-                .filter(|(k, _)| k == "scope")
-                .flat_map(|(_, v)| v.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
-        );
-    }
-    if raw.len() > 64 {
-        return Err(bad_request("too many scopes"));
-    }
-    raw.iter()
-        .map(|s| {
-            Scope::parse(s)
-                .filter(|sc| {
-                    sc.is_repository() && crate::oci::path::validate_name(&sc.name).is_ok()
-                })
-                .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))
-        })
-        .collect()
+    let (_, params) = crate::token::read_request(req).await?;
+    params.valid_scopes()
 }
 
 /// A relay token for the route that `requested` names, sealing `granted`: the scopes as

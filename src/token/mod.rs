@@ -73,9 +73,29 @@ struct Identity {
     presented_refresh: Option<String>,
 }
 
+/// Reads the parameters of a GET (query) or POST (OAuth2 form) token request.
+pub async fn read_request(req: Request<Incoming>) -> Result<(HeaderMap, Params), GatewayError> {
+    let (parts, incoming) = req.into_parts();
+    let mut params = Params::default();
+    if let Some(q) = parts.uri.query() {
+        params.read(q, false);
+    }
+    if parts.method == Method::POST {
+        let form = Limited::new(incoming, MAX_FORM)
+            .collect()
+            .await
+            .map_err(|_| bad_request("the form is too large or unreadable"))?
+            .to_bytes();
+        params.read(&String::from_utf8_lossy(&form), true);
+    } else if parts.method != Method::GET {
+        return Err(OciError::new(ErrorCode::Unsupported, "use GET or POST").into());
+    }
+    Ok((parts.headers, params))
+}
+
 /// The parameters of a GET or POST token request.
 #[derive(Default)]
-struct Params {
+pub struct Params {
     service: Option<String>,
     scopes: Vec<String>,
     offline: bool,
@@ -121,43 +141,14 @@ impl TokenServer {
 
     /// Reads a token request and authenticates its client.
     pub async fn login(&self, req: Request<Incoming>) -> Result<Login, GatewayError> {
-        let (parts, incoming) = req.into_parts();
-        let mut params = Params::default();
-        if let Some(q) = parts.uri.query() {
-            params.read(q, false);
-        }
-        if parts.method == Method::POST {
-            let form = Limited::new(incoming, MAX_FORM)
-                .collect()
-                .await
-                .map_err(|_| bad_request("the form is too large or unreadable"))?
-                .to_bytes();
-            params.read(&String::from_utf8_lossy(&form), true);
-        } else if parts.method != Method::GET {
-            return Err(OciError::new(ErrorCode::Unsupported, "use GET or POST").into());
-        }
+        let (headers, params) = read_request(req).await?;
         if let Some(s) = &params.service
             && s != self.issuer.service()
         {
             return Err(bad_request(&format!("unknown service {s:?}")));
         }
-        let scopes = params
-            .scopes
-            .iter()
-            .map(|s| {
-                Scope::parse(s)
-                    .filter(|scope| {
-                        !scope.is_repository()
-                            || crate::oci::path::validate_name(&scope.name).is_ok()
-                    })
-                    .filter(|scope| scope.name.len() <= 255 && scope.actions.len() <= 8)
-                    .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if scopes.len() > 64 {
-            return Err(bad_request("too many scopes"));
-        }
-        let identity = self.authenticate(&parts.headers, &params).await?;
+        let scopes = params.valid_scopes()?;
+        let identity = self.authenticate(&headers, &params).await?;
         Ok(Login {
             identity,
             scopes,
@@ -338,6 +329,25 @@ impl TokenServer {
 }
 
 impl Params {
+    /// The requested scopes, parsed and bounded: valid repository names, at most 64.
+    pub fn valid_scopes(&self) -> Result<Vec<Scope>, GatewayError> {
+        if self.scopes.len() > 64 {
+            return Err(bad_request("too many scopes"));
+        }
+        self.scopes
+            .iter()
+            .map(|s| {
+                Scope::parse(s)
+                    .filter(|scope| {
+                        !scope.is_repository()
+                            || crate::oci::path::validate_name(&scope.name).is_ok()
+                    })
+                    .filter(|scope| scope.name.len() <= 255 && scope.actions.len() <= 8)
+                    .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))
+            })
+            .collect()
+    }
+
     fn read(&mut self, query: &str, form: bool) {
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             let v = v.into_owned();

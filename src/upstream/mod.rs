@@ -150,14 +150,7 @@ impl Upstream {
         &self,
         mut req: UpstreamRequest,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let secret =
-            self.credentials
-                .resolve()
-                .await
-                .map_err(|source| UpstreamError::Credentials {
-                    upstream: self.config.name.clone(),
-                    source,
-                })?;
+        let secret = self.secret().await?;
         let body = req.body.take();
         if let Some(bearer) = secret.as_ref().and_then(Secret::static_bearer) {
             return self.dispatch(&req, Some(bearer), body).await;
@@ -233,6 +226,18 @@ impl Upstream {
             from = target;
         }
         Err(bad(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// The upstream's credentials, resolved now (credential helpers are asked at most every
+    /// few minutes).
+    async fn secret(&self) -> Result<Option<Secret>, UpstreamError> {
+        self.credentials
+            .resolve()
+            .await
+            .map_err(|source| UpstreamError::Credentials {
+                upstream: self.config.name.clone(),
+                source,
+            })
     }
 
     fn scheme(&self) -> AuthScheme {
@@ -320,14 +325,7 @@ impl Upstream {
         &self,
         scopes: &[Scope],
     ) -> Result<Option<token::Token>, UpstreamError> {
-        let secret =
-            self.credentials
-                .resolve()
-                .await
-                .map_err(|source| UpstreamError::Credentials {
-                    upstream: self.config.name.clone(),
-                    source,
-                })?;
+        let secret = self.secret().await?;
         let mut scheme = self.scheme();
         if scheme == AuthScheme::Unknown {
             scheme = self.ping().await;
