@@ -282,3 +282,35 @@ fn with_client_auth_an_upstream_refusal_is_our_own_challenge() {
     );
     assert!(!challenge.contains(&ts.realm()));
 }
+
+#[test]
+fn concurrent_cold_requests_share_one_token_fetch() {
+    let ts = TokenServer::start(Some(("puller", "pullpass")));
+    let (reg, img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let creds = format!(
+        "    credentials:\n      basic: {{username: puller, password: pullpass}}\n    allowed_realms: [\"{}\"]\n",
+        ts.realm()
+    );
+    let gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", &creds));
+    let url = format!("{}/v2/mirror/app/manifests/v1", gw.url());
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || head(&url, &[("accept", OCI_MANIFEST)]))
+        })
+        .collect();
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("docker-content-digest").as_deref(),
+            Some(img.digest.as_str())
+        );
+    }
+    let fetches = ts
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains("repository%3Ateam%2Fapp%3Apull"))
+        .count();
+    assert_eq!(fetches, 1, "16 concurrent cold requests, one token fetch");
+}

@@ -176,7 +176,10 @@ impl Upstream {
         // The token we sent (if any) was refused: never reuse it. The retry asks for the
         // request's own scopes only; the upstream's challenge may not widen what the proxy's
         // credentials are used for.
-        self.tokens.remove(&TokenCache::key(&req.scopes));
+        if let Some(refused) = &auth {
+            self.tokens
+                .remove_if(&TokenCache::key(&req.scopes), refused);
+        }
         match self
             .authorization(&learned, &req.scopes, secret.as_ref())
             .await
@@ -300,6 +303,12 @@ impl Upstream {
         secret: Option<&Secret>,
     ) -> Option<token::Token> {
         let key = TokenCache::key(scopes);
+        if let Some(t) = self.tokens.get(&key) {
+            return Some(t);
+        }
+        let gate = self.tokens.flight(&key);
+        let _turn = gate.lock().await;
+        // Whoever held the gate before us may have fetched it already.
         if let Some(t) = self.tokens.get(&key) {
             return Some(t);
         }

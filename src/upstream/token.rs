@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, StatusCode, header};
@@ -79,6 +79,9 @@ pub struct Token {
 #[derive(Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<String, Token>>,
+    /// One fetch per scope set at a time: concurrent cold requests wait for it instead of
+    /// each asking the realm (registries rate-limit token requests too).
+    flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
 
 impl TokenCache {
@@ -115,8 +118,27 @@ impl TokenCache {
         }
     }
 
-    pub fn remove(&self, key: &str) {
-        if let Ok(mut entries) = self.entries.lock() {
+    /// The gate for fetching `key`; hold its lock while fetching.
+    pub fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut flights) = self.flights.lock() else {
+            return Arc::default();
+        };
+        if let Some(gate) = flights.get(key).and_then(Weak::upgrade) {
+            return gate;
+        }
+        if flights.len() >= MAX_TOKENS {
+            flights.retain(|_, w| w.strong_count() > 0);
+        }
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        flights.insert(key.to_string(), Arc::downgrade(&gate));
+        gate
+    }
+
+    /// Forgets the token for `key` if it is `refused` (and not one fetched meanwhile).
+    pub fn remove_if(&self, key: &str, refused: &HeaderValue) {
+        if let Ok(mut entries) = self.entries.lock()
+            && entries.get(key).is_some_and(|t| t.header == *refused)
+        {
             entries.remove(key);
         }
     }
