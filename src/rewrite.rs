@@ -126,13 +126,6 @@ impl NameMap {
         }
     }
 
-    pub fn local_for(&self, remote: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(r, _)| r == remote)
-            .map(|(_, l)| l.as_str())
-    }
-
     /// Rewrites an upstream `/v2/<remote>/…` path (with any query) to `/v2/<local>/…`.
     pub fn path(&self, path: &str) -> Option<String> {
         let rest = path.strip_prefix("/v2/")?;

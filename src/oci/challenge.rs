@@ -50,13 +50,6 @@ impl Challenge {
         }
     }
 
-    /// The scopes named by the `scope` param (space-separated), skipping unparsable ones.
-    pub fn scopes(&self) -> Vec<Scope> {
-        self.param("scope")
-            .map(|s| s.split_whitespace().filter_map(Scope::parse).collect())
-            .unwrap_or_default()
-    }
-
     /// Parses the first challenge of a header value. Tolerates odd spacing and unquoted values.
     pub fn parse(header: &str) -> Option<Challenge> {
         let header = header.trim();
@@ -201,8 +194,8 @@ mod tests {
         assert_eq!(c.param("realm"), Some("https://auth.docker.io/token"));
         assert_eq!(c.param("service"), Some("registry.docker.io"));
         assert_eq!(
-            c.scopes(),
-            vec![Scope::repository("library/alpine", &["pull"])]
+            c.param("scope").and_then(Scope::parse),
+            Some(Scope::repository("library/alpine", &["pull"]))
         );
     }
 
