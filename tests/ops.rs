@@ -296,12 +296,7 @@ fn sigterm_lets_an_inflight_transfer_finish() {
     big.push_image(&reg.url(), "team/big", "v1");
     let mut gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", ""));
     let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http::Body>(hyper_util::client::legacy::connect::HttpConnector::new());
-    let req = ::http::Request::get(&url)
-        .body(http::full(bytes::Bytes::new()))
-        .unwrap();
-    let mut body = http::rt().block_on(async { client.request(req).await.unwrap().into_body() });
+    let mut body = http::start_get(&url);
     let mut hasher = sha2::Sha256::new();
     let mut n = 0u64;
     // Take the first bytes, so the transfer is certainly in flight…
@@ -358,13 +353,8 @@ fn shutdown_grace_bounds_how_long_a_stalled_transfer_is_waited_for() {
     );
     let mut gw = Ocigate::start(&config);
     let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http::Body>(hyper_util::client::legacy::connect::HttpConnector::new());
-    let req = ::http::Request::get(&url)
-        .body(http::full(bytes::Bytes::new()))
-        .unwrap();
     // Start the download and then stop reading: the transfer stalls on backpressure.
-    let mut body = http::rt().block_on(async { client.request(req).await.unwrap().into_body() });
+    let mut body = http::start_get(&url);
     let first = http::rt().block_on(body.frame()).unwrap().unwrap();
     assert!(first.is_data());
     let started = std::time::Instant::now();

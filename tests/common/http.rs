@@ -115,6 +115,12 @@ pub fn head(url: &str, headers: &[(&str, &str)]) -> Resp {
     request("HEAD", url, headers, Bytes::new())
 }
 
+/// Starts a GET and hands back its body unread, to be streamed (or deliberately stalled).
+pub fn start_get(url: &str) -> hyper::body::Incoming {
+    let req = Request::get(url).body(full(Bytes::new())).unwrap();
+    rt().block_on(async { client().request(req).await.unwrap().into_body() })
+}
+
 /// GETs `url` and hashes the body as it streams (never holding it); returns status,
 /// headers, byte count and `sha256:` digest.
 pub fn get_streamed_digest(url: &str) -> (u16, HeaderMap, u64, String) {
