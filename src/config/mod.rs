@@ -438,6 +438,33 @@ impl Resolver<'_> {
         Ok(p)
     }
 
+    /// An absolute `http://` or `https://` URL with a host.
+    fn http_url(&self, key: &str, v: &S) -> Result<Url, ConfigError> {
+        let text = self.string(key, v)?;
+        Url::parse(&text)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+            .ok_or_else(|| {
+                self.err(
+                    v.referenced,
+                    format!("{key}: {text:?} is not an http(s) URL"),
+                )
+            })
+    }
+
+    /// A registry action: `pull`, `push`, `delete` or `*`.
+    fn action(&self, key: &str, v: &S) -> Result<String, ConfigError> {
+        let action = self.string(key, v)?;
+        if matches!(action.as_str(), "pull" | "push" | "delete" | "*") {
+            Ok(action)
+        } else {
+            Err(self.err(
+                v.referenced,
+                format!("{key}: {action:?} is not an action (pull, push, delete, *)"),
+            ))
+        }
+    }
+
     fn duration(&self, key: &str, v: &S) -> Result<Duration, ConfigError> {
         let s = self.string(key, v)?;
         parse_duration(&s).ok_or_else(|| {
@@ -622,16 +649,7 @@ impl Resolver<'_> {
                     format!("token_server.oidc.name: {name:?} must be unique and made of letters, digits, '-', '_' or '.'"),
                 ));
             }
-            let issuer_text = self.string("token_server.oidc.issuer", &p.value.issuer)?;
-            let issuer = Url::parse(&issuer_text)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-                .ok_or_else(|| {
-                    self.err(
-                        p.value.issuer.referenced,
-                        format!("token_server.oidc.issuer: {issuer_text:?} is not an http(s) URL"),
-                    )
-                })?;
+            let issuer = self.http_url("token_server.oidc.issuer", &p.value.issuer)?;
             let audience = self.string("token_server.oidc.audience", &p.value.audience)?;
             if audience.is_empty() {
                 return Err(self.err(
@@ -666,17 +684,11 @@ impl Resolver<'_> {
                     format!("token_server.acl.repository: {m}"),
                 ));
             }
-            let mut actions = Vec::new();
-            for a in &rule.actions {
-                let v = self.string("token_server.acl.actions", a)?;
-                if !matches!(v.as_str(), "pull" | "push" | "delete" | "*") {
-                    return Err(self.err(
-                        a.referenced,
-                        format!("token_server.acl.actions: {v:?} is not pull, push, delete or *"),
-                    ));
-                }
-                actions.push(v);
-            }
+            let actions = rule
+                .actions
+                .iter()
+                .map(|a| self.action("token_server.acl.actions", a))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut claims = BTreeMap::new();
             for (k, v) in &rule.claims {
                 claims.insert(k.clone(), self.string("token_server.acl.claims", v)?);
@@ -716,34 +728,17 @@ impl Resolver<'_> {
                 "auth: `token` is required (realm, service, issuer, keys)",
             ));
         };
-        let mut anonymous = Vec::new();
-        for action in a.anonymous.iter().flatten() {
-            let v = self.string("auth.anonymous", action)?;
-            if !matches!(v.as_str(), "pull" | "push" | "delete" | "*") {
-                return Err(self.err(
-                    action.referenced,
-                    format!("auth.anonymous: {v:?} is not an action (pull, push, delete, *)"),
-                ));
-            }
-            anonymous.push(v);
-        }
+        let anonymous = a
+            .anonymous
+            .iter()
+            .flatten()
+            .map(|v| self.action("auth.anonymous", v))
+            .collect::<Result<Vec<_>, _>>()?;
         let token_at = t.referenced;
         let t = t.value;
         let realm = match &t.realm {
             None => None,
-            Some(r) => {
-                let s = self.string("auth.token.realm", r)?;
-                let url = Url::parse(&s)
-                    .ok()
-                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-                    .ok_or_else(|| {
-                        self.err(
-                            r.referenced,
-                            format!("auth.token.realm: {s:?} is not an http(s) URL"),
-                        )
-                    })?;
-                Some(url)
-            }
+            Some(r) => Some(self.http_url("auth.token.realm", r)?),
         };
         // With the built-in token server and no realm, clients are sent to it.
         let autoredirect =
@@ -762,10 +757,7 @@ impl Resolver<'_> {
             Some(p) => {
                 let text = self.string("auth.token.jwks", p)?;
                 if text.starts_with("https://") || text.starts_with("http://") {
-                    let url = Url::parse(&text).map_err(|e| {
-                        self.err(p.referenced, format!("auth.token.jwks: {text:?}: {e}"))
-                    })?;
-                    Some(JwksSource::Url(url))
+                    Some(JwksSource::Url(self.http_url("auth.token.jwks", p)?))
                 } else {
                     Some(JwksSource::File(self.existing_file("auth.token.jwks", p)?))
                 }
@@ -854,16 +846,7 @@ impl Resolver<'_> {
         let public_url = match &raw.public_url {
             None => None,
             Some(v) => {
-                let s = self.string("server.public_url", v)?;
-                let url = Url::parse(&s).map_err(|e| {
-                    self.err(v.referenced, format!("server.public_url: {s:?}: {e}"))
-                })?;
-                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                    return Err(self.err(
-                        v.referenced,
-                        "server.public_url: must be an http:// or https:// URL with a host",
-                    ));
-                }
+                let url = self.http_url("server.public_url", v)?;
                 if url.path() != "/" || url.query().is_some() {
                     return Err(self.err(
                         v.referenced,
@@ -920,17 +903,9 @@ impl Resolver<'_> {
             };
         }
         for realm in u.allowed_realms.iter().flatten() {
-            let text = self.string(&key("allowed_realms"), realm)?;
-            let url = Url::parse(&text)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
-                .ok_or_else(|| {
-                    self.err(
-                        realm.referenced,
-                        format!("{}: {text:?} is not an http(s) URL", key("allowed_realms")),
-                    )
-                })?;
-            upstream.allowed_realms.push(url);
+            upstream
+                .allowed_realms
+                .push(self.http_url(&key("allowed_realms"), realm)?);
         }
         if let Some(t) = &u.connect_timeout {
             upstream.connect_timeout = self.duration(&key("connect_timeout"), t)?;
