@@ -68,14 +68,24 @@ fn tls_config(config: &UpstreamConfig) -> Result<ClientConfig, ClientBuildError>
     Ok(tls)
 }
 
-/// Mozilla's roots, the system's roots where there are any, and the upstream's own `ca`.
+/// Mozilla's roots and the system's, read once per process: every upstream, identity provider
+/// and JWKS client starts from them.
+fn default_roots() -> &'static RootCertStore {
+    static ROOTS: std::sync::OnceLock<RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A broken system certificate must not stop the proxy; it is simply not trusted.
+            let _ = roots.add(cert);
+        }
+        roots
+    })
+}
+
+/// The default roots plus the upstream's own `ca`.
 fn roots(config: &UpstreamConfig) -> Result<RootCertStore, ClientBuildError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A broken system certificate must not stop the proxy; it is simply not trusted.
-        let _ = roots.add(cert);
-    }
+    let mut roots = default_roots().clone();
     if let Some(path) = &config.ca {
         let display = path.display().to_string();
         let mut added = 0;
