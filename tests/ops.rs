@@ -120,6 +120,8 @@ fn access_log_metrics_and_no_secrets() {
         "{metrics}"
     );
 
+    // The blob's access line is written last; once it is in, so is the manifest's.
+    assert!(gw.wait_for_log(&format!("\"path\":\"/v2/mirror/app/blobs/{layer}\"")));
     let logs = gw.logs();
     let access: Vec<serde_json::Value> = logs
         .lines()
@@ -337,7 +339,7 @@ fn sigterm_lets_an_inflight_transfer_finish() {
         status.success(),
         "ocigate exits cleanly after SIGTERM: {status:?}"
     );
-    assert!(gw.logs().contains("shutting down"));
+    assert!(gw.wait_for_log("shutting down"));
     // No new connections after shutdown.
     assert!(std::net::TcpStream::connect(gw.addr).is_err());
 }
@@ -366,6 +368,6 @@ fn shutdown_grace_bounds_how_long_a_stalled_transfer_is_waited_for() {
         "{:?}",
         started.elapsed()
     );
-    assert!(gw.logs().contains("grace period over"), "{}", gw.logs());
+    assert!(gw.wait_for_log("grace period over"), "{}", gw.logs());
     drop(body);
 }

@@ -220,8 +220,8 @@ fn password_logins_push_and_pull_through_the_proxy() {
         &format!("{host}/alice/app:v1"),
     ]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), img.digest);
+    assert!(gw.wait_for_log("\"account\":\"alice\""));
     let logs = gw.logs();
-    assert!(logs.contains("\"account\":\"alice\""));
     assert!(!logs.contains("wonderland"));
 }
 
@@ -422,10 +422,7 @@ fn oidc_identities_from_ci_jobs() {
         skopeo_digest(&format!("{}/myorg/tool:v1", reg.host()), &[]),
         img.digest
     );
-    assert!(
-        gw.logs()
-            .contains("\"account\":\"ci:repo:myorg/tool:ref:refs/heads/main\"")
-    );
+    assert!(gw.wait_for_log("\"account\":\"ci:repo:myorg/tool:ref:refs/heads/main\""));
 
     // Claims decide: another owner's job, or another repository, gets nothing.
     let foreign = idp.mint(&ci_claims(SERVICE, now + 600, "evil"));

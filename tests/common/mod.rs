@@ -334,6 +334,21 @@ impl Ocigate {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Whether a log line containing `needle` arrives within 10 s. Lines reach the test
+    /// through a reader thread, so a line written just before a response may lag behind it.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
