@@ -10,7 +10,7 @@ pub mod servers;
 pub mod tokens;
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -22,21 +22,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("no free port")
-}
-
-/// Waits until something accepts TCP connections on `addr`, or panics after 20 s.
-pub fn wait_for_port(addr: &str, child: &mut Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub fn have(tool: &str) -> bool {
@@ -163,8 +148,7 @@ impl Registry {
     /// Starts a registry; `extra` is YAML appended to its config (auth, middleware, …).
     pub fn start(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Registry::spawn(&dir, port, extra);
+        let (child, port) = Registry::spawn(&dir, None, extra);
         let log = dir.path().join("registry.log");
         Registry {
             child,
@@ -174,36 +158,67 @@ impl Registry {
         }
     }
 
-    /// Restarts on the same port and storage with another config tail: tests seed content
-    /// into an open registry, then lock it with auth or add redirects.
+    /// Restarts on the same storage (and port, if still free) with another config tail:
+    /// tests seed content into an open registry, then lock it with auth or add redirects.
     pub fn reconfigure(&mut self, extra: &str) {
         self.stop();
-        self.child = Registry::spawn(&self.dir, self.port, extra);
+        let (child, port) = Registry::spawn(&self.dir, Some(self.port), extra);
+        self.child = child;
+        self.port = port;
     }
 
-    fn spawn(dir: &tempfile::TempDir, port: u16, extra: &str) -> Child {
-        let storage = dir.path().join("storage");
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
-            storage.display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
+    /// Starts `docker-registry` and waits until *it* says it listens. A port found free can
+    /// be handed to a parallel test's process before the registry binds it: then the registry
+    /// exits and is started again on another port.
+    fn spawn(dir: &tempfile::TempDir, port: Option<u16>, extra: &str) -> (Child, u16) {
         let log = dir.path().join("registry.log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("docker-registry runs (apt-get install docker-registry)");
-        wait_for_port(&format!("127.0.0.1:{port}"), &mut child, "docker-registry");
-        child
+        let mut port = port.unwrap_or_else(free_port);
+        for _ in 0..5 {
+            let storage = dir.path().join("storage");
+            let config = format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
+                storage.display()
+            );
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).unwrap();
+            let log_file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            let logged_before = log_file.metadata().unwrap().len() as usize;
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .expect("docker-registry runs (apt-get install docker-registry)");
+            let ready = format!("listening on 127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text
+                    .get(logged_before..)
+                    .is_some_and(|new| new.contains(&ready))
+                {
+                    return (child, port);
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "docker-registry did not start: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            port = free_port();
+        }
+        panic!(
+            "docker-registry could not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     pub fn host(&self) -> String {
