@@ -194,8 +194,14 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let config = Config::load(file)?;
     // Building the gateway resolves credentials and CA bundles, so their errors show here too.
     install_crypto();
-    Gateway::new(config.clone())?;
+    let gateway = Gateway::new(config.clone())?;
     print!("{}", config.summary());
+    println!("credentials:");
+    for name in config.upstreams.keys() {
+        if let Some(u) = gateway.upstreams.get(name) {
+            println!("  {name:<12} {}", u.credentials_summary());
+        }
+    }
     println!("ok");
     Ok(())
 }
@@ -288,6 +294,11 @@ async fn run(config: Config) -> Result<()> {
         Some(t) => Some(ocigate::server::tls_acceptor(&t.cert, &t.key)?),
         None => None,
     };
+    // Credentials first: a provider that cannot deliver stops the start before any listener
+    // takes traffic.
+    let gateway = Arc::new(Gateway::new(config)?);
+    gateway.start().await?;
+    let config = &gateway.config;
     let mut listeners = Vec::new();
     for addr in &config.server.listen {
         let listener = TcpListener::bind(addr)
@@ -303,7 +314,6 @@ async fn run(config: Config) -> Result<()> {
     }
     let grace = config.server.shutdown_grace;
     tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));
-    let gateway = Arc::new(Gateway::new(config)?);
     ocigate::server::run(gateway, listeners, tls, shutdown_signal(), grace).await;
     Ok(())
 }

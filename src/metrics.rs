@@ -11,6 +11,7 @@ pub const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
 pub const BYTES: &str = "ocigate_bytes_streamed_total";
 pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
 pub const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
+pub const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -63,5 +64,12 @@ pub fn token_issued(ok: bool) {
 pub fn token_fetch(upstream: &str, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(TOKEN_FETCHES, "upstream" => upstream.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// A cloud provider's credentials refreshed (or not) for an upstream.
+pub fn credential_refresh(provider: &'static str, upstream: &str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(CREDENTIAL_REFRESHES, "provider" => provider, "upstream" => upstream.to_string(), "result" => result)
         .increment(1);
 }

@@ -131,6 +131,15 @@ impl Gateway {
         })
     }
 
+    /// Network start-up work before serving: cloud credentials are fetched now, so a broken
+    /// provider stops the start instead of failing the first pull.
+    pub async fn start(&self) -> Result<(), BuildError> {
+        for upstream in self.upstreams.values() {
+            upstream.start().await?;
+        }
+        Ok(())
+    }
+
     /// Serves one request; never fails (errors are answers).
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();

@@ -212,6 +212,15 @@ pub enum Credentials {
     Header(String),
     /// A Docker `config.json`; `None` means `$DOCKER_CONFIG` or `~/.docker`.
     DockerConfig(Option<PathBuf>),
+    /// Amazon ECR: `GetAuthorizationToken` through the AWS SDK, refreshed in the background.
+    Ecr(EcrCredentials),
+    /// A Google service-account key, sent as `_json_key` Basic credentials.
+    Gcp {
+        /// `None`: `$GOOGLE_APPLICATION_CREDENTIALS`, read at start.
+        key_file: Option<PathBuf>,
+    },
+    /// Chosen by the upstream's host name at start, like a cloud keychain.
+    Auto,
 }
 
 impl Credentials {
@@ -220,7 +229,44 @@ impl Credentials {
             Credentials::Basic { .. } => "basic",
             Credentials::Header(_) => "header",
             Credentials::DockerConfig(_) => "docker_config",
+            Credentials::Ecr(_) => "ecr",
+            Credentials::Gcp { .. } => "gcp",
+            Credentials::Auto => "auto",
         }
+    }
+}
+
+/// How often ECR credentials are refreshed at most, when the config says nothing.
+pub const DEFAULT_ECR_REFRESH: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct EcrCredentials {
+    /// `None`: from the host name, else from the AWS config.
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    /// Empty: from the host name, else the account's default registry.
+    pub registry_ids: Vec<String>,
+    /// Upper bound between refreshes.
+    pub refresh: Duration,
+    /// A fall-back token used until the SDK first succeeds.
+    pub static_token: Option<String>,
+}
+
+impl EcrCredentials {
+    pub fn new() -> EcrCredentials {
+        EcrCredentials {
+            region: None,
+            profile: None,
+            registry_ids: Vec::new(),
+            refresh: DEFAULT_ECR_REFRESH,
+            static_token: None,
+        }
+    }
+}
+
+impl Default for EcrCredentials {
+    fn default() -> Self {
+        EcrCredentials::new()
     }
 }
 
@@ -231,6 +277,21 @@ impl std::fmt::Debug for Credentials {
             Credentials::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
             Credentials::Header(_) => f.write_str("Header(***)"),
             Credentials::DockerConfig(p) => write!(f, "DockerConfig({p:?})"),
+            Credentials::Ecr(e) => write!(
+                f,
+                "Ecr(region {:?}, profile {:?}, registries {:?}, refresh {:?}, static {})",
+                e.region,
+                e.profile,
+                e.registry_ids,
+                e.refresh,
+                if e.static_token.is_some() {
+                    "***"
+                } else {
+                    "none"
+                }
+            ),
+            Credentials::Gcp { key_file } => write!(f, "Gcp({key_file:?})"),
+            Credentials::Auto => f.write_str("Auto"),
         }
     }
 }
@@ -919,19 +980,30 @@ impl Resolver<'_> {
     fn credentials(
         &self,
         name: &str,
-        raw: Spanned<raw::RawCredentials>,
+        raw: Spanned<raw::RawCredentialsSetting>,
     ) -> Result<Credentials, ConfigError> {
         let key = format!("upstreams.{name}.credentials");
-        let c = raw.value;
+        let c = match raw.value {
+            raw::RawCredentialsSetting::Keyword(k) if k == "auto" => return Ok(Credentials::Auto),
+            raw::RawCredentialsSetting::Keyword(k) => {
+                return Err(self.err(
+                    raw.referenced,
+                    format!("{key}: {k:?} is not a credentials kind; give `auto` or a map with one of basic, header, docker_config, ecr, gcp"),
+                ));
+            }
+            raw::RawCredentialsSetting::Map(c) => *c,
+        };
         let given = [
             c.basic.is_some(),
             c.header.is_some(),
             c.docker_config.is_some(),
+            c.ecr.is_some(),
+            c.gcp.is_some(),
         ];
         if given.iter().filter(|g| **g).count() != 1 {
             return Err(self.err(
                 raw.referenced,
-                format!("{key}: give exactly one of basic, header, docker_config"),
+                format!("{key}: give exactly one of basic, header, docker_config, ecr, gcp"),
             ));
         }
         if let Some(b) = c.basic {
@@ -959,6 +1031,16 @@ impl Resolver<'_> {
             }
             return Ok(Credentials::Header(value));
         }
+        if let Some(e) = c.ecr {
+            return self.ecr(&format!("{key}.ecr"), e);
+        }
+        if let Some(g) = c.gcp {
+            let key_file = match &g.value.key_file {
+                Some(f) => Some(self.existing_file(&format!("{key}.gcp.key_file"), f)?),
+                None => None,
+            };
+            return Ok(Credentials::Gcp { key_file });
+        }
         let Some(d) = c.docker_config else {
             return Err(self.err(raw.referenced, format!("{key}: no credentials given")));
         };
@@ -974,6 +1056,54 @@ impl Resolver<'_> {
                 Ok(Credentials::DockerConfig(Some(path)))
             }
         }
+    }
+
+    fn ecr(&self, key: &str, raw: Spanned<raw::RawEcr>) -> Result<Credentials, ConfigError> {
+        if !cfg!(feature = "ecr") {
+            return Err(self.err(
+                raw.referenced,
+                format!("{key}: this ocigate was built without the `ecr` feature (rebuild with default features)"),
+            ));
+        }
+        let e = raw.value;
+        let mut ecr = EcrCredentials::new();
+        if let Some(r) = &e.region {
+            let region = self.string(&format!("{key}.region"), r)?;
+            if !is_aws_region(&region) {
+                return Err(self.err(
+                    r.referenced,
+                    format!(
+                        "{key}.region: {region:?} is not an AWS region name (such as us-east-1)"
+                    ),
+                ));
+            }
+            ecr.region = Some(region);
+        }
+        if let Some(p) = &e.profile {
+            ecr.profile = Some(self.string(&format!("{key}.profile"), p)?);
+        }
+        for id in e.registry_ids.iter().flatten() {
+            let text = self.string(&format!("{key}.registry_ids"), id)?;
+            if text.len() != 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(self.err(
+                    id.referenced,
+                    format!("{key}.registry_ids: {text:?} is not a 12-digit AWS account id"),
+                ));
+            }
+            ecr.registry_ids.push(text);
+        }
+        if let Some(r) = &e.refresh {
+            ecr.refresh = self.duration(&format!("{key}.refresh"), r)?;
+            if ecr.refresh < Duration::from_secs(1) {
+                return Err(self.err(r.referenced, format!("{key}.refresh: must be at least 1s")));
+            }
+        }
+        if let Some(t) = &e.static_token {
+            let token = self.string(&format!("{key}.static"), t)?;
+            // An unset `${ECR_TOKEN:-}` means no fall-back, not an empty password.
+            ecr.static_token = Some(token).filter(|t| !t.is_empty());
+        }
+        Ok(Credentials::Ecr(ecr))
     }
 
     fn route(
@@ -1041,6 +1171,21 @@ impl Resolver<'_> {
 
 /// Accepts `https://host[:port]`, `http://…` and bare hosts (taken as https); resolves Docker
 /// Hub's aliases to its API host.
+/// `us-east-1`, `cn-north-1`, `us-gov-west-1`: lowercase words joined by hyphens, the last
+/// a number. Loose on purpose: AWS adds regions, and the SDK is the judge of which exist.
+pub fn is_aws_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub fn parse_upstream_url(text: &str) -> Result<Url, String> {
     let with_scheme = if text.contains("://") {
         text.to_string()

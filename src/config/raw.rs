@@ -128,7 +128,7 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub url: S,
-    pub credentials: Option<Spanned<RawCredentials>>,
+    pub credentials: Option<Spanned<RawCredentialsSetting>>,
     pub ca: Option<S>,
     pub insecure_skip_verify: Option<bool>,
     pub redirects: Option<S>,
@@ -137,12 +137,63 @@ pub struct RawUpstream {
     pub idle_timeout: Option<S>,
 }
 
+/// `credentials: auto`, or a map naming one provider.
+#[derive(Debug)]
+pub enum RawCredentialsSetting {
+    Keyword(String),
+    Map(Box<RawCredentials>),
+}
+
+/// By hand rather than `untagged`, so that a mistake inside the map keeps serde's precise
+/// message (an unknown key, a wrong type) instead of "did not match any variant".
+impl<'de> Deserialize<'de> for RawCredentialsSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCredentialsSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`auto` or a map with one of basic, header, docker_config, ecr, gcp")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawCredentialsSetting::Keyword(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawCredentials::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|c| RawCredentialsSetting::Map(Box::new(c)))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredentials {
     pub basic: Option<RawBasic>,
     pub header: Option<S>,
     pub docker_config: Option<Spanned<DockerConfigSetting>>,
+    pub ecr: Option<Spanned<RawEcr>>,
+    pub gcp: Option<Spanned<RawGcp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEcr {
+    pub region: Option<S>,
+    pub profile: Option<S>,
+    pub registry_ids: Option<Vec<S>>,
+    pub refresh: Option<S>,
+    #[serde(rename = "static")]
+    pub static_token: Option<S>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGcp {
+    pub key_file: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -133,6 +133,22 @@ impl Upstream {
         &self.config.name
     }
 
+    /// Where this upstream's credentials come from, for `check-config`.
+    pub fn credentials_summary(&self) -> &str {
+        self.credentials.summary()
+    }
+
+    /// Network start-up work: fetches cloud credentials and starts their refresh.
+    pub async fn start(&self) -> Result<(), UpstreamBuildError> {
+        self.credentials
+            .start()
+            .await
+            .map_err(|source| UpstreamBuildError::Credentials {
+                upstream: self.config.name.clone(),
+                source,
+            })
+    }
+
     /// The absolute URL of a path on this upstream.
     pub fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
         self.config

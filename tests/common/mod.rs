@@ -385,6 +385,121 @@ impl Drop for Ocigate {
     }
 }
 
+impl Ocigate {
+    /// Runs `ocigate serve --config` with a config that must not start: waits (20 s at most)
+    /// for it to exit and returns its status and log.
+    pub fn start_fails(config: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ocigate.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(Ocigate::bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ocigate runs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ocigate kept running with a config that must not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        (status, log)
+    }
+}
+
+/// moto's server standing in for Amazon ECR: `GetAuthorizationToken` hands out
+/// `AWS:<registry id>-auth-token` (with an `expiresAt` in 2015).
+pub struct EcrEmulator {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl EcrEmulator {
+    pub fn start() -> EcrEmulator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        for _ in 0..5 {
+            let port = free_port();
+            let out = std::fs::File::create(&log).unwrap();
+            let mut child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .expect("moto_server runs (pip install 'moto[server]')");
+            let ready = format!("Running on http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains(&ready) {
+                    return EcrEmulator {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "moto_server did not start: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!(
+            "moto_server could not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment that points the AWS SDK at the emulator and nowhere else.
+    pub fn sdk_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.url()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            (
+                "AWS_CONFIG_FILE",
+                "/nonexistent/ocigate-tests/aws-config".into(),
+            ),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/ocigate-tests/aws-credentials".into(),
+            ),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EcrEmulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// An htpasswd file (bcrypt) for one user, and the registry `auth:` section using it.
 pub fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
     let hash = bcrypt::hash(password, 4).unwrap();

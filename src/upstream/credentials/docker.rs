@@ -1,8 +1,5 @@
-//! Upstream credentials: what the proxy presents to an upstream and its token realm.
-//!
-//! Resolves `basic`, `header` and `docker_config` (its `auths`, `credHelpers` and
-//! `credsStore`, the latter two by running `docker-credential-<name> get`). Must never log
-//! or return a secret in an error message.
+//! Docker `config.json` credentials: `auths` entries, and `credHelpers`/`credsStore` by
+//! running `docker-credential-<name> get`. Never logs or returns a secret in an error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,136 +7,45 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use http::HeaderValue;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use crate::config::{Credentials, DOCKER_HUB_API_HOST, UpstreamConfig};
+use super::{CredentialError, Kind, Secret};
+use crate::config::DOCKER_HUB_API_HOST;
 
 /// How long a credential helper's answer is reused before it is asked again.
 const HELPER_TTL: Duration = Duration::from_secs(300);
 
-#[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
-    #[error("docker config {path}: {reason}")]
-    DockerConfig { path: String, reason: String },
-    #[error("credential helper docker-credential-{helper}: {reason}")]
-    Helper { helper: String, reason: String },
-    #[error("credentials.header is not a valid header value")]
-    InvalidHeader,
+/// A credential helper for one registry, asked at most every [`HELPER_TTL`].
+pub struct Helper {
+    helper: String,
+    server: String,
+    cached: Mutex<Option<(Instant, Option<Secret>)>>,
 }
 
-/// Credentials ready to use.
-#[derive(Clone)]
-pub enum Secret {
-    Basic {
-        username: String,
-        password: String,
-    },
-    /// An OAuth2 refresh token (`identitytoken` in a docker config).
-    IdentityToken(String),
-    /// A verbatim `Authorization` value.
-    Authorization(HeaderValue),
-}
-
-impl Secret {
-    /// The value to send to a Basic challenge or to a token realm's GET endpoint.
-    pub fn basic_header(&self) -> Option<HeaderValue> {
-        match self {
-            Secret::Basic { username, password } => {
-                let encoded = B64.encode(format!("{username}:{password}"));
-                let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            Secret::Authorization(v) => Some(v.clone()),
-            Secret::IdentityToken(_) => None,
-        }
-    }
-
-    /// A `Bearer` header value configured verbatim goes straight to the registry.
-    pub fn static_bearer(&self) -> Option<HeaderValue> {
-        match self {
-            Secret::Authorization(v)
-                if v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") =>
-            {
-                Some(v.clone())
-            }
-            _ => None,
-        }
-    }
-}
-
-pub struct CredentialSource {
-    kind: Kind,
-}
-
-enum Kind {
-    Anonymous,
-    Static(Secret),
-    Helper {
-        helper: String,
-        server: String,
-        cached: Mutex<Option<(Instant, Option<Secret>)>>,
-    },
-}
-
-impl CredentialSource {
-    /// Reads what can be read now (the docker config file), so a broken file fails at start.
-    pub fn new(config: &UpstreamConfig) -> Result<CredentialSource, CredentialError> {
-        let kind = match &config.credentials {
-            None => Kind::Anonymous,
-            Some(Credentials::Basic { username, password }) => Kind::Static(Secret::Basic {
-                username: username.clone(),
-                password: password.clone(),
-            }),
-            Some(Credentials::Header(value)) => {
-                let mut v =
-                    HeaderValue::from_str(value).map_err(|_| CredentialError::InvalidHeader)?;
-                v.set_sensitive(true);
-                Kind::Static(Secret::Authorization(v))
-            }
-            Some(Credentials::DockerConfig(path)) => {
-                let path = path.clone().unwrap_or_else(default_docker_config);
-                let host = config.url.host_str().unwrap_or_default().to_string();
-                let host = match config.url.port() {
-                    Some(p) => format!("{host}:{p}"),
-                    None => host,
-                };
-                from_docker_config(&path, &host)?
-            }
-        };
-        Ok(CredentialSource { kind })
+impl Helper {
+    pub fn name(&self) -> &str {
+        &self.helper
     }
 
     pub async fn resolve(&self) -> Result<Option<Secret>, CredentialError> {
-        match &self.kind {
-            Kind::Anonymous => Ok(None),
-            Kind::Static(s) => Ok(Some(s.clone())),
-            Kind::Helper {
-                helper,
-                server,
-                cached,
-            } => {
-                let mut cached = cached.lock().await;
-                if let Some((at, secret)) = cached.as_ref()
-                    && at.elapsed() < HELPER_TTL
-                {
-                    return Ok(secret.clone());
-                }
-                let secret = run_helper(helper, server).await?;
-                *cached = Some((Instant::now(), secret.clone()));
-                Ok(secret)
-            }
+        let mut cached = self.cached.lock().await;
+        if let Some((at, secret)) = cached.as_ref()
+            && at.elapsed() < HELPER_TTL
+        {
+            return Ok(secret.clone());
         }
+        let secret = run_helper(&self.helper, &self.server).await?;
+        *cached = Some((Instant::now(), secret.clone()));
+        Ok(secret)
     }
 }
 
-fn default_docker_config() -> PathBuf {
-    let dir = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+pub fn default_docker_config(env: &dyn Fn(&str) -> Option<PathBuf>) -> PathBuf {
+    let dir = env("DOCKER_CONFIG")
+        .or_else(|| env("HOME").map(|h| h.join(".docker")))
         .unwrap_or_else(|| PathBuf::from(".docker"));
     dir.join("config.json")
 }
@@ -177,7 +83,8 @@ fn key_host(key: &str) -> &str {
     k.split('/').next().unwrap_or(k)
 }
 
-fn from_docker_config(path: &Path, host: &str) -> Result<Kind, CredentialError> {
+/// What a docker config holds for `host` (`host:port` when the port is not the default).
+pub fn from_docker_config(path: &Path, host: &str) -> Result<Kind, CredentialError> {
     let err = |reason: String| CredentialError::DockerConfig {
         path: path.display().to_string(),
         reason,
@@ -191,10 +98,12 @@ fn from_docker_config(path: &Path, host: &str) -> Result<Kind, CredentialError> 
     } else {
         host.to_string()
     };
-    let helper = |name: &str| Kind::Helper {
-        helper: name.to_string(),
-        server: server.clone(),
-        cached: Mutex::new(None),
+    let helper = |name: &str| {
+        Kind::Helper(Helper {
+            helper: name.to_string(),
+            server: server.clone(),
+            cached: Mutex::new(None),
+        })
     };
     if let Some(name) = file
         .cred_helpers
@@ -300,7 +209,9 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Secret>, Creden
 
 #[cfg(test)]
 mod tests {
+    use super::super::CredentialSource;
     use super::*;
+    use crate::config::{Credentials, UpstreamConfig};
 
     fn upstream(url: &str, creds: Credentials) -> UpstreamConfig {
         let mut u = UpstreamConfig::new("u", crate::config::parse_upstream_url(url).unwrap());
@@ -364,17 +275,5 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("not valid JSON"), "{e}");
-    }
-
-    #[test]
-    fn basic_header_and_static_bearer() {
-        let s = Secret::Basic {
-            username: "u".into(),
-            password: "p".into(),
-        };
-        assert_eq!(s.basic_header().unwrap(), "Basic dTpw");
-        assert!(s.static_bearer().is_none());
-        let b = Secret::Authorization(HeaderValue::from_static("Bearer xyz"));
-        assert_eq!(b.static_bearer().unwrap(), "Bearer xyz");
     }
 }
