@@ -45,6 +45,10 @@ impl GatewayError {
                 OciError::new(ErrorCode::Denied, "the upstream registry refused access")
                     .with_detail(serde_json::json!({ "upstream": upstream }))
             }
+            GatewayError::Upstream(UpstreamError::Offline { .. }) => {
+                OciError::new(ErrorCode::Unavailable, self.to_string())
+                    .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            }
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => {
                 OciError::new(ErrorCode::Unavailable, self.to_string())
                     .with_status(StatusCode::GATEWAY_TIMEOUT)

@@ -10,6 +10,7 @@
 //!       auth       auth::ClientAuth         the client's bearer token covers the request
 //!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
 //!       rewrite    rewrite::RouteTable      local name → route → remote name (+ mount `from`)
+//!       cache      cache::Cache             cache routes: blobs and manifests from disk, fills
 //!       upstream   upstream::Upstream       credentials, token dance, pooled client, redirects
 //!       response   pipeline (rewrite_*)     Location, Link, tags/list name; upstream 401 → ours
 //!       observe    body::Observed           access log + metrics when the body ends
@@ -23,17 +24,20 @@
 //! - [`token`]: the built-in token server (htpasswd, OIDC federation, ACL).
 //! - [`rewrite`]: routes and name mapping both ways.
 //! - [`upstream`]: everything that talks to registries.
+//! - [`cache`]: the pull-through cache (content-addressed store, single-flight fills).
 //! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
 //! - [`relay`]: the PASETO relay of upstream tokens (relay routes, its token endpoint).
 //! - [`import`]: converting other tools' configs (`ocigate import backplane`).
 //! - [`server`]: sockets, TLS and graceful shutdown.
-//! - [`body`], [`metrics`], [`error`]: shared plumbing.
+//! - [`body`], [`flight`], [`metrics`], [`error`]: shared plumbing.
 
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod flight;
 pub mod import;
 pub mod local;
 pub mod metrics;

@@ -38,6 +38,14 @@ enum Command {
         /// The other tool's config file.
         file: PathBuf,
     },
+    /// Inspect, prune or preload the pull-through cache of a config.
+    Cache {
+        /// The YAML config file (needs `cache`).
+        #[arg(long, env = "OCIGATE_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Print a token from the config's token server (no password asked; the ACL applies).
     Token {
         /// The YAML config file (needs `token_server`).
@@ -49,6 +57,26 @@ enum Command {
         /// A scope such as `repository:team/app:pull,push` (repeatable).
         #[arg(long)]
         scope: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// List cached objects (least recently used first) and tags.
+    Ls,
+    /// Print how much the cache holds.
+    Du,
+    /// Delete cached objects: all of them, or those not used for a while.
+    Prune {
+        /// Only objects last used longer ago than this (such as 7d, 12h).
+        #[arg(long)]
+        older_than: Option<String>,
+    },
+    /// Preload images (local names: `hub/library/alpine:3.20`, `name@sha256:…`), every
+    /// platform of an index.
+    Warm {
+        #[arg(required = true)]
+        images: Vec<String>,
     },
 }
 
@@ -179,6 +207,7 @@ fn main() -> ExitCode {
             account,
             scope,
         } => print_token(&config, &account, &scope),
+        Command::Cache { config, action } => cache_command(&config, action),
         Command::Serve(args) => serve(*args),
     };
     match result {
@@ -194,7 +223,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let config = Config::load(file)?;
     // Building the gateway resolves credentials and CA bundles, so their errors show here too.
     install_crypto();
-    let gateway = Gateway::new(config.clone())?;
+    let gateway = Gateway::build(config.clone(), false)?;
     print!("{}", config.summary());
     println!("credentials:");
     for name in config.upstreams.keys() {
@@ -221,6 +250,85 @@ fn print_token(file: &std::path::Path, account: &str, scopes: &[String]) -> Resu
         .collect::<Result<Vec<_>>>()?;
     let server = ocigate::token::TokenServer::new(ts)?;
     println!("{}", server.token_for(account, &scopes)?);
+    Ok(())
+}
+
+fn cache_command(file: &std::path::Path, action: CacheAction) -> Result<()> {
+    let config = Config::load(file)?;
+    let Some(cache_config) = config.cache.clone() else {
+        bail!("{}: no cache section", file.display());
+    };
+    let open = || ocigate::cache::Cache::open(&cache_config, false);
+    match action {
+        CacheAction::Ls => {
+            let cache = open()?;
+            for o in cache.store().objects() {
+                let kind = cache
+                    .journal()
+                    .media_type(&o.digest)
+                    .unwrap_or_else(|| "blob".into());
+                println!(
+                    "{}  {:>12}  {}  {kind}",
+                    o.digest,
+                    o.size,
+                    humantime::format_rfc3339_seconds(o.last_access)
+                );
+            }
+            for (upstream, repo, tag, digest, checked) in cache.journal().tags() {
+                println!(
+                    "tag {upstream}/{repo}:{tag} -> {digest} (checked {})",
+                    humantime::format_rfc3339_seconds(checked)
+                );
+            }
+        }
+        CacheAction::Du => {
+            let cache = open()?;
+            let store = cache.store();
+            println!(
+                "{} objects, {} bytes (max_size {} bytes) in {}",
+                store.objects().len(),
+                store.total(),
+                store.max_size(),
+                store.root().display()
+            );
+        }
+        CacheAction::Prune { older_than } => {
+            let cutoff = match older_than {
+                Some(d) => {
+                    let age = config::parse_duration(&d)
+                        .with_context(|| format!("--older-than {d:?} is not a duration"))?;
+                    Some(std::time::SystemTime::now() - age)
+                }
+                None => None,
+            };
+            let cache = open()?;
+            let (mut count, mut bytes) = (0, 0);
+            for o in cache.store().objects() {
+                if cutoff.is_none_or(|c| o.last_access < c) {
+                    cache.store().remove(&o.digest);
+                    count += 1;
+                    bytes += o.size;
+                }
+            }
+            println!("pruned {count} objects, {bytes} bytes");
+        }
+        CacheAction::Warm { images } => {
+            install_crypto();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let gateway = Gateway::build(config, false)?;
+                gateway.start().await?;
+                for image in &images {
+                    let (manifests, blobs) = gateway
+                        .warm(image)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{image}: {e}"))?;
+                    println!("{image}: {manifests} manifests, {blobs} blobs cached");
+                }
+                Ok::<(), anyhow::Error>(())
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -271,6 +379,7 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
         upstream: "upstream".into(),
         remote,
         relay: false,
+        cache: false,
     }];
     config.auth = args.token.auth()?;
     Ok(config)

@@ -12,6 +12,11 @@ pub const BYTES: &str = "ocigate_bytes_streamed_total";
 pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
 pub const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
 pub const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
+pub const CACHE_REQUESTS: &str = "ocigate_cache_requests_total";
+pub const CACHE_BYTES: &str = "ocigate_cache_bytes_total";
+pub const CACHE_EVICTIONS: &str = "ocigate_cache_evictions_total";
+pub const CACHE_COALESCED: &str = "ocigate_cache_coalesced_total";
+pub const CACHE_REJECTED: &str = "ocigate_cache_rejected_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -72,4 +77,29 @@ pub fn credential_refresh(provider: &'static str, upstream: &str, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(CREDENTIAL_REFRESHES, "provider" => provider, "upstream" => upstream.to_string(), "result" => result)
         .increment(1);
+}
+
+/// A cache-route request for a blob or manifest: `hit`, `miss`, `revalidated` (a tag
+/// checked with a HEAD and still the same) or `stale` (served while the upstream failed).
+pub fn cache_request(kind: &'static str, result: &'static str) {
+    metrics::counter!(CACHE_REQUESTS, "kind" => kind, "result" => result).increment(1);
+}
+
+/// Bytes the cache streamed to clients from disk (`cache`) or fetched into fills (`upstream`).
+pub fn cache_bytes(source: &'static str, n: u64) {
+    metrics::counter!(CACHE_BYTES, "source" => source).increment(n);
+}
+
+pub fn cache_eviction() {
+    metrics::counter!(CACHE_EVICTIONS).increment(1);
+}
+
+/// A request that attached to a fill already in progress instead of fetching.
+pub fn cache_coalesced() {
+    metrics::counter!(CACHE_COALESCED).increment(1);
+}
+
+/// Bytes refused by the cache: `digest_mismatch`, `fill_failed`, `corrupt`.
+pub fn cache_rejected(reason: &'static str) {
+    metrics::counter!(CACHE_REJECTED, "reason" => reason).increment(1);
 }

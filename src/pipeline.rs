@@ -28,6 +28,7 @@ use url::Url;
 use crate::auth::ClientAuth;
 use crate::auth::keys::KeyError;
 use crate::body::{self, Body, Finish, Observed, Outcome};
+use crate::cache::{self, Cache, CacheOpenError};
 use crate::config::{Config, RedirectPolicy};
 use crate::error::GatewayError;
 use crate::local;
@@ -55,6 +56,7 @@ pub struct Gateway {
     pub auth: Option<ClientAuth>,
     pub token_server: Option<TokenServer>,
     pub relay: Option<Relay>,
+    pub cache: Option<Cache>,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -68,6 +70,8 @@ pub enum BuildError {
     TokenServer(#[from] TokenSetupError),
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
+    #[error(transparent)]
+    Cache(#[from] CacheOpenError),
 }
 
 /// What the stages know about one request.
@@ -88,10 +92,17 @@ pub struct RequestContext {
 }
 
 impl Gateway {
+    /// The gateway a server runs: it owns the cache directory.
     pub fn new(config: Config) -> Result<Gateway, BuildError> {
+        Gateway::build(config, true)
+    }
+
+    /// `owner: false` for CLI commands that may run beside a server (`ocigate cache warm`).
+    pub fn build(config: Config, owner: bool) -> Result<Gateway, BuildError> {
+        let offline = config.cache.as_ref().is_some_and(|c| c.offline);
         let mut upstreams = HashMap::new();
         for (name, u) in &config.upstreams {
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(u.clone())?));
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(u.clone(), offline)?));
         }
         let routes = RouteTable::new(
             config
@@ -121,6 +132,10 @@ impl Gateway {
             )?),
             None => None,
         };
+        let cache = match &config.cache {
+            Some(c) => Some(Cache::open(c, owner)?),
+            None => None,
+        };
         Ok(Gateway {
             config,
             routes,
@@ -128,6 +143,7 @@ impl Gateway {
             auth,
             token_server,
             relay,
+            cache,
         })
     }
 
@@ -138,6 +154,72 @@ impl Gateway {
             upstream.start().await?;
         }
         Ok(())
+    }
+
+    /// `ocigate cache warm`: fetches an image (`name[:tag|@digest]` in local names; every
+    /// platform of an index) into the cache. Returns how many manifests and blobs it holds.
+    pub async fn warm(&self, image: &str) -> Result<(usize, usize), GatewayError> {
+        let unknown = |message: &str| {
+            GatewayError::Oci(
+                OciError::new(ErrorCode::NameUnknown, message)
+                    .with_detail(serde_json::json!({ "image": image })),
+            )
+        };
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| unknown("the config has no cache section"))?;
+        let (name, reference) = split_image(image)?;
+        let mapped = self
+            .routes
+            .resolve(&name)
+            .filter(|m| m.route.config.cache)
+            .ok_or_else(|| unknown("no cache route for this name"))?;
+        let upstream = self
+            .upstreams
+            .get(&mapped.route.config.upstream)
+            .ok_or_else(|| unknown("route has no upstream"))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(cache::ACCEPT_ALL_MANIFESTS),
+        );
+        let fetch = cache::Fetch {
+            upstream,
+            remote: &mapped.remote,
+            scopes: vec![Scope::repository(&mapped.remote, &["pull"])],
+            relayed: None,
+            headers: &headers,
+        };
+        let accept = cache::accept_key(&headers);
+        let mut pending = vec![reference];
+        let (mut manifests, mut blobs) = (0, 0);
+        while let Some(reference) = pending.pop() {
+            let m = match cache.manifest(&reference, &accept, &fetch).await? {
+                cache::ManifestAnswer::Cached(m) => m,
+                cache::ManifestAnswer::Upstream(r) => {
+                    return Err(unknown(&format!(
+                        "the upstream answered {} for {}",
+                        r.status(),
+                        reference.as_str()
+                    )));
+                }
+                cache::ManifestAnswer::NotCached => return Err(unknown("not cached (offline)")),
+            };
+            manifests += 1;
+            pending.extend(
+                cache::child_manifests(&m.bytes)
+                    .into_iter()
+                    .map(crate::oci::Reference::Digest),
+            );
+            for digest in cache::blob_digests(&m.bytes) {
+                if !cache.warm_blob(&digest, &fetch).await? {
+                    return Err(unknown(&format!("could not fetch blob {digest}")));
+                }
+                blobs += 1;
+            }
+        }
+        Ok((manifests, blobs))
     }
 
     /// Serves one request; never fails (errors are answers).
@@ -370,16 +452,35 @@ impl Gateway {
         }
         let body = (!incoming.is_end_stream())
             .then(|| body::boxed(Observed::new(body::boxed(incoming), Box::new(UploadBytes))));
-        let request = UpstreamRequest {
-            method: parts.method.clone(),
-            path_and_query: path_and_query.clone(),
-            headers,
-            body,
-            scopes,
+        let cached = match &self.cache {
+            Some(cache) if mapped.route.config.cache => {
+                let fetch = cache::Fetch {
+                    upstream: &upstream,
+                    remote: &mapped.remote,
+                    scopes: scopes.clone(),
+                    relayed: relayed.clone(),
+                    headers: &headers,
+                };
+                cache.serve(&ctx.method, &api.endpoint, &fetch).await?
+            }
+            _ => cache::Outcome::Pass,
         };
-        let response = match relayed {
-            Some(token) => upstream.send_as(request, token).await?,
-            None => upstream.send(request).await?,
+        let response = match cached {
+            cache::Outcome::Served(r) => return Ok(r),
+            cache::Outcome::Upstream(r) => r,
+            cache::Outcome::Pass => {
+                let request = UpstreamRequest {
+                    method: parts.method.clone(),
+                    path_and_query: path_and_query.clone(),
+                    headers,
+                    body,
+                    scopes,
+                };
+                match relayed {
+                    Some(token) => upstream.send_as(request, token).await?,
+                    None => upstream.send(request).await?,
+                }
+            }
         };
         if response.status() == StatusCode::UNAUTHORIZED {
             if let (true, Some(relay)) = (is_relay_route, &self.relay) {
@@ -454,6 +555,26 @@ impl Gateway {
             None => GatewayError::Oci(body),
         }
     }
+}
+
+/// `name:tag`, `name@digest` or `name` (`latest`), validated.
+fn split_image(image: &str) -> Result<(String, crate::oci::Reference), OciError> {
+    use crate::oci::Reference;
+    let (name, reference) = match image.split_once('@') {
+        Some((name, digest)) => {
+            crate::oci::path::validate_digest(digest)?;
+            (name, Reference::Digest(digest.to_string()))
+        }
+        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((name, tag)) => {
+                crate::oci::path::validate_tag(tag)?;
+                (name, Reference::Tag(tag.to_string()))
+            }
+            None => (image, Reference::Tag("latest".into())),
+        },
+    };
+    crate::oci::path::validate_name(name)?;
+    Ok((name.to_string(), reference))
 }
 
 struct UploadBytes;

@@ -238,6 +238,7 @@ mod tests {
                 upstream: upstream.into(),
                 remote: remote.into(),
                 relay: false,
+                cache: false,
             },
             docker_hub: hub,
         }

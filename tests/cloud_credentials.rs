@@ -287,3 +287,56 @@ fn ecr_config_needs_the_feature() {
         );
     }
 }
+
+/// A provider that cannot deliver is reported before ocigate takes traffic: a credential
+/// helper that does not run stops `serve`; a key file that is not there fails `check-config`.
+#[test]
+fn broken_providers_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let docker_config = dir.path().join("config.json");
+    std::fs::write(
+        &docker_config,
+        r#"{"credHelpers":{"127.0.0.1:1":"ocigate-test-missing"}}"#,
+    )
+    .unwrap();
+    let creds = format!(
+        "    credentials:\n      docker_config: {}\n",
+        docker_config.display()
+    );
+    let (status, log) =
+        Ocigate::start_fails(&simple_config("http://127.0.0.1:1", "m/", "", &creds), &[]);
+    assert!(!status.success());
+    assert!(
+        log.contains("credential helper docker-credential-ocigate-test-missing: cannot run"),
+        "{log}"
+    );
+    assert!(!log.contains("listening"), "{log}");
+
+    let yaml = dir.path().join("ocigate.yaml");
+    std::fs::write(
+        &yaml,
+        simple_config(
+            "https://gcr.io",
+            "g/",
+            "",
+            "    credentials:\n      gcp: {}\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(Ocigate::bin())
+        .arg("check-config")
+        .arg(&yaml)
+        .env(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            dir.path().join("missing.json"),
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream reg: gcp key file")
+            && stderr.contains("missing.json: cannot read"),
+        "{stderr}"
+    );
+}

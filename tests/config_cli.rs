@@ -133,6 +133,21 @@ fn bad_configs_name_file_line_column_and_problem() {
             "give both: the token server authenticates clients",
         ),
         (
+            format!("{UP}routes:\n  - {{prefix: \"c/\", upstream: hub, cache: true}}\n"),
+            "bad.yaml:4:",
+            "routes: prefix \"c/\" has `cache: true` but there is no `cache` section with a dir",
+        ),
+        (
+            format!("{UP}{ROUTE}cache:\n  dir: /tmp/x\n  max_size: lots\n"),
+            "bad.yaml:7:13: ",
+            "cache.max_size: \"lots\" is not a size (examples: 500MiB, 32GiB, 1TB)",
+        ),
+        (
+            format!("{UP}{ROUTE}cache:\n  dir: /tmp/x\n  ttl: 5m\n"),
+            "bad.yaml:7:3: ",
+            "unknown field `ttl`",
+        ),
+        (
             "upstreams:\n  hub:\n    url: https://x.io\n    credentials: automatic\nroutes: []\n".into(),
             "bad.yaml:4:18: ",
             "upstreams.hub.credentials: \"automatic\" is not a credentials kind; give `auto` or a map",
@@ -285,6 +300,7 @@ fn bundled_example_configs_are_valid() {
                 .env("TOKEN_HTPASSWD", &htpasswd)
                 .env("OCIGATE_RELAY_KEY", "ab".repeat(32))
                 .env("GCP_KEY_FILE", &gcp_key)
+                .env("OCIGATE_CACHE_DIR", docker_config.path().join("cache"))
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -50,7 +50,25 @@ pub struct Config {
     pub token_server: Option<TokenServerConfig>,
     /// Keys of the PASETO relay, for routes with `relay: true`.
     pub relay: Option<RelayConfig>,
+    /// The pull-through cache, for routes with `cache: true`.
+    pub cache: Option<CacheConfig>,
 }
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Bytes of cached objects kept at most; the least recently used go first.
+    pub max_size: u64,
+    /// How long a tag's digest is trusted before a HEAD revalidates it.
+    pub tag_ttl: Duration,
+    /// Answer from the cache when the upstream fails, times out, 429s or 5xxs.
+    pub serve_stale: bool,
+    /// Never contact upstreams; serve what is cached.
+    pub offline: bool,
+}
+
+pub const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
 pub struct RelayConfig {
@@ -313,6 +331,8 @@ pub struct RouteConfig {
     pub remote: String,
     /// Relay upstream tokens to clients sealed in PASETOs (needs the `relay` section).
     pub relay: bool,
+    /// Pull through the cache (needs the `cache` section).
+    pub cache: bool,
 }
 
 impl RouteConfig {
@@ -393,6 +413,17 @@ impl Config {
                 a.token.service, a.token.issuer
             );
         }
+        if let Some(c) = &self.cache {
+            let _ = writeln!(
+                s,
+                "cache: {} (max {} bytes, tag_ttl {}, serve_stale {}{})",
+                c.dir.display(),
+                c.max_size,
+                humantime::format_duration(c.tag_ttl),
+                c.serve_stale,
+                if c.offline { ", offline" } else { "" }
+            );
+        }
         let _ = writeln!(s, "upstreams:");
         for u in self.upstreams.values() {
             let creds = u
@@ -417,12 +448,17 @@ impl Config {
             } else {
                 &r.prefix
             };
-            let kind = match (r.is_namespace(), r.relay) {
-                (true, false) => "namespace",
-                (true, true) => "namespace, relay",
-                (false, false) => "repository",
-                (false, true) => "repository, relay",
+            let mut kind = if r.is_namespace() {
+                "namespace".to_string()
+            } else {
+                "repository".to_string()
             };
+            if r.relay {
+                kind.push_str(", relay");
+            }
+            if r.cache {
+                kind.push_str(", cache");
+            }
             let _ = writeln!(
                 s,
                 "  {local:<24} -> {}:{}  ({kind})",
@@ -605,6 +641,21 @@ impl Resolver<'_> {
                 ),
             ));
         }
+        let cache = match &raw.cache {
+            Some(c) => Some(self.cache(c)?),
+            None => None,
+        };
+        if let Some((route, at)) = routes.iter().zip(&route_locations).find(|(r, _)| r.cache)
+            && cache.is_none()
+        {
+            return Err(self.err(
+                *at,
+                format!(
+                    "routes: prefix {:?} has `cache: true` but there is no `cache` section with a dir",
+                    route.prefix
+                ),
+            ));
+        }
         let auth = match raw.auth {
             Some(a) => Some(self.auth(a, token_server.as_ref())?),
             None => None,
@@ -617,6 +668,35 @@ impl Resolver<'_> {
             auth,
             token_server,
             relay,
+            cache,
+        })
+    }
+
+    fn cache(&self, raw: &Spanned<raw::RawCache>) -> Result<CacheConfig, ConfigError> {
+        let c = &raw.value;
+        let max_size = match &c.max_size {
+            None => DEFAULT_CACHE_MAX_SIZE,
+            Some(v) => {
+                let text = self.string("cache.max_size", v)?;
+                parse_size(&text).filter(|n| *n > 0).ok_or_else(|| {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "cache.max_size: {text:?} is not a size (examples: 500MiB, 32GiB, 1TB)"
+                        ),
+                    )
+                })?
+            }
+        };
+        Ok(CacheConfig {
+            dir: self.path("cache.dir", &c.dir)?,
+            max_size,
+            tag_ttl: match &c.tag_ttl {
+                None => DEFAULT_TAG_TTL,
+                Some(v) => self.duration("cache.tag_ttl", v)?,
+            },
+            serve_stale: c.serve_stale.unwrap_or(true),
+            offline: c.offline.unwrap_or(false),
         })
     }
 
@@ -1165,12 +1245,36 @@ impl Resolver<'_> {
             upstream,
             remote,
             relay: r.relay.unwrap_or(false),
+            cache: r.cache.unwrap_or(false),
         })
     }
 }
 
-/// Accepts `https://host[:port]`, `http://…` and bare hosts (taken as https); resolves Docker
-/// Hub's aliases to its API host.
+/// `512`, `500MB`, `32GiB`, `1.5TiB`: decimal (k, MB, GB, TB) and binary (KiB, MiB, GiB,
+/// TiB) units; a bare number is bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
 /// `us-east-1`, `cn-north-1`, `us-gov-west-1`: lowercase words joined by hyphens, the last
 /// a number. Loose on purpose: AWS adds regions, and the SDK is the judge of which exist.
 pub fn is_aws_region(s: &str) -> bool {
@@ -1186,6 +1290,8 @@ pub fn is_aws_region(s: &str) -> bool {
             .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Accepts `https://host[:port]`, `http://…` and bare hosts (taken as https); resolves Docker
+/// Hub's aliases to its API host.
 pub fn parse_upstream_url(text: &str) -> Result<Url, String> {
     let with_scheme = if text.contains("://") {
         text.to_string()

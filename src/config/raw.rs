@@ -19,6 +19,17 @@ pub struct RawConfig {
     pub auth: Option<Spanned<RawAuth>>,
     pub token_server: Option<Spanned<RawTokenServer>>,
     pub relay: Option<Spanned<RawRelay>>,
+    pub cache: Option<Spanned<RawCache>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub dir: S,
+    pub max_size: Option<S>,
+    pub tag_ttl: Option<S>,
+    pub serve_stale: Option<bool>,
+    pub offline: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,4 +228,5 @@ pub struct RawRoute {
     pub upstream: S,
     pub remote: Option<S>,
     pub relay: Option<bool>,
+    pub cache: Option<bool>,
 }

@@ -117,3 +117,25 @@ fn upstream_urls() {
     assert!(parse_upstream_url("ftp://x.io").is_err());
     assert!(parse_upstream_url("https://u:p@x.io").is_err());
 }
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("512"), Some(512));
+    assert_eq!(parse_size("500MB"), Some(500_000_000));
+    assert_eq!(parse_size("32GiB"), Some(32 << 30));
+    assert_eq!(parse_size("1.5 KiB"), Some(1536));
+    assert_eq!(parse_size("2tb"), Some(2_000_000_000_000));
+    assert_eq!(parse_size("lots"), None);
+    assert_eq!(parse_size("5 parsecs"), None);
+    assert_eq!(parse_size(""), None);
+}
+
+#[test]
+fn aws_regions() {
+    for r in ["us-east-1", "cn-north-1", "us-gov-west-1", "eu-central-2"] {
+        assert!(is_aws_region(r), "{r}");
+    }
+    for r in ["us_east_1", "us-east", "US-EAST-1", "us--1", ""] {
+        assert!(!is_aws_region(r), "{r}");
+    }
+}

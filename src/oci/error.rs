@@ -13,6 +13,8 @@ pub enum ErrorCode {
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
+    /// A `Range` outside the object (416).
+    RangeInvalid,
     Unauthorized,
     Denied,
     Unsupported,
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
             ErrorCode::Unsupported => "UNSUPPORTED",
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::BlobUploadInvalid | ErrorCode::DigestInvalid | ErrorCode::NameInvalid => {
                 StatusCode::BAD_REQUEST
             }
+            ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,
             ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,

@@ -43,6 +43,8 @@ pub enum UpstreamError {
     Redirect { upstream: String, reason: String },
     #[error("upstream {upstream}: its token realm refused the proxy's credentials")]
     TokenRefused { upstream: String },
+    #[error("upstream {upstream} not asked: the cache is offline")]
+    Offline { upstream: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +108,12 @@ pub struct Upstream {
     tokens: TokenCache,
     scheme: RwLock<AuthScheme>,
     warned_realm: AtomicBool,
+    /// Never send anything (`cache.offline`).
+    offline: bool,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, UpstreamBuildError> {
+    pub fn new(config: UpstreamConfig, offline: bool) -> Result<Upstream, UpstreamBuildError> {
         let client = client::build(&config).map_err(|source| UpstreamBuildError::Client {
             upstream: config.name.clone(),
             source,
@@ -126,6 +130,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             scheme: RwLock::new(AuthScheme::Unknown),
             warned_realm: AtomicBool::new(false),
+            offline,
         })
     }
 
@@ -138,8 +143,12 @@ impl Upstream {
         self.credentials.summary()
     }
 
-    /// Network start-up work: fetches cloud credentials and starts their refresh.
+    /// Network start-up work: fetches cloud credentials and starts their refresh (not when
+    /// offline: nothing will be sent).
     pub async fn start(&self) -> Result<(), UpstreamBuildError> {
+        if self.offline {
+            return Ok(());
+        }
         self.credentials
             .start()
             .await
@@ -421,6 +430,11 @@ impl Upstream {
         request: Request<Body>,
         bounded: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if self.offline {
+            return Err(UpstreamError::Offline {
+                upstream: self.config.name.clone(),
+            });
+        }
         let started = Instant::now();
         let sent = self.client.request(request);
         let result = if bounded {

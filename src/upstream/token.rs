@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, StatusCode, header};
@@ -15,6 +15,7 @@ use url::Url;
 use super::client::HttpClient;
 use super::credentials::Secret;
 use crate::body;
+use crate::flight::{Gate, Gates};
 use crate::oci::Scope;
 
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
@@ -76,12 +77,20 @@ pub struct Token {
     pub valid_until: Instant,
 }
 
-#[derive(Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<String, Token>>,
     /// One fetch per scope set at a time: concurrent cold requests wait for it instead of
     /// each asking the realm (registries rate-limit token requests too).
-    flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    flights: Gates,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            entries: Mutex::default(),
+            flights: Gates::new(MAX_TOKENS),
+        }
+    }
 }
 
 impl TokenCache {
@@ -119,19 +128,8 @@ impl TokenCache {
     }
 
     /// The gate for fetching `key`; hold its lock while fetching.
-    pub fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let Ok(mut flights) = self.flights.lock() else {
-            return Arc::default();
-        };
-        if let Some(gate) = flights.get(key).and_then(Weak::upgrade) {
-            return gate;
-        }
-        if flights.len() >= MAX_TOKENS {
-            flights.retain(|_, w| w.strong_count() > 0);
-        }
-        let gate = Arc::new(tokio::sync::Mutex::new(()));
-        flights.insert(key.to_string(), Arc::downgrade(&gate));
-        gate
+    pub fn flight(&self, key: &str) -> Gate {
+        self.flights.gate(key)
     }
 
     /// Forgets the token for `key` if it is `refused` (and not one fetched meanwhile).

@@ -124,23 +124,42 @@ pub fn start_get(url: &str) -> hyper::body::Incoming {
 /// GETs `url` and hashes the body as it streams (never holding it); returns status,
 /// headers, byte count and `sha256:` digest.
 pub fn get_streamed_digest(url: &str) -> (u16, HeaderMap, u64, String) {
+    let (status, headers, n, digest) = get_streamed(url, &[]);
+    (status, headers, n, digest.unwrap())
+}
+
+/// Like [`get_streamed_digest`], but a transfer that breaks off is an `Err` (with the bytes
+/// counted so far), not a panic.
+pub fn get_streamed(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (u16, HeaderMap, u64, Result<String, String>) {
     rt().block_on(async {
-        let req = Request::get(url).body(full(Bytes::new())).unwrap();
+        let mut req = Request::get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(full(Bytes::new())).unwrap();
         let resp = client().request(req).await.unwrap();
         let (parts, mut body) = resp.into_parts();
         let mut hasher = sha2::Sha256::new();
         let mut n = 0u64;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.unwrap().into_data() {
-                n += data.len() as u64;
-                hasher.update(&data);
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        n += data.len() as u64;
+                        hasher.update(&data);
+                    }
+                }
+                Err(e) => return (parts.status.as_u16(), parts.headers, n, Err(e.to_string())),
             }
         }
         (
             parts.status.as_u16(),
             parts.headers,
             n,
-            format!("sha256:{}", hex::encode(hasher.finalize())),
+            Ok(format!("sha256:{}", hex::encode(hasher.finalize()))),
         )
     })
 }

@@ -38,6 +38,7 @@ pub struct Image {
     pub layers: Vec<Vec<u8>>,
     pub manifest: Vec<u8>,
     pub digest: String,
+    pub layer_digest: String,
 }
 
 /// A one-layer linux image for `arch` whose layer holds `files`.
@@ -68,6 +69,7 @@ fn image_from_layer_digest(
     .unwrap();
     Image {
         digest: digest(&manifest),
+        layer_digest: layer_digest.to_string(),
         config,
         layers,
         manifest,

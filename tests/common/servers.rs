@@ -342,3 +342,56 @@ impl IdentityProvider {
         jsonwebtoken::encode(&header, claims, &encoding).unwrap()
     }
 }
+
+/// A registry that lies: every blob and manifest it serves is `bad`, whatever digest was
+/// asked for. Remembers the paths it was asked.
+pub struct LyingRegistry {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl LyingRegistry {
+    pub fn start(bad: &'static [u8]) -> LyingRegistry {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let path = req.uri().path().to_string();
+            seen.lock()
+                .unwrap()
+                .push(format!("{} {path}", req.method()));
+            let mut r = if path == "/v2/" {
+                respond(StatusCode::OK, "{}")
+            } else if path.contains("/blobs/") || path.contains("/manifests/") {
+                let mut r = respond(StatusCode::OK, bad);
+                r.headers_mut().insert("content-length", bad.len().into());
+                let kind = if path.contains("/manifests/") {
+                    "application/vnd.oci.image.manifest.v1+json"
+                } else {
+                    "application/octet-stream"
+                };
+                r.headers_mut()
+                    .insert("content-type", kind.parse().unwrap());
+                r
+            } else {
+                respond(StatusCode::NOT_FOUND, "{}")
+            };
+            if req.method() == http::Method::HEAD {
+                *r.body_mut() = full(Bytes::new());
+            }
+            Box::pin(async move { r })
+        });
+        LyingRegistry {
+            addr: serve(handler),
+            requests,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `METHOD /path` of every request so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}

@@ -107,12 +107,14 @@ impl CredentialSource {
         }
     }
 
-    /// Starts what needs the network: the first ECR token and its background refresh.
+    /// Starts what needs the network or another program: the first ECR token and its
+    /// background refresh, a credential helper's first answer (then cached as usual).
     pub async fn start(&self) -> Result<(), CredentialError> {
         match &self.kind {
             #[cfg(feature = "ecr")]
             Kind::Ecr(p) => p.start().await,
-            _ => Ok(()),
+            Kind::Helper(h) => h.resolve().await.map(|_| ()),
+            Kind::Anonymous | Kind::Static(_) => Ok(()),
         }
     }
 

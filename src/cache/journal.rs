@@ -1,0 +1,360 @@
+//! What the cache knows besides bytes, kept in memory and in an append-only journal
+//! (`journal.jsonl`) so it survives restarts:
+//! - **links**: upstream + repository + digest, the upstream's word that this repository has
+//!   this object (authorization evidence: nothing is served for a repository without it);
+//! - **tags**: upstream + repository + tag + Accept → digest, and when it was last checked;
+//! - **media types** of manifests, by digest.
+//!
+//! Replayed at start (the last record wins) and rewritten compactly, dropping what refers
+//! to objects no longer stored. Must not read or write objects.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Link {
+        upstream: String,
+        repo: String,
+        digest: String,
+    },
+    Tag {
+        upstream: String,
+        repo: String,
+        tag: String,
+        accept: String,
+        digest: String,
+        /// Seconds since the epoch.
+        checked: u64,
+    },
+    Type {
+        digest: String,
+        media_type: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: String,
+    pub checked: SystemTime,
+}
+
+#[derive(Default)]
+struct State {
+    links: HashSet<String>,
+    tags: HashMap<String, TagEntry>,
+    types: HashMap<String, String>,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    state: Mutex<State>,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+fn link_key(upstream: &str, repo: &str, digest: &str) -> String {
+    format!("{upstream}\0{repo}\0{digest}")
+}
+
+fn tag_key(upstream: &str, repo: &str, tag: &str, accept: &str) -> String {
+    format!("{upstream}\0{repo}\0{tag}\0{accept}")
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Journal {
+    /// Replays `dir/journal.jsonl` and keeps what `present` says is still stored. The
+    /// `owner` (the server) rewrites the file with just that; others only append, as a
+    /// running server holds the file open. A torn last line (a crash mid-append) is skipped.
+    pub fn open(
+        dir: &Path,
+        present: impl Fn(&str) -> bool,
+        owner: bool,
+    ) -> std::io::Result<Journal> {
+        let path = dir.join("journal.jsonl");
+        let mut state = State::default();
+        if let Ok(file) = std::fs::File::open(&path) {
+            for line in std::io::BufReader::new(file).lines() {
+                let Ok(record) = serde_json::from_str::<Record>(&line?) else {
+                    continue;
+                };
+                match record {
+                    Record::Link {
+                        upstream,
+                        repo,
+                        digest,
+                    } if present(&digest) => {
+                        state.links.insert(link_key(&upstream, &repo, &digest));
+                    }
+                    Record::Tag {
+                        upstream,
+                        repo,
+                        tag,
+                        accept,
+                        digest,
+                        checked,
+                    } => {
+                        state.tags.insert(
+                            tag_key(&upstream, &repo, &tag, &accept),
+                            TagEntry {
+                                digest,
+                                checked: UNIX_EPOCH + Duration::from_secs(checked),
+                            },
+                        );
+                    }
+                    Record::Type { digest, media_type } if present(&digest) => {
+                        state.types.insert(digest, media_type);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        state.tags.retain(|_, t| present(&t.digest));
+        let journal = Journal {
+            path,
+            state: Mutex::new(state),
+            file: Mutex::new(None),
+        };
+        if owner {
+            journal.compact()?;
+        } else {
+            journal.open_for_append()?;
+        }
+        Ok(journal)
+    }
+
+    /// Rewrites the journal from memory (temp file + rename), then appends to it.
+    fn compact(&self) -> std::io::Result<()> {
+        let temp = self.path.with_extension("jsonl.tmp");
+        {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&temp)?);
+            let state = self
+                .state
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?;
+            for key in &state.links {
+                let mut parts = key.split('\0');
+                if let (Some(upstream), Some(repo), Some(digest)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    write_record(
+                        &mut out,
+                        &Record::Link {
+                            upstream: upstream.into(),
+                            repo: repo.into(),
+                            digest: digest.into(),
+                        },
+                    )?;
+                }
+            }
+            for (key, entry) in &state.tags {
+                let mut parts = key.split('\0');
+                if let (Some(upstream), Some(repo), Some(tag), Some(accept)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                {
+                    write_record(
+                        &mut out,
+                        &Record::Tag {
+                            upstream: upstream.into(),
+                            repo: repo.into(),
+                            tag: tag.into(),
+                            accept: accept.into(),
+                            digest: entry.digest.clone(),
+                            checked: secs(entry.checked),
+                        },
+                    )?;
+                }
+            }
+            for (digest, media_type) in &state.types {
+                write_record(
+                    &mut out,
+                    &Record::Type {
+                        digest: digest.clone(),
+                        media_type: media_type.clone(),
+                    },
+                )?;
+            }
+            out.flush()?;
+        }
+        std::fs::rename(&temp, &self.path)?;
+        self.open_for_append()
+    }
+
+    fn open_for_append(&self) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        if let Ok(mut f) = self.file.lock() {
+            *f = Some(file);
+        }
+        Ok(())
+    }
+
+    fn append(&self, record: &Record) {
+        if let Ok(mut file) = self.file.lock()
+            && let Some(f) = file.as_mut()
+            && let Err(e) = write_record(f, record)
+        {
+            tracing::warn!(error = %e, "cannot append to the cache journal: this knowledge will not survive a restart");
+        }
+    }
+
+    pub fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| s.links.contains(&link_key(upstream, repo, digest)))
+    }
+
+    pub fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
+        let new = self
+            .state
+            .lock()
+            .is_ok_and(|mut s| s.links.insert(link_key(upstream, repo, digest)));
+        if new {
+            self.append(&Record::Link {
+                upstream: upstream.into(),
+                repo: repo.into(),
+                digest: digest.into(),
+            });
+        }
+    }
+
+    pub fn tag(&self, upstream: &str, repo: &str, tag: &str, accept: &str) -> Option<TagEntry> {
+        self.state
+            .lock()
+            .ok()?
+            .tags
+            .get(&tag_key(upstream, repo, tag, accept))
+            .cloned()
+    }
+
+    pub fn set_tag(&self, upstream: &str, repo: &str, tag: &str, accept: &str, digest: &str) {
+        let now = SystemTime::now();
+        if let Ok(mut s) = self.state.lock() {
+            s.tags.insert(
+                tag_key(upstream, repo, tag, accept),
+                TagEntry {
+                    digest: digest.into(),
+                    checked: now,
+                },
+            );
+        }
+        self.append(&Record::Tag {
+            upstream: upstream.into(),
+            repo: repo.into(),
+            tag: tag.into(),
+            accept: accept.into(),
+            digest: digest.into(),
+            checked: secs(now),
+        });
+    }
+
+    /// The digests of every cached representation (Accept) of a tag.
+    pub fn tag_representations(&self, upstream: &str, repo: &str, tag: &str) -> Vec<String> {
+        let prefix = format!("{upstream}\0{repo}\0{tag}\0");
+        self.state.lock().map_or(Vec::new(), |s| {
+            s.tags
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, e)| e.digest.clone())
+                .collect()
+        })
+    }
+
+    pub fn media_type(&self, digest: &str) -> Option<String> {
+        self.state.lock().ok()?.types.get(digest).cloned()
+    }
+
+    pub fn set_media_type(&self, digest: &str, media_type: &str) {
+        let changed = self.state.lock().is_ok_and(|mut s| {
+            s.types.insert(digest.into(), media_type.into()).as_deref() != Some(media_type)
+        });
+        if changed {
+            self.append(&Record::Type {
+                digest: digest.into(),
+                media_type: media_type.into(),
+            });
+        }
+    }
+
+    /// Tags as `(upstream, repo, tag, digest, checked)`, for `ocigate cache ls`.
+    pub fn tags(&self) -> Vec<(String, String, String, String, SystemTime)> {
+        let Ok(s) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = s
+            .tags
+            .iter()
+            .filter_map(|(key, e)| {
+                let mut parts = key.split('\0');
+                Some((
+                    parts.next()?.to_string(),
+                    parts.next()?.to_string(),
+                    parts.next()?.to_string(),
+                    e.digest.clone(),
+                    e.checked,
+                ))
+            })
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| (&a.0, &a.1, &a.2, &a.3) == (&b.0, &b.1, &b.2, &b.3));
+        out
+    }
+}
+
+fn write_record(out: &mut impl Write, record: &Record) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_a_restart_and_forgets_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), |_| true, true).unwrap();
+        j.add_link("hub", "library/alpine", "sha256:aa");
+        j.add_link("hub", "library/alpine", "sha256:bb");
+        j.set_tag("hub", "library/alpine", "3", "x", "sha256:aa");
+        j.set_tag("hub", "library/alpine", "3", "x", "sha256:bb");
+        j.set_media_type("sha256:bb", "application/vnd.oci.image.index.v1+json");
+        drop(j);
+        // A crash mid-append leaves a torn line: skipped.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("journal.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"link\":{\"upstr").unwrap();
+        drop(f);
+        let j = Journal::open(dir.path(), |d| d == "sha256:bb", true).unwrap();
+        assert!(j.has_link("hub", "library/alpine", "sha256:bb"));
+        assert!(
+            !j.has_link("hub", "library/alpine", "sha256:aa"),
+            "its object is gone"
+        );
+        assert!(!j.has_link("other", "library/alpine", "sha256:bb"));
+        assert_eq!(
+            j.tag("hub", "library/alpine", "3", "x").unwrap().digest,
+            "sha256:bb"
+        );
+        assert!(j.tag("hub", "library/alpine", "3", "y").is_none());
+        assert_eq!(
+            j.media_type("sha256:bb").as_deref(),
+            Some("application/vnd.oci.image.index.v1+json")
+        );
+        let lines = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 3, "compacted: {lines}");
+    }
+}

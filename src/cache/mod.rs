@@ -1,0 +1,867 @@
+//! The cache stage: blobs and manifests of `cache: true` routes served from disk.
+//!
+//! Runs after client auth and rewrite, in remote names, before the upstream is asked. It
+//! reads the request's method, endpoint and headers and answers with an [`Outcome`]: a
+//! response of its own, the upstream's answer for the pipeline to pass on (refusals,
+//! `404`s), or "not mine" (uploads, ranges of objects not cached, `sha512`).
+//!
+//! - Objects are stored once by digest ([`store`]), whatever repository, route or upstream
+//!   they came from, and only after their digest checked out ([`fill`]).
+//! - Nothing is served for a repository before the upstream has shown that the repository
+//!   has it (a manifest of it referenced the digest, or a GET/HEAD for it succeeded):
+//!   [`journal`] keeps that evidence.
+//! - Tags are cached per representation (Accept) for `tag_ttl`, then revalidated with a HEAD;
+//!   with `serve_stale` a failing upstream gets the cached answer instead.
+//! - Offline (`cache.offline`), upstreams are never asked.
+//!
+//! Talks to upstreams only through [`Fetch`], never sees local names.
+
+pub mod fill;
+pub mod journal;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+
+use crate::body::{self, Body};
+use crate::config::CacheConfig;
+use crate::error::GatewayError;
+use crate::flight::Gates;
+use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+use fill::{Fills, Join};
+use journal::Journal;
+use store::Store;
+
+/// Manifests larger than this are not cached (distribution refuses to store them too).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// Every manifest media type, for fetches of the cache's own (`ocigate cache warm`).
+pub const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// What the cache stage did with a request.
+pub enum Outcome {
+    /// Answered by the cache.
+    Served(Response<Body>),
+    /// The upstream's answer, to be passed on as any other (refusals, `404`s, …).
+    Upstream(Response<Incoming>),
+    /// Not for the cache: the pipeline sends the request as usual.
+    Pass,
+}
+
+/// How the cache asks the upstream on behalf of one request.
+pub struct Fetch<'a> {
+    pub upstream: &'a Upstream,
+    /// The remote repository name.
+    pub remote: &'a str,
+    /// The scopes the request needs, in remote names.
+    pub scopes: Vec<Scope>,
+    /// The upstream token a relay route's client showed.
+    pub relayed: Option<HeaderValue>,
+    /// The client's headers as the upstream may see them.
+    pub headers: &'a HeaderMap,
+}
+
+impl Fetch<'_> {
+    async fn send(
+        &self,
+        method: Method,
+        suffix: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        for name in [header::ACCEPT, header::USER_AGENT] {
+            for v in self.headers.get_all(&name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        let path_and_query = format!("/v2/{}/{suffix}", self.remote);
+        let request = UpstreamRequest {
+            method: method.clone(),
+            path_and_query: path_and_query.clone(),
+            headers: headers.clone(),
+            body: None,
+            scopes: self.scopes.clone(),
+        };
+        let response = match &self.relayed {
+            Some(token) => self.upstream.send_as(request, token.clone()).await?,
+            None => self.upstream.send(request).await?,
+        };
+        if !response.status().is_redirection() {
+            return Ok(response);
+        }
+        // The cache needs the bytes, whatever the route's redirect policy says to clients.
+        let from = self.upstream.url(&path_and_query)?;
+        self.upstream
+            .follow_redirects(response, &method, from, &headers)
+            .await
+    }
+}
+
+pub struct Cache {
+    config: CacheConfig,
+    store: Arc<Store>,
+    journal: Journal,
+    fills: Arc<Fills>,
+    manifest_gates: Gates,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cache {dir}: {error}")]
+pub struct CacheOpenError {
+    dir: String,
+    error: std::io::Error,
+}
+
+/// A manifest from the cache: its digest, media type and bytes.
+pub struct Manifest {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+impl Cache {
+    /// Opens the cache directory, rebuilding the index and the journal from it. Only the
+    /// `owner` (the server) tidies up: the CLI may run beside a server on the same directory.
+    pub fn open(config: &CacheConfig, owner: bool) -> Result<Cache, CacheOpenError> {
+        let err = |error| CacheOpenError {
+            dir: config.dir.display().to_string(),
+            error,
+        };
+        let store = Store::open(&config.dir, config.max_size, owner).map_err(err)?;
+        let journal = Journal::open(&config.dir, |d| store.contains(d), owner).map_err(err)?;
+        Ok(Cache {
+            config: config.clone(),
+            fills: Fills::new(store.clone()),
+            store,
+            journal,
+            manifest_gates: Gates::new(1024),
+        })
+    }
+
+    pub fn offline(&self) -> bool {
+        self.config.offline
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The stage: a blob or manifest GET/HEAD of a cache route.
+    pub async fn serve(
+        &self,
+        method: &Method,
+        endpoint: &Endpoint,
+        fetch: &Fetch<'_>,
+    ) -> Result<Outcome, GatewayError> {
+        let head = match *method {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return Ok(Outcome::Pass),
+        };
+        match endpoint {
+            Endpoint::Blob(d) if d.starts_with("sha256:") => self.blob(head, d, fetch).await,
+            Endpoint::Manifest(r) if !r.as_str().starts_with("sha512:") => {
+                let accept = accept_key(fetch.headers);
+                Ok(match self.manifest(r, &accept, fetch).await? {
+                    ManifestAnswer::Cached(m) => Outcome::Served(manifest_response(m, head)),
+                    ManifestAnswer::Upstream(r) => Outcome::Upstream(r),
+                    ManifestAnswer::NotCached => {
+                        Outcome::Served(not_cached(ErrorCode::ManifestUnknown, r.as_str()))
+                    }
+                })
+            }
+            _ => Ok(Outcome::Pass),
+        }
+    }
+
+    async fn blob(
+        &self,
+        head: bool,
+        digest: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<Outcome, GatewayError> {
+        let range = match fetch.headers.get(header::RANGE) {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(parse_range) {
+                Some(r) => Some(r),
+                None => return Ok(Outcome::Pass),
+            },
+        };
+        let upstream = fetch.upstream.name();
+        if self.store.contains(digest) {
+            if !self.journal.has_link(upstream, fetch.remote, digest) {
+                if self.config.offline {
+                    return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
+                }
+                if !self
+                    .prove_link(digest, &format!("blobs/{digest}"), fetch)
+                    .await?
+                {
+                    return Ok(Outcome::Pass);
+                }
+            }
+            if let Some(reader) = self.store.open_object(digest) {
+                crate::metrics::cache_request("blob", "hit");
+                let size = reader.size;
+                let range = match range {
+                    Some(r) => match r.resolve(size) {
+                        Some(r) => Some(r),
+                        None => return Ok(Outcome::Served(unsatisfiable(size))),
+                    },
+                    None => None,
+                };
+                let body = fill::object(&self.store, digest, reader, range, head);
+                return Ok(Outcome::Served(blob_response(digest, size, range, body)));
+            }
+        }
+        if self.config.offline {
+            return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
+        }
+        if head {
+            // A HEAD of an uncached blob goes upstream; its 200 is evidence for later GETs.
+            let response = fetch.send(Method::HEAD, &format!("blobs/{digest}")).await?;
+            if response.status() == StatusCode::OK {
+                self.journal.add_link(upstream, fetch.remote, digest);
+            }
+            return Ok(Outcome::Upstream(response));
+        }
+        if range.is_some() {
+            return Ok(Outcome::Pass);
+        }
+        let join = match self.fills.join(digest) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache: cannot start a fill; passing through");
+                return Ok(Outcome::Pass);
+            }
+        };
+        match join {
+            Join::Follower(fill) => {
+                crate::metrics::cache_coalesced();
+                let Some(size) = fill.size().await else {
+                    return Ok(Outcome::Pass);
+                };
+                // The fill may be for another repository: this one needs its own evidence.
+                if !self.journal.has_link(upstream, fetch.remote, digest)
+                    && !self
+                        .prove_link(digest, &format!("blobs/{digest}"), fetch)
+                        .await?
+                {
+                    return Ok(Outcome::Pass);
+                }
+                match self.fills.reader(&fill, size, false) {
+                    Some(body) => Ok(Outcome::Served(blob_response(digest, size, None, body))),
+                    // Committed meanwhile: serve the object.
+                    None => Box::pin(self.blob(head, digest, fetch)).await,
+                }
+            }
+            Join::Leader(writer) => {
+                crate::metrics::cache_request("blob", "miss");
+                let response = fetch.send(Method::GET, &format!("blobs/{digest}")).await?;
+                let size = content_length(response.headers());
+                let (StatusCode::OK, Some(size)) = (response.status(), size) else {
+                    return Ok(Outcome::Upstream(response));
+                };
+                self.journal.add_link(upstream, fetch.remote, digest);
+                let Some(fill) = writer.start(response.into_body(), size) else {
+                    return Ok(Outcome::Pass);
+                };
+                match self.fills.reader(&fill, size, false) {
+                    Some(body) => Ok(Outcome::Served(blob_response(digest, size, None, body))),
+                    None => Ok(Outcome::Pass),
+                }
+            }
+        }
+    }
+
+    /// Asks the upstream with a HEAD whether this repository has `digest` (HEADs are free on
+    /// Docker Hub), and records a yes.
+    async fn prove_link(
+        &self,
+        digest: &str,
+        suffix: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<bool, GatewayError> {
+        let response = fetch.send(Method::HEAD, suffix).await?;
+        let ok = response.status() == StatusCode::OK;
+        if ok {
+            self.journal
+                .add_link(fetch.upstream.name(), fetch.remote, digest);
+        }
+        Ok(ok)
+    }
+
+    /// A manifest by tag or digest: from the cache when it may be, else fetched, verified
+    /// and stored.
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        accept: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<ManifestAnswer, GatewayError> {
+        let upstream = fetch.upstream.name();
+        match reference {
+            Reference::Digest(digest) => {
+                if self.store.contains(digest) && self.journal.media_type(digest).is_some() {
+                    let linked = self.journal.has_link(upstream, fetch.remote, digest)
+                        || (!self.config.offline
+                            && self
+                                .prove_link(digest, &format!("manifests/{digest}"), fetch)
+                                .await?);
+                    if linked && let Some(m) = self.cached_manifest(digest) {
+                        crate::metrics::cache_request("manifest", "hit");
+                        return Ok(ManifestAnswer::Cached(m));
+                    }
+                }
+            }
+            Reference::Tag(tag) => {
+                if let Some(answer) = self.cached_tag(tag, accept, fetch).await? {
+                    return Ok(answer);
+                }
+            }
+        }
+        if self.config.offline {
+            return Ok(ManifestAnswer::NotCached);
+        }
+        let fetched = self.fetch_manifest(reference, accept, fetch).await;
+        // A tag cached only in another representation still beats an upstream failure.
+        if let (true, Reference::Tag(tag)) = (self.config.serve_stale, reference) {
+            let trouble = match &fetched {
+                Err(GatewayError::Upstream(_)) => true,
+                Ok(ManifestAnswer::Upstream(r)) => is_upstream_trouble(r.status()),
+                _ => false,
+            };
+            if trouble && let Some(m) = self.any_representation(tag, accept, fetch) {
+                tracing::warn!(
+                    upstream,
+                    repo = fetch.remote,
+                    tag,
+                    "upstream failing: serving a stale tag"
+                );
+                crate::metrics::cache_request("manifest", "stale");
+                return Ok(ManifestAnswer::Cached(m));
+            }
+        }
+        fetched
+    }
+
+    /// A tag answered from the cache: fresh, revalidated, or stale while the upstream fails.
+    async fn cached_tag(
+        &self,
+        tag: &str,
+        accept: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<Option<ManifestAnswer>, GatewayError> {
+        let upstream = fetch.upstream.name();
+        let entry = self.journal.tag(upstream, fetch.remote, tag, accept);
+        let cached = entry.as_ref().and_then(|e| self.cached_manifest(&e.digest));
+        let (Some(entry), Some(cached)) = (entry, cached) else {
+            // Offline, any cached representation the client accepts beats a 404.
+            if self.config.offline {
+                return Ok(self
+                    .any_representation(tag, accept, fetch)
+                    .map(ManifestAnswer::Cached));
+            }
+            return Ok(None);
+        };
+        let age = SystemTime::now()
+            .duration_since(entry.checked)
+            .unwrap_or(Duration::ZERO);
+        if self.config.offline || age < self.config.tag_ttl {
+            crate::metrics::cache_request("manifest", "hit");
+            return Ok(Some(ManifestAnswer::Cached(cached)));
+        }
+        let checked = fetch.send(Method::HEAD, &format!("manifests/{tag}")).await;
+        match checked {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let now = r
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if now.as_deref() == Some(cached.digest.as_str()) {
+                    self.journal
+                        .set_tag(upstream, fetch.remote, tag, accept, &cached.digest);
+                    crate::metrics::cache_request("manifest", "revalidated");
+                    return Ok(Some(ManifestAnswer::Cached(cached)));
+                }
+                Ok(None) // moved (or no digest said): fetch it
+            }
+            Ok(r) if self.config.serve_stale && is_upstream_trouble(r.status()) => {
+                tracing::warn!(
+                    upstream,
+                    repo = fetch.remote,
+                    tag,
+                    status = r.status().as_u16(),
+                    "upstream failing: serving a stale tag"
+                );
+                crate::metrics::cache_request("manifest", "stale");
+                Ok(Some(ManifestAnswer::Cached(cached)))
+            }
+            // Gone, refused, …: the GET that follows gets the real answer (a HEAD's has no
+            // body to pass on).
+            Ok(_) => Ok(None),
+            Err(e) if self.config.serve_stale => {
+                tracing::warn!(upstream, repo = fetch.remote, tag, error = %e, "upstream unreachable: serving a stale tag");
+                crate::metrics::cache_request("manifest", "stale");
+                Ok(Some(ManifestAnswer::Cached(cached)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Any cached representation of a tag whose media type the client accepts.
+    fn any_representation(&self, tag: &str, accept: &str, fetch: &Fetch<'_>) -> Option<Manifest> {
+        let accepted: Vec<&str> = accept.split(',').filter(|a| !a.is_empty()).collect();
+        self.journal
+            .tag_representations(fetch.upstream.name(), fetch.remote, tag)
+            .into_iter()
+            .filter_map(|digest| self.cached_manifest(&digest))
+            .find(|m| {
+                accepted.is_empty()
+                    || accepted.contains(&"*/*")
+                    || accepted.contains(&m.media_type.as_str())
+            })
+    }
+
+    /// A stored manifest, read whole (it is small) and checked if this process has not yet.
+    fn cached_manifest(&self, digest: &str) -> Option<Manifest> {
+        let media_type = self.journal.media_type(digest)?;
+        let reader = self.store.open_object(digest)?;
+        let verified = reader.verified;
+        let mut bytes = Vec::with_capacity(reader.size as usize);
+        std::io::Read::read_to_end(&mut &reader.file, &mut bytes).ok()?;
+        if !verified || bytes.len() as u64 != reader.size {
+            if sha256_digest(&bytes) != digest {
+                tracing::warn!(%digest, "cached manifest is corrupt: dropped");
+                crate::metrics::cache_rejected("corrupt");
+                drop(reader);
+                self.store.remove(digest);
+                return None;
+            }
+            self.store.mark_verified(digest);
+        }
+        Some(Manifest {
+            digest: digest.to_string(),
+            media_type,
+            bytes: bytes.into(),
+        })
+    }
+
+    /// Fetches a manifest (one request per reference and Accept at a time), checks its
+    /// digest, stores it and records what it references.
+    async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        accept: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<ManifestAnswer, GatewayError> {
+        let upstream = fetch.upstream.name();
+        let key = format!(
+            "{upstream}\0{}\0{}\0{accept}",
+            fetch.remote,
+            reference.as_str()
+        );
+        let gate = self.manifest_gates.gate(&key);
+        let _turn = gate.lock().await;
+        // Whoever held the gate may have fetched it just now.
+        let fresh = match reference {
+            Reference::Digest(d) => self
+                .journal
+                .has_link(upstream, fetch.remote, d)
+                .then(|| self.cached_manifest(d))
+                .flatten(),
+            Reference::Tag(t) => self
+                .journal
+                .tag(upstream, fetch.remote, t, accept)
+                .filter(|e| e.checked.elapsed().is_ok_and(|a| a < self.config.tag_ttl))
+                .and_then(|e| self.cached_manifest(&e.digest)),
+        };
+        if let Some(m) = fresh {
+            crate::metrics::cache_coalesced();
+            return Ok(ManifestAnswer::Cached(m));
+        }
+        crate::metrics::cache_request("manifest", "miss");
+        let response = fetch
+            .send(Method::GET, &format!("manifests/{}", reference.as_str()))
+            .await?;
+        if response.status() != StatusCode::OK {
+            return Ok(ManifestAnswer::Upstream(response));
+        }
+        let bad = |reason: String| GatewayError::BadUpstreamAnswer {
+            upstream: upstream.to_string(),
+            what: "manifest",
+            reason,
+        };
+        let (parts, incoming) = response.into_parts();
+        let bytes = Limited::new(incoming, MAX_MANIFEST)
+            .collect()
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .to_bytes();
+        let digest = sha256_digest(&bytes);
+        let said = parts
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok());
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.as_str()),
+            Reference::Tag(_) => said.filter(|d| d.starts_with("sha256:")),
+        };
+        if let Some(expected) = expected
+            && expected != digest
+        {
+            crate::metrics::cache_rejected("digest_mismatch");
+            return Err(bad(format!(
+                "its bytes hash to {digest}, not {expected}: nothing cached"
+            )));
+        }
+        let media_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| media_type_of(&bytes))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+        self.store_manifest(&digest, &bytes)
+            .map_err(|e| bad(format!("cannot store it: {e}")))?;
+        self.journal.set_media_type(&digest, &media_type);
+        self.journal.add_link(upstream, fetch.remote, &digest);
+        for referenced in referenced_digests(&bytes) {
+            self.journal.add_link(upstream, fetch.remote, &referenced);
+        }
+        if let Reference::Tag(tag) = reference {
+            self.journal
+                .set_tag(upstream, fetch.remote, tag, accept, &digest);
+        }
+        Ok(ManifestAnswer::Cached(Manifest {
+            digest,
+            media_type,
+            bytes,
+        }))
+    }
+
+    fn store_manifest(&self, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+        if self.store.contains(digest) {
+            return Ok(());
+        }
+        let temp = self.store.temp_path();
+        std::fs::write(&temp, bytes)?;
+        self.store.commit(&temp, digest, bytes.len() as u64)
+    }
+
+    /// Fetches a blob into the cache and waits for it (for `ocigate cache warm`). `true`
+    /// when it is cached for this repository afterwards.
+    pub async fn warm_blob(&self, digest: &str, fetch: &Fetch<'_>) -> Result<bool, GatewayError> {
+        let upstream = fetch.upstream.name();
+        if self.store.contains(digest) && self.journal.has_link(upstream, fetch.remote, digest) {
+            return Ok(true);
+        }
+        let fill = match self
+            .fills
+            .join(digest)
+            .map_err(|e| GatewayError::BadUpstreamAnswer {
+                upstream: upstream.to_string(),
+                what: "blob",
+                reason: format!("cannot start a fill: {e}"),
+            })? {
+            Join::Follower(fill) => fill,
+            Join::Leader(writer) => {
+                let response = fetch.send(Method::GET, &format!("blobs/{digest}")).await?;
+                let size = content_length(response.headers());
+                let (StatusCode::OK, Some(size)) = (response.status(), size) else {
+                    return Ok(false);
+                };
+                self.journal.add_link(upstream, fetch.remote, digest);
+                match writer.start(response.into_body(), size) {
+                    Some(fill) => fill,
+                    None => return Ok(false),
+                }
+            }
+        };
+        Ok(fill.finished().await || self.store.contains(digest))
+    }
+}
+
+pub enum ManifestAnswer {
+    Cached(Manifest),
+    /// The upstream's answer, to pass on.
+    Upstream(Response<Incoming>),
+    /// Offline and not cached.
+    NotCached,
+}
+
+/// The Accept header as a cache key: its media types, without parameters, sorted.
+pub fn accept_key(headers: &HeaderMap) -> String {
+    let mut types: Vec<String> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    types.sort();
+    types.dedup();
+    types.join(",")
+}
+
+/// A single `Range: bytes=…` request; multiple ranges are left to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RangeSpec {
+    From(u64, Option<u64>),
+    Suffix(u64),
+}
+
+fn parse_range(v: &str) -> Option<RangeSpec> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        return b.parse().ok().map(RangeSpec::Suffix);
+    }
+    let start = a.parse().ok()?;
+    let end = if b.is_empty() {
+        None
+    } else {
+        Some(b.parse().ok()?)
+    };
+    if end.is_some_and(|e| e < start) {
+        return None;
+    }
+    Some(RangeSpec::From(start, end))
+}
+
+impl RangeSpec {
+    /// `[start, end)` within an object of `size` bytes; `None` when unsatisfiable.
+    fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        match self {
+            RangeSpec::From(start, _) if start >= size => None,
+            RangeSpec::From(start, end) => Some((start, end.map_or(size, |e| (e + 1).min(size)))),
+            RangeSpec::Suffix(0) => None,
+            RangeSpec::Suffix(n) => Some((size.saturating_sub(n), size)),
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn registry_headers(response: &mut Response<Body>, digest: &str, content_type: &str, len: u64) {
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        h.insert("docker-content-digest", v.clone());
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            h.insert(header::ETAG, etag);
+        }
+    }
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+}
+
+fn blob_response(digest: &str, size: u64, range: Option<(u64, u64)>, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    let len = range.map_or(size, |(s, e)| e - s);
+    registry_headers(&mut response, digest, "application/octet-stream", len);
+    response
+        .headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some((start, end)) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+            response.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    response
+}
+
+fn manifest_response(m: Manifest, head: bool) -> Response<Body> {
+    let len = m.bytes.len() as u64;
+    let body = if head {
+        body::empty()
+    } else {
+        body::full(m.bytes)
+    };
+    let mut response = Response::new(body);
+    registry_headers(&mut response, &m.digest, &m.media_type, len);
+    response
+}
+
+fn unsatisfiable(size: u64) -> Response<Body> {
+    let mut response = crate::error::oci_response(&OciError::new(
+        ErrorCode::RangeInvalid,
+        "requested range not satisfiable",
+    ));
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+        response.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    response
+}
+
+fn not_cached(code: ErrorCode, reference: &str) -> Response<Body> {
+    crate::error::oci_response(
+        &OciError::new(code, "not in the cache, and the cache is offline")
+            .with_detail(serde_json::json!({ "reference": reference })),
+    )
+}
+
+/// Upstream answers that `serve_stale` covers: rate limits and server errors.
+fn is_upstream_trouble(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn media_type_of(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("mediaType")?.as_str().map(str::to_string)
+}
+
+/// The digests a manifest references: index entries, blobs and its subject. All of them are
+/// evidence that the repository has them.
+pub fn referenced_digests(bytes: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let mut out = digests_at(&v, &["/subject/digest"], &["manifests"]);
+    out.extend(blob_digests_of(&v));
+    out
+}
+
+/// The blobs an image manifest needs: config, layers, artifact blobs, schema 1 `fsLayers`.
+pub fn blob_digests(bytes: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map(|v| blob_digests_of(&v))
+        .unwrap_or_default()
+}
+
+/// The entries of an index (or manifest list).
+pub fn child_manifests(bytes: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map(|v| digests_at(&v, &[], &["manifests"]))
+        .unwrap_or_default()
+}
+
+fn blob_digests_of(v: &serde_json::Value) -> Vec<String> {
+    let mut out = digests_at(v, &["/config/digest"], &["layers", "blobs"]);
+    for item in v
+        .get("fsLayers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(d) = item.get("blobSum").and_then(|d| d.as_str())
+            && crate::oci::path::validate_digest(d).is_ok()
+        {
+            out.push(d.to_string());
+        }
+    }
+    out
+}
+
+/// Valid digests at JSON pointers, and in the `digest` of each item of arrays.
+fn digests_at(v: &serde_json::Value, pointers: &[&str], lists: &[&str]) -> Vec<String> {
+    let singles = pointers.iter().filter_map(|p| v.pointer(p));
+    let items = lists
+        .iter()
+        .filter_map(|l| v.get(*l).and_then(|l| l.as_array()))
+        .flatten()
+        .filter_map(|item| item.get("digest"));
+    singles
+        .chain(items)
+        .filter_map(|d| d.as_str())
+        .filter(|d| crate::oci::path::validate_digest(d).is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_keys_ignore_order_case_and_parameters() {
+        let mut a = HeaderMap::new();
+        a.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json; q=0.9, application/vnd.docker.distribution.manifest.v2+json"));
+        let mut b = HeaderMap::new();
+        b.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+        );
+        b.append(
+            header::ACCEPT,
+            HeaderValue::from_static("Application/vnd.oci.image.index.v1+json"),
+        );
+        assert_eq!(accept_key(&a), accept_key(&b));
+        assert_eq!(accept_key(&HeaderMap::new()), "");
+    }
+
+    #[test]
+    fn ranges() {
+        let r = |v: &str, size: u64| parse_range(v).and_then(|r| r.resolve(size));
+        assert_eq!(r("bytes=0-9", 100), Some((0, 10)));
+        assert_eq!(r("bytes=90-", 100), Some((90, 100)));
+        assert_eq!(r("bytes=90-1000", 100), Some((90, 100)));
+        assert_eq!(r("bytes=-10", 100), Some((90, 100)));
+        assert_eq!(r("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=0-1,5-6"), None);
+        assert_eq!(parse_range("bytes=9-1"), None);
+        assert_eq!(parse_range("items=0-1"), None);
+    }
+
+    #[test]
+    fn references_of_manifests_and_indexes() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let manifest = serde_json::json!({
+            "config": {"digest": d('a')},
+            "layers": [{"digest": d('b')}, {"digest": "not-a-digest"}],
+            "subject": {"digest": d('c')},
+        });
+        let manifest = manifest.to_string();
+        assert_eq!(
+            referenced_digests(manifest.as_bytes()),
+            vec![d('c'), d('a'), d('b')]
+        );
+        assert_eq!(blob_digests(manifest.as_bytes()), vec![d('a'), d('b')]);
+        assert!(child_manifests(manifest.as_bytes()).is_empty());
+        let index = serde_json::json!({"manifests": [{"digest": d('e')}, {"digest": d('f')}]});
+        let index = index.to_string();
+        assert_eq!(referenced_digests(index.as_bytes()), vec![d('e'), d('f')]);
+        assert_eq!(child_manifests(index.as_bytes()), vec![d('e'), d('f')]);
+        assert!(blob_digests(index.as_bytes()).is_empty());
+        assert!(referenced_digests(b"{nope").is_empty());
+    }
+}
