@@ -4,11 +4,14 @@
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
-# start_registry DIR PORT: a registry with storage under DIR, quiet logs.
+# start_registry DIR PORT [access]: a registry with storage under DIR, quiet logs (with
+# `access`, its access log is on, to count requests).
 start_registry() {
+  local accesslog=true
+  [ "${3:-}" = access ] && accesslog=false
   cat > "$1/registry.yml" <<YML
 version: 0.1
-log: { level: error, accesslog: { disabled: true } }
+log: { level: error, accesslog: { disabled: $accesslog } }
 storage: { filesystem: { rootdirectory: $1/storage } }
 http: { addr: 127.0.0.1:$2 }
 YML

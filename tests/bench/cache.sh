@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# On-demand benchmark (not part of `cargo test`): the pull-through cache against the real
+# registry and nginx on 127.0.0.1, release build. Prints a Markdown table for the README.
+#
+#   bash tests/bench/cache.sh
+#
+# Measures, all in one run:
+# - a cache-hit 200 MiB blob GET (best of 5) vs nginx serving the same file with sendfile
+#   and vs straight from docker-registry;
+# - cache-hit manifest GETs/s at 16 keep-alive connections vs the registry's (best of three
+#   alternating runs);
+# - 16 concurrent cold GETs of another 200 MiB layer through an empty cache vs 16 concurrent
+#   GETs straight from the registry: wall time, and the upstream GETs the cache made (from the
+#   registry's access log).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for tool in docker-registry nginx ab curl python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry nginx-light apache2-utils curl)"; exit 1; }
+done
+cargo build --release --bin ocigate >/dev/null
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+. tests/bench/lib.sh
+
+rport=$(port); gport=$(port); nport=$(port)
+start_registry "$work" "$rport" access
+cat > "$work/ocigate.yaml" <<YML
+server: { listen: "127.0.0.1:$gport" }
+cache: { dir: "$work/cache", max_size: 4GiB, tag_ttl: 1h }
+upstreams: { reg: { url: "http://127.0.0.1:$rport" } }
+routes: [ { prefix: "c/", upstream: reg, remote: "team/", cache: true } ]
+YML
+OCIGATE_LOG=warn target/release/ocigate serve --config "$work/ocigate.yaml" >"$work/ocigate.log" 2>&1 &
+wait_port "$gport"
+
+mkdir -p "$work/www"
+cat > "$work/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+error_log $work/nginx.error.log;
+pid $work/nginx.pid;
+events { worker_connections 256; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path $work/nginx-body;
+  proxy_temp_path $work/nginx-proxy;
+  fastcgi_temp_path $work/nginx-fastcgi;
+  uwsgi_temp_path $work/nginx-uwsgi;
+  scgi_temp_path $work/nginx-scgi;
+  server { listen 127.0.0.1:$nport; root $work/www; }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" &
+wait_port "$nport"
+
+head -c $((200 << 20)) /dev/urandom > "$work/www/blob"
+digest="sha256:$(sha256sum "$work/www/blob" | cut -d' ' -f1)"
+push_image "$rport" team/bench v1 "$work" "$work/www/blob"
+curl -fsS -o /dev/null "http://127.0.0.1:$gport/v2/c/bench/blobs/$digest"   # fill the cache
+accept='Accept: application/vnd.oci.image.manifest.v1+json'
+curl -fsS -o /dev/null -H "$accept" "http://127.0.0.1:$gport/v2/c/bench/manifests/v1"
+
+best_speed() { # url → best MiB/s of 5
+  local best=0 s
+  for _ in 1 2 3 4 5; do
+    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+    best=$(python3 -c "print(max($best, $s/1048576))")
+  done
+  printf '%.0f' "$best"
+}
+nginx_blob=$(best_speed "http://127.0.0.1:$nport/blob")
+direct_blob=$(best_speed "http://127.0.0.1:$rport/v2/team/bench/blobs/$digest")
+cache_blob=$(best_speed "http://127.0.0.1:$gport/v2/c/bench/blobs/$digest")
+
+get_rate() { rate -k -c 16 -n 20000 -H "$accept" "$1"; }
+read -r direct_manifest cache_manifest < <(best_pair \
+  "get_rate http://127.0.0.1:$rport/v2/team/bench/manifests/v1" \
+  "get_rate http://127.0.0.1:$gport/v2/c/bench/manifests/v1")
+
+# Cold: a layer nobody has fetched, 16 clients at once, straight and through the cache.
+head -c $((200 << 20)) /dev/urandom > "$work/cold"
+cdigest="sha256:$(sha256sum "$work/cold" | cut -d' ' -f1)"
+push_image "$rport" team/cold v1 "$work" "$work/cold"
+sixteen() { # url → seconds for 16 concurrent GETs
+  python3 - "$1" <<'PY'
+import subprocess, sys, time
+start = time.monotonic()
+ps = [subprocess.Popen(["curl", "-fsS", "-o", "/dev/null", sys.argv[1]]) for _ in range(16)]
+assert all(p.wait() == 0 for p in ps)
+print(f"{time.monotonic() - start:.2f}")
+PY
+}
+gets() { grep -c "\"GET /v2/team/cold/blobs/$cdigest" "$work/registry.log" || true; }
+direct_cold=$(sixteen "http://127.0.0.1:$rport/v2/team/cold/blobs/$cdigest")
+before=$(gets)
+cache_cold=$(sixteen "http://127.0.0.1:$gport/v2/c/cold/blobs/$cdigest")
+upstream_gets=$(( $(gets) - before ))
+
+ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
+echo "| benchmark | baseline | through the cache | ratio | goal |"
+echo "|---|---|---|---|---|"
+echo "| cache-hit 200 MiB blob GET vs nginx sendfile, best of 5 (MiB/s) | $nginx_blob | $cache_blob | $(ratio "$nginx_blob" "$cache_blob") | ≥ 0.9× |"
+echo "| cache-hit 200 MiB blob GET vs docker-registry, best of 5 (MiB/s) | $direct_blob | $cache_blob | $(ratio "$direct_blob" "$cache_blob") | ≥ 1× |"
+echo "| cache-hit manifest GET, 16 connections (req/s) | $direct_manifest | $cache_manifest | $(ratio "$direct_manifest" "$cache_manifest") | ≥ 5× |"
+echo "| 16 concurrent cold GETs of a 200 MiB layer (s) | $direct_cold | $cache_cold | $(ratio "$direct_cold" "$cache_cold") | ≤ 1.3× |"
+echo "| upstream GETs for those 16 cold GETs | 16 | $upstream_gets | — | 1 |"
