@@ -395,3 +395,57 @@ fn cache_routes_still_push_through() {
         img.digest
     );
 }
+
+/// Client auth runs before the cache: what alice pulled into it is still refused to a client
+/// without a token, and to bob, whose token does not cover the repository.
+#[test]
+fn the_cache_never_bypasses_client_auth() {
+    let reg = Registry::start("");
+    let img = image::image(&[("secret", b"alice's layer\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let keys =
+        common::tokens::TokenServerFiles::new(&[("alice", "wonderland"), ("bob", "builder")]);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}auth:\n  token: {{service: s.test, issuer: https://s.test}}\ntoken_server:\n  issuer: https://s.test\n  signing_key: {}\n  certificate: {}\n  users: {{htpasswd: {}}}\n  acl:\n    - {{account: alice, repository: \"*\", actions: [pull]}}\n    - {{account: bob, repository: \"public/*\", actions: [pull]}}\n",
+        config(&reg.url(), dir.path(), ""),
+        keys.path("token.key"),
+        keys.path("token.crt"),
+        keys.path("htpasswd"),
+    );
+    let gw = Ocigate::start(&yaml);
+    let by_tag = format!("{}/c/app:v1", gw.host());
+    assert_eq!(
+        skopeo_digest(
+            &by_tag,
+            &["--tls-verify=false", "--creds", "alice:wonderland"]
+        ),
+        img.digest
+    );
+    let _ = skopeo_pull_oci(&by_tag, &["--src-creds", "alice:wonderland"]);
+    assert!(cache_cli(&yaml, &["ls"]).contains(&img.layer_digest));
+
+    let blob = format!("{}/v2/c/app/blobs/{}", gw.url(), img.layer_digest);
+    let anonymous = http::get(&blob);
+    assert_eq!(anonymous.status, 401);
+    assert!(
+        anonymous
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer realm=")
+    );
+    let token_url = format!(
+        "{}/token?service=s.test&scope=repository:c/app:pull",
+        gw.url()
+    );
+    let bob = http::get_with(&token_url, &[("authorization", "Basic Ym9iOmJ1aWxkZXI=")]);
+    assert_eq!(bob.status, 200, "{}", bob.text());
+    let token = bob.json()["token"].as_str().unwrap().to_string();
+    let refused = http::bearer_get(&blob, &token);
+    assert_eq!(refused.status, 401, "bob's token does not cover c/app");
+    assert_eq!(
+        reg.count_requests("GET", &format!("/v2/team/app/blobs/{}", img.layer_digest)),
+        1,
+        "the refusals never reached the cache's fill either"
+    );
+}

@@ -10,6 +10,7 @@ use base64::Engine as _;
 use common::http::{Resp, bearer_get, get_with, request};
 use common::image;
 use common::servers::IdentityProvider;
+use common::tokens::TokenServerFiles as Keys;
 use common::{
     Ocigate, Podman, Registry, run_ok, skopeo, skopeo_digest, skopeo_ok, skopeo_pull_oci,
 };
@@ -17,36 +18,7 @@ use serde_json::json;
 
 const SERVICE: &str = "ocigate.test";
 const ISSUER: &str = "https://ocigate.test";
-
-struct Keys {
-    dir: tempfile::TempDir,
-}
-
-impl Keys {
-    fn new() -> Keys {
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["ocigate token signer".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.path().join("token.key"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.path().join("token.crt"), cert.pem()).unwrap();
-        let users = ["alice:wonderland", "bob:builder"]
-            .iter()
-            .map(|up| {
-                let (u, p) = up.split_once(':').unwrap();
-                format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap())
-            })
-            .collect::<String>();
-        std::fs::write(dir.path().join("htpasswd"), users).unwrap();
-        Keys { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
+const USERS: &[(&str, &str)] = &[("alice", "wonderland"), ("bob", "builder")];
 
 fn config(upstream: &str, keys: &Keys, idp: Option<&IdentityProvider>) -> String {
     let oidc = idp
@@ -125,7 +97,7 @@ fn password_logins_push_and_pull_through_the_proxy() {
     let reg = Registry::start("");
     let img = image::image(&[("hello", b"public bytes\n")], "amd64");
     image::push_image(&reg.url(), "public/app", "v1", &img);
-    let keys = Keys::new();
+    let keys = Keys::new(USERS);
     let gw = Ocigate::start(&config(&reg.url(), &keys, None));
     let host = gw.host();
 
@@ -227,7 +199,7 @@ fn password_logins_push_and_pull_through_the_proxy() {
 
 #[test]
 fn the_real_registry_accepts_our_tokens() {
-    let keys = Keys::new();
+    let keys = Keys::new(USERS);
     // ocigate is only the token server here; the registry behind the route is irrelevant.
     let other = Registry::start("");
     let gw = Ocigate::start(&config(&other.url(), &keys, None));
@@ -277,7 +249,7 @@ fn the_real_registry_accepts_our_tokens() {
 #[test]
 fn token_endpoint_protocol() {
     let reg = Registry::start("");
-    let keys = Keys::new();
+    let keys = Keys::new(USERS);
     let gw = Ocigate::start(&config(&reg.url(), &keys, None));
     let alice = basic("alice", "wonderland");
 
@@ -395,7 +367,7 @@ fn oidc_identities_from_ci_jobs() {
     let img = image::image(&[("hello", b"built by CI\n")], "amd64");
     image::push_image(&reg.url(), "staging/tool", "v1", &img);
     let idp = IdentityProvider::start();
-    let keys = Keys::new();
+    let keys = Keys::new(USERS);
     let gw = Ocigate::start(&config(&reg.url(), &keys, Some(&idp)));
     let now = common::tokens::now();
     let ci_claims = |aud: &str, exp: i64, owner: &str| {

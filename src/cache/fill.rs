@@ -32,8 +32,10 @@ use tokio::sync::{mpsc, watch};
 use super::store::{Reader, Store};
 use crate::body::{Body, BoxError};
 
-/// Bytes per disk read and per batched disk write.
+/// Bytes per disk read and per batched disk write of a fill.
 const CHUNK: usize = 256 << 10;
+/// Bytes per frame of a committed object (slices of its mapping: no copy).
+const MAPPED_CHUNK: usize = 2 << 20;
 /// An upstream body that sends nothing for this long fails the fill.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -186,13 +188,7 @@ impl Fills {
     pub fn reader(&self, fill: &Arc<Fill>, size: u64, head: bool) -> Option<Body> {
         let _inflight = self.inflight.lock().ok()?;
         let file = std::fs::File::open(&fill.temp).ok()?;
-        Some(stream(
-            Handle::Fill(file),
-            0,
-            size,
-            Source::Fill(fill.progress.clone()),
-            head,
-        ))
+        Some(stream(file, size, fill.progress.clone(), head))
     }
 }
 
@@ -200,8 +196,7 @@ impl FillWriter {
     /// Starts writing `body` (`size` bytes that must hash to the digest) in its own task, and
     /// returns the fill for readers to stream from.
     pub fn start(mut self, body: Incoming, size: u64) -> Option<Arc<Fill>> {
-        let tx = self.tx.take()?;
-        let file = self.file.take()?;
+        // Looked up first: on failure, dropping `self` abandons the fill cleanly.
         let fill = self
             .fills
             .inflight
@@ -209,6 +204,8 @@ impl FillWriter {
             .ok()?
             .get(&self.digest)
             .cloned()?;
+        let tx = self.tx.take()?;
+        let file = self.file.take()?;
         let _ = tx.send(Progress::Writing { size, written: 0 });
         let fills = self.fills.clone();
         let digest = self.digest.clone();
@@ -292,128 +289,149 @@ async fn write(
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// What a reader streams from.
-enum Source {
-    /// A committed object; `Some` when its digest must be checked on this read.
-    Committed(Option<Verify>),
-    /// A fill in progress.
-    Fill(watch::Receiver<Progress>),
-}
-
 struct Verify {
     store: Arc<Store>,
     digest: String,
     hasher: Sha256,
 }
 
-/// Streams `[start, end)` of a committed object. A full read of an object not yet verified
-/// by this process checks its digest before the last chunk goes out.
+/// Streams `[start, end)` of a committed object from a read-only mapping of its file, so
+/// the bytes go from the page cache to the socket with one copy (as `sendfile` would) and
+/// memory use is the kernel's cache, not ours. A full read of an object this process has
+/// not yet verified checks its digest before the last chunk goes out.
 pub fn object(
     store: &Arc<Store>,
     digest: &str,
     reader: Reader,
     range: Option<(u64, u64)>,
     head: bool,
-) -> Body {
+) -> std::io::Result<Body> {
     let (start, end) = range.unwrap_or((0, reader.size));
+    if head || start >= end {
+        return Ok(crate::body::empty());
+    }
+    // SAFETY: objects are immutable: written under tmp/, renamed in once verified, never
+    // written again, and only ever unlinked (which keeps a mapping valid). The mapping is
+    // read-only and lives no longer than the `Reader` kept beside it.
+    let mapped = unsafe { memmap2::Mmap::map(&reader.file) }?;
+    let _ = mapped.advise(memmap2::Advice::Sequential);
     let verify = (!reader.verified && range.is_none()).then(|| Verify {
         store: store.clone(),
         digest: digest.to_string(),
         hasher: Sha256::new(),
     });
-    stream(
-        Handle::Object(reader),
-        start,
-        end,
-        Source::Committed(verify),
-        head,
-    )
+    Ok(crate::body::boxed(MappedBody {
+        data: Bytes::from_owner(mapped),
+        pos: start as usize,
+        end: end as usize,
+        verify,
+        _reader: reader,
+    }))
 }
 
-/// An open file to read from; an object's read guard lives as long as its handle.
-enum Handle {
-    Object(Reader),
-    Fill(std::fs::File),
+/// A committed object's bytes, handed out in slices of its mapping.
+struct MappedBody {
+    data: Bytes,
+    pos: usize,
+    end: usize,
+    verify: Option<Verify>,
+    /// Keeps the object from eviction while it is read.
+    _reader: Reader,
 }
 
-impl Handle {
-    fn file(&self) -> &std::fs::File {
-        match self {
-            Handle::Object(r) => &r.file,
-            Handle::Fill(f) => f,
+impl http_body::Body for MappedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.pos >= self.end {
+            return Poll::Ready(None);
         }
+        let next = (self.pos + MAPPED_CHUNK).min(self.end);
+        let chunk = self.data.slice(self.pos..next);
+        self.pos = next;
+        let at_end = next == self.end;
+        if let Some(v) = self.verify.as_mut() {
+            v.hasher.update(&chunk);
+            if at_end {
+                let hex = hex::encode(std::mem::take(&mut v.hasher).finalize());
+                if v.digest.strip_prefix("sha256:") != Some(hex.as_str()) {
+                    tracing::warn!(digest = %v.digest, "cached file is corrupt or truncated: dropped");
+                    crate::metrics::cache_rejected("corrupt");
+                    v.store.remove(&v.digest);
+                    return Poll::Ready(Some(Err(
+                        "the cached file does not match its digest".into()
+                    )));
+                }
+                v.store.mark_verified(&v.digest);
+            }
+        }
+        crate::metrics::cache_bytes("cache", chunk.len() as u64);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact((self.end - self.pos) as u64)
     }
 }
 
-fn stream(handle: Handle, start: u64, end: u64, source: Source, head: bool) -> Body {
-    if head || start >= end {
+/// Streams a fill to one client as bytes reach the disk.
+fn stream(file: std::fs::File, size: u64, progress: watch::Receiver<Progress>, head: bool) -> Body {
+    if head || size == 0 {
         return crate::body::empty();
     }
     let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(pump(Arc::new(handle), start, end, source, tx));
+    tokio::spawn(pump(Arc::new(file), size, progress, tx));
     crate::body::boxed(ChannelBody {
         rx,
-        remaining: end - start,
+        remaining: size,
     })
 }
 
 type Chunk = Result<Bytes, BoxError>;
 
 async fn pump(
-    handle: Arc<Handle>,
-    start: u64,
-    end: u64,
-    mut source: Source,
+    file: Arc<std::fs::File>,
+    size: u64,
+    mut progress: watch::Receiver<Progress>,
     tx: mpsc::Sender<Chunk>,
 ) {
-    let mut pos = start;
-    while pos < end {
-        // How far this reader may go now; the last byte only once the object is verified.
-        let limit = match &mut source {
-            Source::Committed(_) => end,
-            Source::Fill(rx) => match current(rx) {
-                Progress::Done { .. } => end,
-                Progress::Writing { written, .. } => written.min(end - 1),
-                Progress::Starting => start,
-                Progress::Failed | Progress::Abandoned => {
-                    let _ = tx.send(Err("the upstream transfer failed".into())).await;
-                    return;
-                }
-            },
+    let mut pos = 0;
+    while pos < size {
+        // How far this reader may go now: the last byte only once the fill is verified.
+        let limit = match current(&mut progress) {
+            Progress::Done { .. } => size,
+            Progress::Writing { written, .. } => written.min(size - 1),
+            Progress::Starting => 0,
+            Progress::Failed | Progress::Abandoned => {
+                let _ = tx.send(Err("the upstream transfer failed".into())).await;
+                return;
+            }
         };
         if pos >= limit {
-            if let Source::Fill(rx) = &mut source
-                && rx.changed().await.is_err()
-            {
+            if progress.changed().await.is_err() {
                 let _ = tx.send(Err("the cache fill went away".into())).await;
                 return;
             }
             continue;
         }
         let len = (limit - pos).min(CHUNK as u64) as usize;
-        let h = handle.clone();
+        let f = file.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
-            let mut filled = 0;
-            while filled < len {
-                match h.file().read_at(&mut buf[filled..], pos + filled as u64)? {
-                    0 => break,
-                    n => filled += n,
-                }
-            }
-            buf.truncate(filled);
+            f.read_exact_at(&mut buf, pos)?;
             Ok::<_, std::io::Error>(buf)
         })
         .await;
         let chunk = match read {
-            Ok(Ok(buf)) if !buf.is_empty() => Bytes::from(buf),
-            Ok(Ok(_)) => {
-                let _ = tx
-                    .send(Err("the cached file is shorter than its size".into()))
-                    .await;
-                fail_verify(&source);
-                return;
-            }
+            Ok(Ok(buf)) => Bytes::from(buf),
             Ok(Err(e)) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;
@@ -424,24 +442,6 @@ async fn pump(
             }
         };
         pos += chunk.len() as u64;
-        if let Source::Committed(Some(v)) = &mut source {
-            v.hasher.update(&chunk);
-            if pos == end {
-                let hex = hex::encode(std::mem::take(&mut v.hasher).finalize());
-                if v.digest.strip_prefix("sha256:") == Some(hex.as_str()) {
-                    v.store.mark_verified(&v.digest);
-                } else {
-                    fail_verify(&source);
-                    let _ = tx
-                        .send(Err("the cached file does not match its digest".into()))
-                        .await;
-                    return;
-                }
-            }
-        }
-        if matches!(source, Source::Committed(_)) {
-            crate::metrics::cache_bytes("cache", chunk.len() as u64);
-        }
         if tx.send(Ok(chunk)).await.is_err() {
             return; // the client went away
         }
@@ -451,15 +451,6 @@ async fn pump(
 /// The latest progress, copied out so no lock is held across an await.
 fn current(rx: &mut watch::Receiver<Progress>) -> Progress {
     *rx.borrow_and_update()
-}
-
-/// A file found corrupt is dropped, so the next request fetches it again.
-fn fail_verify(source: &Source) {
-    if let Source::Committed(Some(v)) = source {
-        tracing::warn!(digest = %v.digest, "cached file is corrupt or truncated: dropped");
-        crate::metrics::cache_rejected("corrupt");
-        v.store.remove(&v.digest);
-    }
 }
 
 /// A body fed by a reader task; ends when the task has sent `remaining` bytes.

@@ -220,8 +220,15 @@ impl Cache {
                     },
                     None => None,
                 };
-                let body = fill::object(&self.store, digest, reader, range, head);
-                return Ok(Outcome::Served(blob_response(digest, size, range, body)));
+                return Ok(
+                    match fill::object(&self.store, digest, reader, range, head) {
+                        Ok(body) => Outcome::Served(blob_response(digest, size, range, body)),
+                        Err(e) => {
+                            tracing::warn!(%digest, error = %e, "cannot map a cached object; passing through");
+                            Outcome::Pass
+                        }
+                    },
+                );
             }
         }
         if self.config.offline {

@@ -11,7 +11,8 @@
 #   alternating runs);
 # - 16 concurrent cold GETs of another 200 MiB layer through an empty cache vs 16 concurrent
 #   GETs straight from the registry: wall time, and the upstream GETs the cache made (from the
-#   registry's access log).
+#   registry's access log);
+# - ocigate's peak RSS (mapped cache files count, though they are page cache).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for tool in docker-registry nginx ab curl python3; do
@@ -31,9 +32,11 @@ upstreams: { reg: { url: "http://127.0.0.1:$rport" } }
 routes: [ { prefix: "c/", upstream: reg, remote: "team/", cache: true } ]
 YML
 OCIGATE_LOG=warn target/release/ocigate serve --config "$work/ocigate.yaml" >"$work/ocigate.log" 2>&1 &
+gpid=$!
 wait_port "$gport"
 
 mkdir -p "$work/www"
+chmod 755 "$work" "$work/www"   # nginx's workers run unprivileged
 cat > "$work/nginx.conf" <<CONF
 daemon off;
 worker_processes 1;
@@ -97,6 +100,9 @@ direct_cold=$(sixteen "http://127.0.0.1:$rport/v2/team/cold/blobs/$cdigest")
 before=$(gets)
 cache_cold=$(sixteen "http://127.0.0.1:$gport/v2/c/cold/blobs/$cdigest")
 upstream_gets=$(( $(gets) - before ))
+# Includes the pages of mapped objects, which are the kernel's page cache, not heap.
+peak_kib=$(awk '/VmHWM/{print $2}' "/proc/$gpid/status")
+anon_kib=$(awk '/RssAnon/{print $2}' "/proc/$gpid/status")
 
 ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
 echo "| benchmark | baseline | through the cache | ratio | goal |"
@@ -106,3 +112,4 @@ echo "| cache-hit 200 MiB blob GET vs docker-registry, best of 5 (MiB/s) | $dire
 echo "| cache-hit manifest GET, 16 connections (req/s) | $direct_manifest | $cache_manifest | $(ratio "$direct_manifest" "$cache_manifest") | ≥ 5× |"
 echo "| 16 concurrent cold GETs of a 200 MiB layer (s) | $direct_cold | $cache_cold | $(ratio "$direct_cold" "$cache_cold") | ≤ 1.3× |"
 echo "| upstream GETs for those 16 cold GETs | 16 | $upstream_gets | — | 1 |"
+echo "| ocigate peak RSS over the run (of it anonymous at the end) | — | $((peak_kib / 1024)) MiB ($((anon_kib / 1024)) MiB) | — | — |"

@@ -129,7 +129,7 @@ pub fn get_streamed_digest(url: &str) -> (u16, HeaderMap, u64, String) {
 }
 
 /// Like [`get_streamed_digest`], but a transfer that breaks off is an `Err` (with the bytes
-/// counted so far), not a panic.
+/// counted so far; status 0 if not even the head arrived), not a panic.
 pub fn get_streamed(
     url: &str,
     headers: &[(&str, &str)],
@@ -140,7 +140,11 @@ pub fn get_streamed(
             req = req.header(*k, *v);
         }
         let req = req.body(full(Bytes::new())).unwrap();
-        let resp = client().request(req).await.unwrap();
+        // A transfer can break off before the response head is complete: status 0.
+        let resp = match client().request(req).await {
+            Ok(r) => r,
+            Err(e) => return (0, HeaderMap::new(), 0, Err(e.to_string())),
+        };
         let (parts, mut body) = resp.into_parts();
         let mut hasher = sha2::Sha256::new();
         let mut n = 0u64;

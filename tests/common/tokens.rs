@@ -163,3 +163,32 @@ pub fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
         b64(signature)
     )
 }
+
+/// What the built-in token server needs on disk: an ES256 signing key, its self-signed
+/// certificate (`token.key`, `token.crt`) and an htpasswd file of `users`.
+pub struct TokenServerFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TokenServerFiles {
+    pub fn new(users: &[(&str, &str)]) -> TokenServerFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ocigate token signer".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("token.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("token.crt"), cert.pem()).unwrap();
+        let htpasswd: String = users
+            .iter()
+            .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap()))
+            .collect();
+        std::fs::write(dir.path().join("htpasswd"), htpasswd).unwrap();
+        TokenServerFiles { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
