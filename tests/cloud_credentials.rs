@@ -6,7 +6,6 @@
 mod common;
 
 use base64::Engine as _;
-use common::image;
 use common::servers::TokenServer;
 use common::{Ocigate, Registry, htpasswd_auth, run_ok, simple_config, skopeo_digest};
 use std::process::Command;
@@ -16,16 +15,6 @@ use std::process::Command;
 const ECR_PASSWORD: &str = "111122223333-auth-token";
 
 const SA_KEY: &str = r#"{"type":"service_account","project_id":"proj","private_key_id":"k1","private_key":"-----BEGIN PRIVATE KEY-----\nMIIEfake\n-----END PRIVATE KEY-----\n","client_email":"puller@proj.iam.gserviceaccount.com"}"#;
-
-/// A registry holding `team/app:v1`, then locked behind `auth`.
-fn seeded_registry(auth: impl FnOnce(&Registry) -> String) -> (Registry, image::Image) {
-    let mut reg = Registry::start("");
-    let img = image::image(&[("hello", b"cloud bytes\n")], "amd64");
-    image::push_image(&reg.url(), "team/app", "v1", &img);
-    let extra = auth(&reg);
-    reg.reconfigure(&extra);
-    (reg, img)
-}
 
 /// The count of one `ocigate_credential_refreshes_total` series, 0 when absent.
 #[cfg(feature = "ecr")]
@@ -64,7 +53,7 @@ fn ecr_upstream(extra: &str) -> String {
 #[test]
 fn ecr_tokens_from_the_sdk_pull_refresh_and_survive_an_outage() {
     let mut emulator = common::EcrEmulator::start();
-    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "AWS", ECR_PASSWORD));
+    let (reg, img) = Registry::seeded(|r| htpasswd_auth(r.dir.path(), "AWS", ECR_PASSWORD));
     let reference = format!("{}/v2/team/app/manifests/v1", reg.url());
     assert_eq!(
         common::http::head(&reference, &[]).status,
@@ -147,7 +136,7 @@ fn ecr_tokens_from_the_sdk_pull_refresh_and_survive_an_outage() {
 #[test]
 fn gcp_service_account_key_is_sent_as_json_key_to_the_realm() {
     let ts = TokenServer::start(Some(("_json_key", SA_KEY)));
-    let (reg, img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let (reg, img) = Registry::seeded(|_| ts.registry_auth_yaml());
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("sa.json");
     std::fs::write(&key, format!("{SA_KEY}\n")).unwrap();
@@ -180,7 +169,7 @@ fn gcp_service_account_key_is_sent_as_json_key_to_the_realm() {
 
 #[test]
 fn auto_uses_the_docker_config_for_a_plain_registry() {
-    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "puller", "pullpass"));
+    let (reg, img) = Registry::seeded(|r| htpasswd_auth(r.dir.path(), "puller", "pullpass"));
     let docker = tempfile::tempdir().unwrap();
     let auth = base64::engine::general_purpose::STANDARD.encode("puller:pullpass");
     std::fs::write(

@@ -4,26 +4,16 @@
 mod common;
 
 use common::http::{self, head};
-use common::image::{self, OCI_MANIFEST};
+use common::image::OCI_MANIFEST;
 use common::servers::TokenServer;
 use common::{
     Ocigate, Registry, htpasswd_auth, simple_config, skopeo_digest, skopeo_ok, skopeo_pull_oci,
 };
 
-/// A registry holding `team/app:v1`, then locked behind `auth`.
-fn seeded_registry(auth: impl FnOnce(&Registry) -> String) -> (Registry, image::Image) {
-    let mut reg = Registry::start("");
-    let img = image::image(&[("hello", b"private bytes\n")], "amd64");
-    image::push_image(&reg.url(), "team/app", "v1", &img);
-    let extra = auth(&reg);
-    reg.reconfigure(&extra);
-    (reg, img)
-}
-
 #[test]
 fn token_auth_upstream_pull_and_push_with_configured_credentials() {
     let ts = TokenServer::start(Some(("puller", "pullpass")));
-    let (reg, img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let (reg, img) = Registry::seeded(|_| ts.registry_auth_yaml());
     assert_eq!(
         head(&format!("{}/v2/team/app/manifests/v1", reg.url()), &[]).status,
         401,
@@ -89,7 +79,7 @@ fn token_auth_upstream_pull_and_push_with_configured_credentials() {
 #[test]
 fn credentials_never_reach_a_realm_that_is_not_allowed() {
     let ts = TokenServer::start(Some(("puller", "pullpass")));
-    let (reg, _img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let (reg, _img) = Registry::seeded(|_| ts.registry_auth_yaml());
     // No allowed_realms: the realm is an IP literal on another port, so it gets no credentials.
     let creds = "    credentials:\n      basic: {username: puller, password: pullpass}\n";
     let gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", creds));
@@ -112,7 +102,7 @@ fn credentials_never_reach_a_realm_that_is_not_allowed() {
 
 #[test]
 fn basic_upstream_via_docker_config_credential_helper() {
-    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "helperuser", "helperpass"));
+    let (reg, img) = Registry::seeded(|r| htpasswd_auth(r.dir.path(), "helperuser", "helperpass"));
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -174,7 +164,7 @@ fn basic_upstream_via_docker_config_credential_helper() {
 fn docker_config_identity_token_uses_the_oauth2_refresh_grant() {
     // Basic access is locked to a user nobody has: only the refresh grant gets a token.
     let ts_locked = TokenServer::start_with(Some(("nobody", "x")), Some("refresh-me-123"));
-    let (reg, img) = seeded_registry(|_| ts_locked.registry_auth_yaml());
+    let (reg, img) = Registry::seeded(|_| ts_locked.registry_auth_yaml());
     let dir = tempfile::tempdir().unwrap();
     let docker_config = dir.path().join("config.json");
     std::fs::write(
@@ -213,7 +203,7 @@ fn docker_config_identity_token_uses_the_oauth2_refresh_grant() {
 
 #[test]
 fn verbatim_header_credentials_and_client_authorization_is_not_forwarded() {
-    let (reg, img) = seeded_registry(|r| htpasswd_auth(r.dir.path(), "hdr", "hdrpass"));
+    let (reg, img) = Registry::seeded(|r| htpasswd_auth(r.dir.path(), "hdr", "hdrpass"));
     let valid = "Basic aGRyOmhkcnBhc3M="; // hdr:hdrpass
     let with_header = Ocigate::start(&simple_config(
         &reg.url(),
@@ -251,7 +241,7 @@ fn verbatim_header_credentials_and_client_authorization_is_not_forwarded() {
 fn with_client_auth_an_upstream_refusal_is_our_own_challenge() {
     // The upstream demands tokens the proxy cannot get (no credentials, realm refuses).
     let ts = TokenServer::start(Some(("puller", "pullpass")));
-    let (reg, _img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let (reg, _img) = Registry::seeded(|_| ts.registry_auth_yaml());
     let pki = common::tokens::Pki::new();
     let config = simple_config(
         &reg.url(),
@@ -286,7 +276,7 @@ fn with_client_auth_an_upstream_refusal_is_our_own_challenge() {
 #[test]
 fn concurrent_cold_requests_share_one_token_fetch() {
     let ts = TokenServer::start(Some(("puller", "pullpass")));
-    let (reg, img) = seeded_registry(|_| ts.registry_auth_yaml());
+    let (reg, img) = Registry::seeded(|_| ts.registry_auth_yaml());
     let creds = format!(
         "    credentials:\n      basic: {{username: puller, password: pullpass}}\n    allowed_realms: [\"{}\"]\n",
         ts.realm()

@@ -158,6 +158,16 @@ impl Registry {
         }
     }
 
+    /// A registry holding `team/app:v1` (one small layer), then locked behind `auth`.
+    pub fn seeded(auth: impl FnOnce(&Registry) -> String) -> (Registry, image::Image) {
+        let mut reg = Registry::start("");
+        let img = image::image(&[("hello", b"private bytes\n")], "amd64");
+        image::push_image(&reg.url(), "team/app", "v1", &img);
+        let extra = auth(&reg);
+        reg.reconfigure(&extra);
+        (reg, img)
+    }
+
     /// Restarts on the same storage (and port, if still free) with another config tail:
     /// tests seed content into an open registry, then lock it with auth or add redirects.
     pub fn reconfigure(&mut self, extra: &str) {
