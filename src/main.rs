@@ -223,7 +223,14 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let config = Config::load(file)?;
     // Building the gateway resolves credentials and CA bundles, so their errors show here too.
     install_crypto();
-    let gateway = Gateway::build(config.clone(), false)?;
+    // The cache directory is left alone: checking a file must not create or evict anything.
+    let gateway = Gateway::build(
+        Config {
+            cache: None,
+            ..config.clone()
+        },
+        false,
+    )?;
     print!("{}", config.summary());
     println!("credentials:");
     for name in config.upstreams.keys() {

@@ -195,7 +195,7 @@ impl Gateway {
         let mut pending = vec![reference];
         let (mut manifests, mut blobs) = (0, 0);
         while let Some(reference) = pending.pop() {
-            let m = match cache.manifest(&reference, &accept, &fetch).await? {
+            let m = match cache.manifest(&reference, &accept, false, &fetch).await? {
                 cache::ManifestAnswer::Cached(m) => m,
                 cache::ManifestAnswer::Upstream(r) => {
                     return Err(unknown(&format!(

@@ -449,3 +449,30 @@ fn the_cache_never_bypasses_client_auth() {
         "the refusals never reached the cache's fill either"
     );
 }
+
+/// A HEAD that misses stays a HEAD upstream (Docker Hub counts GETs), for manifests and blobs.
+#[test]
+fn head_misses_stay_heads() {
+    let reg = Registry::start("");
+    let img = image::image(&[("h", b"heads\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Ocigate::start(&config(&reg.url(), dir.path(), ""));
+    let manifest = format!("{}/v2/c/app/manifests/v1", gw.url());
+    let r = head(&manifest, &[("accept", OCI_MANIFEST)]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("docker-content-digest").unwrap(), img.digest);
+    let r = head(
+        &format!("{}/v2/c/app/blobs/{}", gw.url(), img.layer_digest),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        reg.count_requests("GET", "/v2/team/app/"),
+        0,
+        "{}",
+        reg.log()
+    );
+    assert!(reg.count_requests("HEAD", "/v2/team/app/manifests/v1") >= 1);
+    assert!(object_files(dir.path()).is_empty());
+}

@@ -234,6 +234,24 @@ fn a_good_config_gets_a_summary_without_secrets() {
 }
 
 #[test]
+fn check_config_leaves_the_cache_directory_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("not-yet");
+    let yaml = format!(
+        "{UP}routes:\n  - {{prefix: \"c/\", upstream: hub, cache: true}}\ncache:\n  dir: {}\n  max_size: 1GiB\n",
+        cache.display()
+    );
+    let (ok, stdout, stderr) = check(&yaml);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("(namespace, cache)"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("cache: {} (max 1073741824 bytes", cache.display())),
+        "{stdout}"
+    );
+    assert!(!cache.exists(), "check-config created the cache directory");
+}
+
+#[test]
 fn unreadable_file_and_version() {
     let out = Command::new(Ocigate::bin())
         .args(["check-config", "/nonexistent/ocigate.yaml"])

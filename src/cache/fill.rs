@@ -114,6 +114,8 @@ pub enum Join {
     Leader(FillWriter),
     /// A fill is in progress: stream from it.
     Follower(Arc<Fill>),
+    /// Committed since the caller last looked: read it from the store.
+    Stored,
 }
 
 pub struct Fills {
@@ -137,6 +139,11 @@ impl Fills {
             .map_err(|_| std::io::Error::other("fills poisoned"))?;
         if let Some(fill) = inflight.get(digest) {
             return Ok(Join::Follower(fill.clone()));
+        }
+        // Commits happen under this lock: looking again here closes the window in which a
+        // request missed just before a commit and would fetch the object a second time.
+        if self.store.contains(digest) {
+            return Ok(Join::Stored);
         }
         let temp = self.store.temp_path();
         let file = std::fs::File::create(&temp)?;
@@ -181,21 +188,27 @@ impl Fills {
             let _ = std::fs::remove_file(temp);
         }
         inflight.remove(digest);
+        drop(inflight);
+        if committed {
+            self.store.evict();
+        }
         committed
     }
 
-    /// A reader of the fill of `digest` (opened now, so a commit's rename cannot race it).
-    pub fn reader(&self, fill: &Arc<Fill>, size: u64, head: bool) -> Option<Body> {
+    /// A reader of the fill (its file opened under the lock, so a commit's rename cannot
+    /// race it); `None` once the fill has ended and its file has moved.
+    pub fn reader(&self, fill: &Arc<Fill>, size: u64) -> Option<Body> {
         let _inflight = self.inflight.lock().ok()?;
         let file = std::fs::File::open(&fill.temp).ok()?;
-        Some(stream(file, size, fill.progress.clone(), head))
+        Some(stream(file, size, fill.progress.clone()))
     }
 }
 
 impl FillWriter {
     /// Starts writing `body` (`size` bytes that must hash to the digest) in its own task, and
-    /// returns the fill for readers to stream from.
-    pub fn start(mut self, body: Incoming, size: u64) -> Option<Arc<Fill>> {
+    /// returns the fill and this request's reader of it, opened before the writing starts
+    /// (a small object could otherwise be committed and moved before the reader opens it).
+    pub fn start(mut self, body: Incoming, size: u64) -> Option<(Arc<Fill>, Body)> {
         // Looked up first: on failure, dropping `self` abandons the fill cleanly.
         let fill = self
             .fills
@@ -204,6 +217,7 @@ impl FillWriter {
             .ok()?
             .get(&self.digest)
             .cloned()?;
+        let reader = std::fs::File::open(&self.temp).ok()?;
         let tx = self.tx.take()?;
         let file = self.file.take()?;
         let _ = tx.send(Progress::Writing { size, written: 0 });
@@ -234,7 +248,8 @@ impl FillWriter {
                 Progress::Failed
             });
         });
-        Some(fill)
+        let body = stream(reader, size, fill.progress.clone());
+        Some((fill, body))
     }
 }
 
@@ -313,7 +328,7 @@ pub fn object(
     // SAFETY: objects are immutable: written under tmp/, renamed in once verified, never
     // written again, and only ever unlinked (which keeps a mapping valid). The mapping is
     // read-only and lives no longer than the `Reader` kept beside it.
-    let mapped = unsafe { memmap2::Mmap::map(&reader.file) }?;
+    let mapped = Arc::new(unsafe { memmap2::Mmap::map(&reader.file) }?);
     let _ = mapped.advise(memmap2::Advice::Sequential);
     let verify = (!reader.verified && range.is_none()).then(|| Verify {
         store: store.clone(),
@@ -321,7 +336,8 @@ pub fn object(
         hasher: Sha256::new(),
     });
     Ok(crate::body::boxed(MappedBody {
-        data: Bytes::from_owner(mapped),
+        data: Bytes::from_owner(SharedMap(mapped.clone())),
+        map: mapped,
         pos: start as usize,
         end: end as usize,
         verify,
@@ -329,9 +345,19 @@ pub fn object(
     }))
 }
 
+/// A mapping that frames (`Bytes` slices) and the body can both hold.
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A committed object's bytes, handed out in slices of its mapping.
 struct MappedBody {
     data: Bytes,
+    map: Arc<memmap2::Mmap>,
     pos: usize,
     end: usize,
     verify: Option<Verify>,
@@ -353,6 +379,14 @@ impl http_body::Body for MappedBody {
         let next = (self.pos + MAPPED_CHUNK).min(self.end);
         let chunk = self.data.slice(self.pos..next);
         self.pos = next;
+        // Start reading the chunk after this one from disk now, so that the socket write of
+        // the next frame rarely waits for a page fault on a cold object.
+        if next < self.end {
+            let ahead = MAPPED_CHUNK.min(self.end - next);
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, next, ahead);
+        }
         let at_end = next == self.end;
         if let Some(v) = self.verify.as_mut() {
             v.hasher.update(&chunk);
@@ -383,8 +417,8 @@ impl http_body::Body for MappedBody {
 }
 
 /// Streams a fill to one client as bytes reach the disk.
-fn stream(file: std::fs::File, size: u64, progress: watch::Receiver<Progress>, head: bool) -> Body {
-    if head || size == 0 {
+fn stream(file: std::fs::File, size: u64, progress: watch::Receiver<Progress>) -> Body {
+    if size == 0 {
         return crate::body::empty();
     }
     let (tx, rx) = mpsc::channel(2);

@@ -56,7 +56,13 @@ pub struct Journal {
     path: PathBuf,
     state: Mutex<State>,
     file: Mutex<Option<std::fs::File>>,
+    /// Records appended since the file was last written whole (only the owner compacts).
+    appended: std::sync::atomic::AtomicUsize,
+    owner: bool,
 }
+
+/// Records appended before the owner rewrites the journal (besides twice the live ones).
+const COMPACT_AFTER: usize = 10_000;
 
 fn link_key(upstream: &str, repo: &str, digest: &str) -> String {
     format!("{upstream}\0{repo}\0{digest}")
@@ -122,6 +128,8 @@ impl Journal {
             path,
             state: Mutex::new(state),
             file: Mutex::new(None),
+            appended: Default::default(),
+            owner,
         };
         if owner {
             journal.compact()?;
@@ -206,6 +214,21 @@ impl Journal {
         {
             tracing::warn!(error = %e, "cannot append to the cache journal: this knowledge will not survive a restart");
         }
+        let appended = self
+            .appended
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.owner && appended >= COMPACT_AFTER.max(2 * self.live()) {
+            self.appended.store(0, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "cannot compact the cache journal");
+            }
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.state
+            .lock()
+            .map_or(0, |s| s.links.len() + s.tags.len() + s.types.len())
     }
 
     pub fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
@@ -237,16 +260,22 @@ impl Journal {
             .cloned()
     }
 
+    /// Records that a tag points at `digest` as of now. Only a change is written to the
+    /// journal: after a restart an unchanged tag is merely revalidated once more.
     pub fn set_tag(&self, upstream: &str, repo: &str, tag: &str, accept: &str, digest: &str) {
         let now = SystemTime::now();
-        if let Ok(mut s) = self.state.lock() {
-            s.tags.insert(
+        let changed = self.state.lock().is_ok_and(|mut s| {
+            let old = s.tags.insert(
                 tag_key(upstream, repo, tag, accept),
                 TagEntry {
                     digest: digest.into(),
                     checked: now,
                 },
             );
+            old.is_none_or(|o| o.digest != digest)
+        });
+        if !changed {
+            return;
         }
         self.append(&Record::Tag {
             upstream: upstream.into(),

@@ -39,7 +39,8 @@ use fill::{Fills, Join};
 use journal::Journal;
 use store::Store;
 
-/// Manifests larger than this are not cached (distribution refuses to store them too).
+/// Manifests larger than this are passed through, not cached (distribution refuses to store
+/// them too).
 pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Every manifest media type, for fetches of the cache's own (`ocigate cache warm`).
@@ -92,10 +93,11 @@ impl Fetch<'_> {
             Some(token) => self.upstream.send_as(request, token.clone()).await?,
             None => self.upstream.send(request).await?,
         };
-        if !response.status().is_redirection() {
+        // A GET needs the bytes, whatever the route's redirect policy says to clients. A HEAD
+        // is not followed: object stores presign URLs for GET only.
+        if method != Method::GET || !response.status().is_redirection() {
             return Ok(response);
         }
-        // The cache needs the bytes, whatever the route's redirect policy says to clients.
         let from = self.upstream.url(&path_and_query)?;
         self.upstream
             .follow_redirects(response, &method, from, &headers)
@@ -172,7 +174,7 @@ impl Cache {
             Endpoint::Blob(d) if d.starts_with("sha256:") => self.blob(head, d, fetch).await,
             Endpoint::Manifest(r) if !r.as_str().starts_with("sha512:") => {
                 let accept = accept_key(fetch.headers);
-                Ok(match self.manifest(r, &accept, fetch).await? {
+                Ok(match self.manifest(r, &accept, head, fetch).await? {
                     ManifestAnswer::Cached(m) => Outcome::Served(manifest_response(m, head)),
                     ManifestAnswer::Upstream(r) => Outcome::Upstream(r),
                     ManifestAnswer::NotCached => {
@@ -190,39 +192,38 @@ impl Cache {
         digest: &str,
         fetch: &Fetch<'_>,
     ) -> Result<Outcome, GatewayError> {
-        let range = match fetch.headers.get(header::RANGE) {
-            None => None,
-            Some(v) => match v.to_str().ok().and_then(parse_range) {
-                Some(r) => Some(r),
-                None => return Ok(Outcome::Pass),
-            },
-        };
+        let had_range = fetch.headers.contains_key(header::RANGE);
+        // A Range we do not handle (several ranges, nonsense) may be ignored: a full answer.
+        let range = fetch
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_range);
         let upstream = fetch.upstream.name();
+        let suffix = format!("blobs/{digest}");
         if self.store.contains(digest) {
-            if !self.journal.has_link(upstream, fetch.remote, digest) {
-                if self.config.offline {
-                    return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
-                }
-                if !self
-                    .prove_link(digest, &format!("blobs/{digest}"), fetch)
-                    .await?
-                {
-                    return Ok(Outcome::Pass);
-                }
+            let linked = self.journal.has_link(upstream, fetch.remote, digest)
+                || (!self.config.offline && self.prove_link(digest, &suffix, fetch).await?);
+            if !linked {
+                return Ok(if self.config.offline {
+                    Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest))
+                } else {
+                    Outcome::Pass
+                });
             }
             if let Some(reader) = self.store.open_object(digest) {
-                crate::metrics::cache_request("blob", "hit");
                 let size = reader.size;
-                let range = match range {
-                    Some(r) => match r.resolve(size) {
-                        Some(r) => Some(r),
-                        None => return Ok(Outcome::Served(unsatisfiable(size))),
-                    },
+                let range = match range.map(|r| r.resolve(size)) {
+                    Some(None) => return Ok(Outcome::Served(unsatisfiable(size))),
+                    Some(r) => r,
                     None => None,
                 };
                 return Ok(
                     match fill::object(&self.store, digest, reader, range, head) {
-                        Ok(body) => Outcome::Served(blob_response(digest, size, range, body)),
+                        Ok(body) => {
+                            crate::metrics::cache_request("blob", "hit");
+                            Outcome::Served(blob_response(digest, size, range, body))
+                        }
                         Err(e) => {
                             tracing::warn!(%digest, error = %e, "cannot map a cached object; passing through");
                             Outcome::Pass
@@ -235,58 +236,72 @@ impl Cache {
             return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
         }
         if head {
-            // A HEAD of an uncached blob goes upstream; its 200 is evidence for later GETs.
-            let response = fetch.send(Method::HEAD, &format!("blobs/{digest}")).await?;
-            if response.status() == StatusCode::OK {
+            // A HEAD of an uncached blob goes upstream; a yes is evidence for later GETs.
+            let response = fetch.send(Method::HEAD, &suffix).await?;
+            if is_evidence(response.status()) {
                 self.journal.add_link(upstream, fetch.remote, digest);
             }
             return Ok(Outcome::Upstream(response));
         }
-        if range.is_some() {
+        if had_range {
             return Ok(Outcome::Pass);
         }
+        match self.fill(digest, fetch).await? {
+            Filled::Reading(size, body) => {
+                Ok(Outcome::Served(blob_response(digest, size, None, body)))
+            }
+            Filled::Stored => Box::pin(self.blob(head, digest, fetch)).await,
+            Filled::Upstream(response) => Ok(Outcome::Upstream(response)),
+            Filled::Nothing => Ok(Outcome::Pass),
+        }
+    }
+
+    /// Fetches `digest` into the cache, or attaches to the fetch in progress, and returns a
+    /// reader that streams it as it arrives.
+    async fn fill(&self, digest: &str, fetch: &Fetch<'_>) -> Result<Filled, GatewayError> {
+        let upstream = fetch.upstream.name();
+        let suffix = format!("blobs/{digest}");
         let join = match self.fills.join(digest) {
             Ok(j) => j,
             Err(e) => {
                 tracing::warn!(error = %e, "cache: cannot start a fill; passing through");
-                return Ok(Outcome::Pass);
+                return Ok(Filled::Nothing);
             }
         };
         match join {
+            Join::Stored => Ok(Filled::Stored),
             Join::Follower(fill) => {
                 crate::metrics::cache_coalesced();
                 let Some(size) = fill.size().await else {
-                    return Ok(Outcome::Pass);
+                    return Ok(Filled::Nothing);
                 };
                 // The fill may be for another repository: this one needs its own evidence.
                 if !self.journal.has_link(upstream, fetch.remote, digest)
-                    && !self
-                        .prove_link(digest, &format!("blobs/{digest}"), fetch)
-                        .await?
+                    && !self.prove_link(digest, &suffix, fetch).await?
                 {
-                    return Ok(Outcome::Pass);
+                    return Ok(Filled::Nothing);
                 }
-                match self.fills.reader(&fill, size, false) {
-                    Some(body) => Ok(Outcome::Served(blob_response(digest, size, None, body))),
-                    // Committed meanwhile: serve the object.
-                    None => Box::pin(self.blob(head, digest, fetch)).await,
-                }
+                Ok(match self.fills.reader(&fill, size) {
+                    Some(body) => Filled::Reading(size, body),
+                    None => Filled::Stored,
+                })
             }
             Join::Leader(writer) => {
                 crate::metrics::cache_request("blob", "miss");
-                let response = fetch.send(Method::GET, &format!("blobs/{digest}")).await?;
+                let response = fetch.send(Method::GET, &suffix).await?;
                 let size = content_length(response.headers());
-                let (StatusCode::OK, Some(size)) = (response.status(), size) else {
-                    return Ok(Outcome::Upstream(response));
+                // Not cached: refusals and errors (passed on), answers of unknown length,
+                // objects larger than the whole cache, and empty ones (nothing to gain, and
+                // nothing to hold back until verified).
+                let cacheable = size.filter(|s| *s > 0 && *s <= self.store.max_size());
+                let (StatusCode::OK, Some(size)) = (response.status(), cacheable) else {
+                    return Ok(Filled::Upstream(response));
                 };
                 self.journal.add_link(upstream, fetch.remote, digest);
-                let Some(fill) = writer.start(response.into_body(), size) else {
-                    return Ok(Outcome::Pass);
-                };
-                match self.fills.reader(&fill, size, false) {
-                    Some(body) => Ok(Outcome::Served(blob_response(digest, size, None, body))),
-                    None => Ok(Outcome::Pass),
-                }
+                Ok(match writer.start(response.into_body(), size) {
+                    Some((_, body)) => Filled::Reading(size, body),
+                    None => Filled::Nothing,
+                })
             }
         }
     }
@@ -300,7 +315,7 @@ impl Cache {
         fetch: &Fetch<'_>,
     ) -> Result<bool, GatewayError> {
         let response = fetch.send(Method::HEAD, suffix).await?;
-        let ok = response.status() == StatusCode::OK;
+        let ok = is_evidence(response.status());
         if ok {
             self.journal
                 .add_link(fetch.upstream.name(), fetch.remote, digest);
@@ -309,11 +324,13 @@ impl Cache {
     }
 
     /// A manifest by tag or digest: from the cache when it may be, else fetched, verified
-    /// and stored.
+    /// and stored. A `head` that misses is passed upstream as a HEAD (free on Docker Hub),
+    /// not turned into a GET.
     pub async fn manifest(
         &self,
         reference: &Reference,
         accept: &str,
+        head: bool,
         fetch: &Fetch<'_>,
     ) -> Result<ManifestAnswer, GatewayError> {
         let upstream = fetch.upstream.name();
@@ -340,7 +357,15 @@ impl Cache {
         if self.config.offline {
             return Ok(ManifestAnswer::NotCached);
         }
-        let fetched = self.fetch_manifest(reference, accept, fetch).await;
+        let fetched = if head {
+            let suffix = format!("manifests/{}", reference.as_str());
+            match fetch.send(Method::HEAD, &suffix).await {
+                Ok(r) => Ok(ManifestAnswer::Upstream(r)),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            self.fetch_manifest(reference, accept, fetch).await
+        };
         // A tag cached only in another representation still beats an upstream failure.
         if let (true, Reference::Tag(tag)) = (self.config.serve_stale, reference) {
             let trouble = match &fetched {
@@ -349,14 +374,7 @@ impl Cache {
                 _ => false,
             };
             if trouble && let Some(m) = self.any_representation(tag, accept, fetch) {
-                tracing::warn!(
-                    upstream,
-                    repo = fetch.remote,
-                    tag,
-                    "upstream failing: serving a stale tag"
-                );
-                crate::metrics::cache_request("manifest", "stale");
-                return Ok(ManifestAnswer::Cached(m));
+                return Ok(stale(m, fetch, tag, "no answer for this representation"));
             }
         }
         fetched
@@ -405,24 +423,12 @@ impl Cache {
                 Ok(None) // moved (or no digest said): fetch it
             }
             Ok(r) if self.config.serve_stale && is_upstream_trouble(r.status()) => {
-                tracing::warn!(
-                    upstream,
-                    repo = fetch.remote,
-                    tag,
-                    status = r.status().as_u16(),
-                    "upstream failing: serving a stale tag"
-                );
-                crate::metrics::cache_request("manifest", "stale");
-                Ok(Some(ManifestAnswer::Cached(cached)))
+                Ok(Some(stale(cached, fetch, tag, r.status())))
             }
             // Gone, refused, …: the GET that follows gets the real answer (a HEAD's has no
             // body to pass on).
             Ok(_) => Ok(None),
-            Err(e) if self.config.serve_stale => {
-                tracing::warn!(upstream, repo = fetch.remote, tag, error = %e, "upstream unreachable: serving a stale tag");
-                crate::metrics::cache_request("manifest", "stale");
-                Ok(Some(ManifestAnswer::Cached(cached)))
-            }
+            Err(e) if self.config.serve_stale => Ok(Some(stale(cached, fetch, tag, e))),
             Err(e) => Err(e.into()),
         }
     }
@@ -502,7 +508,14 @@ impl Cache {
         let response = fetch
             .send(Method::GET, &format!("manifests/{}", reference.as_str()))
             .await?;
-        if response.status() != StatusCode::OK {
+        // Not cached: refusals and errors, manifests over the size limit, and signed schema 1
+        // manifests (their digest is of a payload inside them, not of their bytes).
+        let signed_schema1 = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().ends_with(b"+prettyjws"));
+        let too_large = content_length(response.headers()).is_some_and(|n| n > MAX_MANIFEST as u64);
+        if response.status() != StatusCode::OK || signed_schema1 || too_large {
             return Ok(ManifestAnswer::Upstream(response));
         }
         let bad = |reason: String| GatewayError::BadUpstreamAnswer {
@@ -570,34 +583,41 @@ impl Cache {
     /// Fetches a blob into the cache and waits for it (for `ocigate cache warm`). `true`
     /// when it is cached for this repository afterwards.
     pub async fn warm_blob(&self, digest: &str, fetch: &Fetch<'_>) -> Result<bool, GatewayError> {
-        let upstream = fetch.upstream.name();
-        if self.store.contains(digest) && self.journal.has_link(upstream, fetch.remote, digest) {
+        let linked = |c: &Cache| {
+            c.store.contains(digest)
+                && c.journal
+                    .has_link(fetch.upstream.name(), fetch.remote, digest)
+        };
+        if linked(self) {
             return Ok(true);
         }
-        let fill = match self
-            .fills
-            .join(digest)
-            .map_err(|e| GatewayError::BadUpstreamAnswer {
-                upstream: upstream.to_string(),
-                what: "blob",
-                reason: format!("cannot start a fill: {e}"),
-            })? {
-            Join::Follower(fill) => fill,
-            Join::Leader(writer) => {
-                let response = fetch.send(Method::GET, &format!("blobs/{digest}")).await?;
-                let size = content_length(response.headers());
-                let (StatusCode::OK, Some(size)) = (response.status(), size) else {
+        if let Filled::Reading(_, mut body) = self.fill(digest, fetch).await? {
+            // Reading it to the end (and dropping the bytes) waits for the fill and its
+            // verification.
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
                     return Ok(false);
-                };
-                self.journal.add_link(upstream, fetch.remote, digest);
-                match writer.start(response.into_body(), size) {
-                    Some(fill) => fill,
-                    None => return Ok(false),
                 }
             }
-        };
-        Ok(fill.finished().await || self.store.contains(digest))
+        }
+        Ok(linked(self)
+            || (self.store.contains(digest)
+                && self
+                    .prove_link(digest, &format!("blobs/{digest}"), fetch)
+                    .await?))
     }
+}
+
+/// What [`Cache::fill`] got.
+enum Filled {
+    /// Bytes are coming: the size and this request's reader.
+    Reading(u64, Body),
+    /// The object is in the store now.
+    Stored,
+    /// The upstream's answer, not for the cache.
+    Upstream(Response<Incoming>),
+    /// No fill (local trouble, or the other fill failed): go upstream as usual.
+    Nothing,
 }
 
 pub enum ManifestAnswer {
@@ -608,7 +628,21 @@ pub enum ManifestAnswer {
     NotCached,
 }
 
-/// The Accept header as a cache key: its media types, without parameters, sorted.
+/// Media types that can select a manifest representation; others in an Accept header are
+/// ignored, so clients cannot mint unlimited cache keys.
+const MANIFEST_TYPES: &[&str] = &[
+    "*/*",
+    "application/json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+];
+
+/// The Accept header as a cache key: its manifest media types, without parameters, sorted.
 pub fn accept_key(headers: &HeaderMap) -> String {
     let mut types: Vec<String> = headers
         .get_all(header::ACCEPT)
@@ -622,7 +656,7 @@ pub fn accept_key(headers: &HeaderMap) -> String {
                 .trim()
                 .to_ascii_lowercase()
         })
-        .filter(|t| !t.is_empty())
+        .filter(|t| MANIFEST_TYPES.contains(&t.as_str()))
         .collect();
     types.sort();
     types.dedup();
@@ -662,6 +696,7 @@ impl RangeSpec {
     /// `[start, end)` within an object of `size` bytes; `None` when unsatisfiable.
     fn resolve(self, size: u64) -> Option<(u64, u64)> {
         match self {
+            _ if size == 0 => None,
             RangeSpec::From(start, _) if start >= size => None,
             RangeSpec::From(start, end) => Some((start, end.map_or(size, |e| (e + 1).min(size)))),
             RangeSpec::Suffix(0) => None,
@@ -743,6 +778,19 @@ fn not_cached(code: ErrorCode, reference: &str) -> Response<Body> {
     )
 }
 
+/// A stale cached answer while the upstream fails, logged and counted.
+fn stale(m: Manifest, fetch: &Fetch<'_>, tag: &str, why: impl std::fmt::Display) -> ManifestAnswer {
+    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote, tag, %why, "upstream failing: serving a stale tag");
+    crate::metrics::cache_request("manifest", "stale");
+    ManifestAnswer::Cached(m)
+}
+
+/// A registry that answers a HEAD with 200, or with a redirect to the object's storage, has
+/// the object in that repository.
+fn is_evidence(status: StatusCode) -> bool {
+    status == StatusCode::OK || status.is_redirection()
+}
+
 /// Upstream answers that `serve_stale` covers: rate limits and server errors.
 fn is_upstream_trouble(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
@@ -757,13 +805,14 @@ fn media_type_of(bytes: &[u8]) -> Option<String> {
     v.get("mediaType")?.as_str().map(str::to_string)
 }
 
-/// The digests a manifest references: index entries, blobs and its subject. All of them are
-/// evidence that the repository has them.
+/// The digests a manifest references that the repository must have: index entries and
+/// blobs. Not its `subject`: registries accept a subject that does not exist, so anyone who
+/// may push could name another repository's private manifest there.
 pub fn referenced_digests(bytes: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return Vec::new();
     };
-    let mut out = digests_at(&v, &["/subject/digest"], &["manifests"]);
+    let mut out = digests_at(&v, &[], &["manifests"]);
     out.extend(blob_digests_of(&v));
     out
 }
@@ -834,6 +883,14 @@ mod tests {
         );
         assert_eq!(accept_key(&a), accept_key(&b));
         assert_eq!(accept_key(&HeaderMap::new()), "");
+        let mut c = HeaderMap::new();
+        c.append(
+            header::ACCEPT,
+            HeaderValue::from_static(
+                "application/x-made-up-1, application/vnd.oci.image.index.v1+json",
+            ),
+        );
+        assert_eq!(accept_key(&c), "application/vnd.oci.image.index.v1+json");
     }
 
     #[test]
@@ -844,6 +901,8 @@ mod tests {
         assert_eq!(r("bytes=90-1000", 100), Some((90, 100)));
         assert_eq!(r("bytes=-10", 100), Some((90, 100)));
         assert_eq!(r("bytes=100-", 100), None);
+        assert_eq!(r("bytes=-5", 0), None, "nothing to give of an empty blob");
+        assert_eq!(r("bytes=0-", 0), None);
         assert_eq!(parse_range("bytes=0-1,5-6"), None);
         assert_eq!(parse_range("bytes=9-1"), None);
         assert_eq!(parse_range("items=0-1"), None);
@@ -860,7 +919,8 @@ mod tests {
         let manifest = manifest.to_string();
         assert_eq!(
             referenced_digests(manifest.as_bytes()),
-            vec![d('c'), d('a'), d('b')]
+            vec![d('a'), d('b')],
+            "a subject is no evidence"
         );
         assert_eq!(blob_digests(manifest.as_bytes()), vec![d('a'), d('b')]);
         assert!(child_manifests(manifest.as_bytes()).is_empty());

@@ -42,6 +42,8 @@ pub struct Store {
     max_size: u64,
     index: Mutex<Index>,
     temp_seq: AtomicU64,
+    /// Only the server evicts: a CLI command must not delete what it merely looks at.
+    owner: bool,
 }
 
 /// An object opened for reading; it cannot be evicted while this lives.
@@ -76,15 +78,19 @@ impl Store {
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(root.join("objects"))?;
         let mut index = Index::default();
-        for algorithm in std::fs::read_dir(root.join("objects"))? {
-            let algorithm = algorithm?;
+        // Anything that is not `objects/<alg>/<fan>/<hex>` of a valid digest is skipped.
+        let dirs = |p: &Path| -> Vec<std::fs::DirEntry> {
+            std::fs::read_dir(p)
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default()
+        };
+        for algorithm in dirs(&root.join("objects")) {
             let alg = algorithm.file_name().to_string_lossy().into_owned();
-            for fan in std::fs::read_dir(algorithm.path())? {
-                for file in std::fs::read_dir(fan?.path())? {
-                    let file = file?;
+            for fan in dirs(&algorithm.path()) {
+                for file in dirs(&fan.path()) {
                     let hex = file.file_name().to_string_lossy().into_owned();
                     let digest = format!("{alg}:{hex}");
-                    let meta = file.metadata()?;
+                    let Ok(meta) = file.metadata() else { continue };
                     if !meta.is_file() || crate::oci::path::validate_digest(&digest).is_err() {
                         continue;
                     }
@@ -106,6 +112,7 @@ impl Store {
             max_size,
             index: Mutex::new(index),
             temp_seq: AtomicU64::new(0),
+            owner,
         });
         store.evict();
         Ok(store)
@@ -174,7 +181,7 @@ impl Store {
         })
     }
 
-    fn release(&self, digest: &str) {
+    fn release(self: &Arc<Self>, digest: &str) {
         let over = match self.index.lock() {
             Ok(mut index) => {
                 if let Some(e) = index.entries.get_mut(digest) {
@@ -185,11 +192,24 @@ impl Store {
             Err(_) => false,
         };
         if over {
-            self.evict();
+            self.evict_in_background();
         }
     }
 
-    /// Moves a verified fill into place. An object larger than the whole cache is not kept.
+    /// Eviction unlinks files, which can take a while for large ones: not on a request's
+    /// thread when there is a runtime to hand it to.
+    pub fn evict_in_background(self: &Arc<Self>) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let store = self.clone();
+                rt.spawn_blocking(move || store.evict());
+            }
+            Err(_) => self.evict(),
+        }
+    }
+
+    /// Moves a verified fill into place (the caller then evicts, outside its own locks). An
+    /// object larger than the whole cache is not kept.
     pub fn commit(&self, temp: &Path, digest: &str, size: u64) -> std::io::Result<()> {
         let path = self
             .object_path(digest)
@@ -202,18 +222,20 @@ impl Store {
         }
         std::fs::rename(temp, &path)?;
         if let Ok(mut index) = self.index.lock() {
-            let old = index.entries.insert(
+            let old = index.entries.remove(digest);
+            // Readers of the file this one replaced still hold it open.
+            let readers = old.as_ref().map_or(0, |e| e.readers);
+            index.total = index.total - old.map_or(0, |e| e.size) + size;
+            index.entries.insert(
                 digest.to_string(),
                 Entry {
                     size,
                     last_access: SystemTime::now(),
-                    readers: 0,
+                    readers,
                     verified: true,
                 },
             );
-            index.total = index.total - old.map_or(0, |e| e.size) + size;
         }
-        self.evict();
         Ok(())
     }
 
@@ -238,34 +260,31 @@ impl Store {
         }
     }
 
-    /// Evicts least recently used objects that nobody reads until the total fits.
-    fn evict(&self) {
-        let victims: Vec<(String, u64)> = {
-            let Ok(mut index) = self.index.lock() else {
-                return;
-            };
-            if index.total <= self.max_size {
-                return;
-            }
-            let mut candidates: Vec<(SystemTime, String, u64)> = index
-                .entries
-                .iter()
-                .filter(|(_, e)| e.readers == 0)
-                .map(|(d, e)| (e.last_access, d.clone(), e.size))
-                .collect();
-            candidates.sort();
-            let mut victims = Vec::new();
-            for (_, digest, size) in candidates {
-                if index.total <= self.max_size {
-                    break;
-                }
-                index.entries.remove(&digest);
-                index.total -= size;
-                victims.push((digest, size));
-            }
-            victims
+    /// Evicts least recently used objects that nobody reads until the total fits. Files are
+    /// unlinked under the index lock, so a commit of the same digest cannot slip in between.
+    pub fn evict(&self) {
+        if !self.owner {
+            return;
+        }
+        let Ok(mut index) = self.index.lock() else {
+            return;
         };
-        for (digest, size) in victims {
+        if index.total <= self.max_size {
+            return;
+        }
+        let mut candidates: Vec<(SystemTime, String, u64)> = index
+            .entries
+            .iter()
+            .filter(|(_, e)| e.readers == 0)
+            .map(|(d, e)| (e.last_access, d.clone(), e.size))
+            .collect();
+        candidates.sort();
+        for (_, digest, size) in candidates {
+            if index.total <= self.max_size {
+                break;
+            }
+            index.entries.remove(&digest);
+            index.total -= size;
             if let Some(path) = self.object_path(&digest) {
                 let _ = std::fs::remove_file(path);
             }
@@ -307,6 +326,7 @@ mod tests {
         let temp = store.temp_path();
         std::fs::write(&temp, data).unwrap();
         store.commit(&temp, &digest, data.len() as u64).unwrap();
+        store.evict();
         digest
     }
 
@@ -353,6 +373,25 @@ mod tests {
         // A file removed behind the store's back is a miss, not an error.
         store.remove(&a);
         assert!(store.open_object(&a).is_none());
+    }
+
+    #[test]
+    fn only_the_owner_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 100, true).unwrap();
+        let a = put(&store, &[b'a'; 30]);
+        let b = put(&store, &[b'b'; 30]);
+        drop(store);
+        // `ocigate cache ls` with a smaller max_size in its config deletes nothing.
+        let looking = Store::open(dir.path(), 10, false).unwrap();
+        assert!(looking.contains(&a) && looking.contains(&b));
+        drop(looking);
+        let serving = Store::open(dir.path(), 40, true).unwrap();
+        assert_eq!(
+            serving.total(),
+            30,
+            "the server evicts down to its max_size"
+        );
     }
 
     #[test]

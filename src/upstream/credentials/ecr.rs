@@ -167,7 +167,14 @@ mod provider {
         /// Fetches the first token, then refreshes in the background for as long as the
         /// provider lives. Fails when the first fetch fails and there is no `static` token.
         pub async fn start(self: &Arc<Self>) -> Result<(), CredentialError> {
-            let client = self.client().await?;
+            let client = match self.client().await {
+                Ok(c) => c,
+                Err(e) if self.has_fallback() => {
+                    tracing::warn!(upstream = %self.upstream, error = %e, "ECR SDK not usable: using the static token, without refreshes");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             let first = self.refresh_once(&client).await;
             let delay = match first {
                 Ok(valid_for) => next_refresh(valid_for, self.refresh),
