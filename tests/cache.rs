@@ -272,7 +272,7 @@ fn max_size_is_respected_over_several_images() {
 }
 
 #[test]
-fn a_corrupted_file_is_detected_dropped_and_fetched_again() {
+fn a_corrupted_or_truncated_file_is_detected_dropped_and_fetched_again() {
     let reg = Registry::start("");
     let layer = BigLayer::new(1 << 20, 5);
     layer.push_image(&reg.url(), "team/app", "v1");
@@ -308,6 +308,24 @@ fn a_corrupted_file_is_detected_dropped_and_fetched_again() {
         reg.count_requests("GET", &format!("/v2/team/app/blobs/{}", layer.digest)),
         2,
         "fetched again after the corrupt copy was dropped"
+    );
+
+    // A truncated file (a disk that lost its tail) is caught the same way.
+    drop(gw);
+    let full = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(full / 2)
+        .unwrap();
+    let gw = Ocigate::start(&yaml);
+    assert!(get_streamed(&url(&gw), &[]).3.is_err());
+    let (_, _, n, again) = get_streamed(&url(&gw), &[]);
+    assert_eq!((n, again.as_deref()), (full, Ok(layer.digest.as_str())));
+    assert_eq!(
+        reg.count_requests("GET", &format!("/v2/team/app/blobs/{}", layer.digest)),
+        3
     );
 }
 
