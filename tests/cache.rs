@@ -494,3 +494,37 @@ fn head_misses_stay_heads() {
     assert!(reg.count_requests("HEAD", "/v2/team/app/manifests/v1") >= 1);
     assert!(object_files(dir.path()).is_empty());
 }
+
+/// The docker CLI pulls through the cache, then again from it alone with the upstream gone.
+#[test]
+fn docker_pulls_cold_and_then_from_the_cache_alone() {
+    if !common::docker_engine() {
+        eprintln!("SKIP: no Docker Engine answers here");
+        return;
+    }
+    let mut reg = Registry::start("");
+    let img = image::image(&[("hello", b"docker through the cache\n")], "amd64");
+    image::push_image(&reg.url(), "team/engine", "v1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Ocigate::start(&config(&reg.url(), dir.path(), ""));
+    let reference = format!("{}/c/engine:v1", gw.host());
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gw.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(docker(&["pull", &reference]).contains(&img.digest));
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &reference])
+        .output();
+    reg.stop();
+    assert!(docker(&["pull", &reference]).contains(&img.digest));
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", &reference])
+        .output();
+}

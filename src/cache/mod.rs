@@ -360,7 +360,10 @@ impl Cache {
         let fetched = if head {
             let suffix = format!("manifests/{}", reference.as_str());
             match fetch.send(Method::HEAD, &suffix).await {
-                Ok(r) => Ok(ManifestAnswer::Upstream(r)),
+                Ok(r) => {
+                    self.learn_from_head(&r, reference, accept, fetch);
+                    Ok(ManifestAnswer::Upstream(r))
+                }
                 Err(e) => Err(e.into()),
             }
         } else {
@@ -378,6 +381,32 @@ impl Cache {
             }
         }
         fetched
+    }
+
+    /// A HEAD that went upstream still teaches the cache: the repository has the digest,
+    /// and a tag points at it. Clients that HEAD a tag and then GET by digest (docker,
+    /// containerd) find the tag cached next time, even with the upstream down.
+    fn learn_from_head(
+        &self,
+        response: &Response<Incoming>,
+        reference: &Reference,
+        accept: &str,
+        fetch: &Fetch<'_>,
+    ) {
+        let digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| d.starts_with("sha256:") && crate::oci::path::validate_digest(d).is_ok());
+        let (StatusCode::OK, Some(digest)) = (response.status(), digest) else {
+            return;
+        };
+        let upstream = fetch.upstream.name();
+        self.journal.add_link(upstream, fetch.remote, digest);
+        if let Reference::Tag(tag) = reference {
+            self.journal
+                .set_tag(upstream, fetch.remote, tag, accept, digest);
+        }
     }
 
     /// A tag answered from the cache: fresh, revalidated, or stale while the upstream fails.
