@@ -443,12 +443,19 @@ impl EcrEmulator {
         for _ in 0..5 {
             let port = free_port();
             let out = std::fs::File::create(&log).unwrap();
-            let mut child = Command::new("moto_server")
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            let mut child = Command::new("python3")
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
                 .stdout(out.try_clone().unwrap())
                 .stderr(out)
                 .spawn()
-                .expect("moto_server runs (pip install 'moto[server]')");
+                .expect("python3 runs (and has `pip install 'moto[server]'`)");
             let ready = format!("Running on http://127.0.0.1:{port}");
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
