@@ -73,21 +73,6 @@ impl Fill {
             }
         }
     }
-
-    /// Waits for the end: whether the object was committed.
-    pub async fn finished(&self) -> bool {
-        let mut rx = self.progress.clone();
-        loop {
-            match *rx.borrow_and_update() {
-                Progress::Done { .. } => return true,
-                Progress::Failed | Progress::Abandoned => return false,
-                Progress::Starting | Progress::Writing { .. } => {}
-            }
-            if rx.changed().await.is_err() {
-                return false;
-            }
-        }
-    }
 }
 
 /// The fill this request must make: dropping it before [`FillWriter::start`] abandons it.
@@ -97,12 +82,15 @@ pub struct FillWriter {
     file: Option<tokio::fs::File>,
     temp: PathBuf,
     tx: Option<watch::Sender<Progress>>,
+    /// Disk space reserved for this fill under `tmp/`.
+    reserved: u64,
 }
 
 impl Drop for FillWriter {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
             self.fills.forget(&self.digest);
+            self.fills.release(self.reserved);
             let _ = std::fs::remove_file(&self.temp);
             let _ = tx.send(Progress::Abandoned);
         }
@@ -121,6 +109,9 @@ pub enum Join {
 pub struct Fills {
     store: Arc<Store>,
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    /// Bytes that fills in progress will write: at most `max_size`, so that `tmp/` never
+    /// holds more than the cache itself (clients that start fills and go away included).
+    reserved: Mutex<u64>,
 }
 
 impl Fills {
@@ -128,7 +119,25 @@ impl Fills {
         Arc::new(Fills {
             store,
             inflight: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(0),
         })
+    }
+
+    /// Reserves room for `size` bytes of fills in progress; `false` when it does not fit.
+    fn reserve(&self, size: u64) -> bool {
+        self.reserved.lock().is_ok_and(|mut r| {
+            let fits = *r + size <= self.store.max_size();
+            if fits {
+                *r += size;
+            }
+            fits
+        })
+    }
+
+    fn release(&self, size: u64) {
+        if let Ok(mut r) = self.reserved.lock() {
+            *r = r.saturating_sub(size);
+        }
     }
 
     /// Attaches to the fill of `digest`, or reserves it for this request.
@@ -161,6 +170,7 @@ impl Fills {
             file: Some(tokio::fs::File::from_std(file)),
             temp,
             tx: Some(tx),
+            reserved: 0,
         }))
     }
 
@@ -205,6 +215,16 @@ impl Fills {
 }
 
 impl FillWriter {
+    /// Reserves disk room for `size` bytes; without it the object is not worth a fill now
+    /// (the caller passes the upstream's answer through instead).
+    pub fn reserve(&mut self, size: u64) -> bool {
+        let ok = self.fills.reserve(size);
+        if ok {
+            self.reserved += size;
+        }
+        ok
+    }
+
     /// Starts writing `body` (`size` bytes that must hash to the digest) in its own task, and
     /// returns the fill and this request's reader of it, opened before the writing starts
     /// (a small object could otherwise be committed and moved before the reader opens it).
@@ -224,6 +244,7 @@ impl FillWriter {
         let fills = self.fills.clone();
         let digest = self.digest.clone();
         let temp = self.temp.clone();
+        let reserved = std::mem::take(&mut self.reserved);
         tokio::spawn(async move {
             let outcome = write(file, body, size, &tx).await;
             let verified = match &outcome {
@@ -242,6 +263,7 @@ impl FillWriter {
                 }
             };
             let committed = fills.finish(&digest, &temp, size, verified);
+            fills.release(reserved);
             let _ = tx.send(if committed {
                 Progress::Done { size }
             } else {
@@ -521,5 +543,35 @@ impl http_body::Body for ChannelBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_in_progress_reserve_at_most_max_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let fills = Fills::new(Store::open(dir.path(), 100, true).unwrap());
+        let Ok(Join::Leader(mut a)) = fills.join("sha256:aa") else {
+            panic!("the first request leads");
+        };
+        assert!(matches!(fills.join("sha256:aa"), Ok(Join::Follower(_))));
+        assert!(a.reserve(60));
+        let Ok(Join::Leader(mut b)) = fills.join("sha256:bb") else {
+            panic!("another digest, another leader");
+        };
+        assert!(!b.reserve(41), "60 + 41 bytes of fills exceed max_size");
+        assert!(b.reserve(40));
+        // An abandoned fill gives its room and its temp file back.
+        drop(a);
+        drop(b);
+        assert!(fills.reserve(100));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert!(matches!(fills.join("sha256:aa"), Ok(Join::Leader(_))));
     }
 }

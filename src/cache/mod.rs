@@ -286,14 +286,15 @@ impl Cache {
                     None => Filled::Stored,
                 })
             }
-            Join::Leader(writer) => {
+            Join::Leader(mut writer) => {
                 crate::metrics::cache_request("blob", "miss");
                 let response = fetch.send(Method::GET, &suffix).await?;
                 let size = content_length(response.headers());
                 // Not cached: refusals and errors (passed on), answers of unknown length,
-                // objects larger than the whole cache, and empty ones (nothing to gain, and
-                // nothing to hold back until verified).
-                let cacheable = size.filter(|s| *s > 0 && *s <= self.store.max_size());
+                // empty objects (nothing to gain, and nothing to hold back until verified),
+                // and objects for which fills in progress leave no room (larger than the
+                // whole cache, for one).
+                let cacheable = size.filter(|s| *s > 0 && writer.reserve(*s));
                 let (StatusCode::OK, Some(size)) = (response.status(), cacheable) else {
                     return Ok(Filled::Upstream(response));
                 };
