@@ -60,7 +60,7 @@ pw_tokens=$(rate -k -c 16 -n 200 -H "Authorization: Basic $basic" "http://127.0.
 
 echo "| benchmark | without auth | with token auth | ratio | goal |"
 echo "|---|---|---|---|---|"
-echo "| manifest HEAD, 16 connections (req/s) | $open_head | $auth_head | $(python3 -c "print(f'{$auth_head/$open_head:.2f}×')") | ≥ 0.9× |"
-echo "| GET /v2/ answered by ocigate, 16 connections (req/s) | $open_base | $auth_base | $(python3 -c "print(f'{$auth_base/$open_base:.2f}×')") | (auth stage alone) |"
+echo "| manifest HEAD, 16 connections (req/s) | $open_head | $auth_head | $(ratio "$open_head" "$auth_head") | ≥ 0.9× |"
+echo "| GET /v2/ answered by ocigate, 16 connections (req/s) | $open_base | $auth_base | $(ratio "$open_base" "$auth_base") | (auth stage alone) |"
 echo "| tokens issued per second, anonymous | — | $anon_tokens | — | — |"
 echo "| tokens issued per second, htpasswd password (bcrypt cost 10) | — | $pw_tokens | — | — |"

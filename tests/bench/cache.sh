@@ -65,14 +65,6 @@ curl -fsS -o /dev/null "http://127.0.0.1:$gport/v2/c/bench/blobs/$digest"   # fi
 accept='Accept: application/vnd.oci.image.manifest.v1+json'
 curl -fsS -o /dev/null -H "$accept" "http://127.0.0.1:$gport/v2/c/bench/manifests/v1"
 
-best_speed() { # url → best MiB/s of 5
-  local best=0 s
-  for _ in 1 2 3 4 5; do
-    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
-    best=$(python3 -c "print(max($best, $s/1048576))")
-  done
-  printf '%.0f' "$best"
-}
 nginx_blob=$(best_speed "http://127.0.0.1:$nport/blob")
 direct_blob=$(best_speed "http://127.0.0.1:$rport/v2/team/bench/blobs/$digest")
 cache_blob=$(best_speed "http://127.0.0.1:$gport/v2/c/bench/blobs/$digest")
@@ -104,7 +96,6 @@ upstream_gets=$(( $(gets) - before ))
 peak_kib=$(awk '/VmHWM/{print $2}' "/proc/$gpid/status")
 anon_kib=$(awk '/RssAnon/{print $2}' "/proc/$gpid/status")
 
-ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
 echo "| benchmark | baseline | through the cache | ratio | goal |"
 echo "|---|---|---|---|---|"
 echo "| cache-hit 200 MiB blob GET vs nginx sendfile, best of 5 (MiB/s) | $nginx_blob | $cache_blob | $(ratio "$nginx_blob" "$cache_blob") | ≥ 0.9× |"

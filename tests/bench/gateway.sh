@@ -35,14 +35,6 @@ head -c $((200 << 20)) /dev/urandom > "$work/blob"
 digest="sha256:$(sha256sum "$work/blob" | cut -d' ' -f1)"
 push_image "$rport" team/bench v1 "$work" "$work/blob"
 
-best_speed() { # url → best MiB/s of 5
-  local best=0
-  for _ in 1 2 3 4 5; do
-    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
-    best=$(python3 -c "print(max($best, $s/1048576))")
-  done
-  printf '%.0f' "$best"
-}
 direct_blob=$(best_speed "http://127.0.0.1:$rport/v2/team/bench/blobs/$digest")
 proxy_blob=$(best_speed "http://127.0.0.1:$gport/v2/mirror/bench/blobs/$digest")
 
@@ -62,7 +54,6 @@ done
 wait "${downloads[@]}"
 peak_kib=$(awk '/VmHWM/{print $2}' "/proc/$gpid/status")
 
-ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
 echo "| benchmark | direct | through ocigate | ratio | goal |"
 echo "|---|---|---|---|---|"
 echo "| 200 MiB blob GET, best of 5 (MiB/s) | $direct_blob | $proxy_blob | $(ratio "$direct_blob" "$proxy_blob") | ≥ 0.9× |"

@@ -59,3 +59,16 @@ best_pair() {
   done
   echo "$best_a $best_b"
 }
+
+# best_speed URL: the best of five GETs, in MiB/s.
+best_speed() {
+  local best=0 s
+  for _ in 1 2 3 4 5; do
+    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+    best=$(python3 -c "print(max($best, $s/1048576))")
+  done
+  printf '%.0f' "$best"
+}
+
+# ratio A B: B/A as "0.00×".
+ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
