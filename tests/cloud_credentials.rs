@@ -7,8 +7,7 @@ mod common;
 
 use base64::Engine as _;
 use common::servers::TokenServer;
-use common::{Ocigate, Registry, htpasswd_auth, run_ok, simple_config, skopeo_digest};
-use std::process::Command;
+use common::{Ocigate, Registry, check_config, htpasswd_auth, simple_config, skopeo_digest};
 
 /// What moto hands out for registry 111122223333.
 #[cfg(feature = "ecr")]
@@ -207,20 +206,16 @@ fn check_config_reports_what_auto_picks() {
         r#"{"auths":{"registry.example.com":{"auth":"dTpzZWtyaXQ="}}}"#,
     )
     .unwrap();
-    let yaml = dir.path().join("ocigate.yaml");
-    std::fs::write(
-        &yaml,
-        "upstreams:\n  aws:\n    url: https://111122223333.dkr.ecr.eu-west-1.amazonaws.com\n    credentials: auto\n  gar:\n    url: https://europe-docker.pkg.dev\n    credentials: auto\n  other:\n    url: https://registry.example.com\n    credentials: auto\nroutes:\n  - {prefix: \"a/\", upstream: aws}\n  - {prefix: \"g/\", upstream: gar}\n  - {prefix: \"\", upstream: other}\n",
-    )
-    .unwrap();
-    let mut cmd = Command::new(Ocigate::bin());
-    cmd.arg("check-config")
-        .arg(&yaml)
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
-        .env("DOCKER_CONFIG", dir.path());
+    let yaml = "upstreams:\n  aws:\n    url: https://111122223333.dkr.ecr.eu-west-1.amazonaws.com\n    credentials: auto\n  gar:\n    url: https://europe-docker.pkg.dev\n    credentials: auto\n  other:\n    url: https://registry.example.com\n    credentials: auto\nroutes:\n  - {prefix: \"a/\", upstream: aws}\n  - {prefix: \"g/\", upstream: gar}\n  - {prefix: \"\", upstream: other}\n";
+    let (ok, stdout, stderr) = check_config(
+        yaml,
+        &[
+            ("GOOGLE_APPLICATION_CREDENTIALS", key.to_str().unwrap()),
+            ("DOCKER_CONFIG", dir.path().to_str().unwrap()),
+        ],
+    );
     if cfg!(feature = "ecr") {
-        let out = run_ok(&mut cmd);
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(ok, "{stderr}");
         for expected in [
             "aws          auto: ecr (region eu-west-1, registries 111122223333,",
             "gar          auto: gcp (service account puller@proj.iam.gserviceaccount.com,",
@@ -234,9 +229,7 @@ fn check_config_reports_what_auto_picks() {
             "{stdout}"
         );
     } else {
-        let out = cmd.output().unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!ok);
         assert!(
             stderr.contains("upstream aws: ECR credentials need the `ecr` feature"),
             "{stderr}"
@@ -248,30 +241,20 @@ fn check_config_reports_what_auto_picks() {
 /// feature, and is accepted (and summarised) in one with it.
 #[test]
 fn ecr_config_needs_the_feature() {
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = dir.path().join("ocigate.yaml");
-    std::fs::write(
-        &yaml,
+    let (ok, stdout, stderr) = check_config(
         "upstreams:\n  ecr:\n    url: https://111122223333.dkr.ecr.us-east-1.amazonaws.com\n    credentials:\n      ecr:\n        refresh: 30m\nroutes:\n  - {prefix: \"\", upstream: ecr}\n",
-    )
-    .unwrap();
-    let out = Command::new(Ocigate::bin())
-        .arg("check-config")
-        .arg(&yaml)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        &[],
+    );
     if cfg!(feature = "ecr") {
-        assert!(out.status.success(), "{stderr}");
+        assert!(ok, "{stderr}");
         assert!(
             stdout.contains("ecr (region us-east-1, registries 111122223333, profile default chain, refresh every 30m)"),
             "{stdout}"
         );
     } else {
-        assert!(!out.status.success());
+        assert!(!ok);
         assert!(
-            stderr.contains(":6:9: upstreams.ecr.credentials.ecr: this ocigate was built without the `ecr` feature"),
+            stderr.contains("bad.yaml:6:9: upstreams.ecr.credentials.ecr: this ocigate was built without the `ecr` feature"),
             "{stderr}"
         );
     }
@@ -301,28 +284,17 @@ fn broken_providers_stop_the_start() {
     );
     assert!(!log.contains("listening"), "{log}");
 
-    let yaml = dir.path().join("ocigate.yaml");
-    std::fs::write(
-        &yaml,
-        simple_config(
+    let missing = dir.path().join("missing.json");
+    let (ok, _, stderr) = check_config(
+        &simple_config(
             "https://gcr.io",
             "g/",
             "",
             "    credentials:\n      gcp: {}\n",
         ),
-    )
-    .unwrap();
-    let out = Command::new(Ocigate::bin())
-        .arg("check-config")
-        .arg(&yaml)
-        .env(
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            dir.path().join("missing.json"),
-        )
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        &[("GOOGLE_APPLICATION_CREDENTIALS", missing.to_str().unwrap())],
+    );
+    assert!(!ok);
     assert!(
         stderr.contains("upstream reg: gcp key file")
             && stderr.contains("missing.json: cannot read"),

@@ -8,22 +8,7 @@ use std::process::Command;
 use common::Ocigate;
 
 fn check(yaml: &str) -> (bool, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(Ocigate::bin())
-        .arg("check-config")
-        .arg(&path)
-        .env_remove("NOT_SET_ANYWHERE")
-        .output()
-        .unwrap();
-    let stderr =
-        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "bad.yaml");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+    common::check_config(yaml, &[])
 }
 
 const UP: &str = "upstreams:\n  hub: {url: \"https://registry.example.com\"}\n";

@@ -146,10 +146,6 @@ impl Cache {
         })
     }
 
-    pub fn offline(&self) -> bool {
-        self.config.offline
-    }
-
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }

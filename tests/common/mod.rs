@@ -517,6 +517,29 @@ impl Drop for EcrEmulator {
     }
 }
 
+/// Runs `ocigate check-config` on `yaml` (written to a file named `bad.yaml`, which is also
+/// how the file is named in the returned stderr) with extra environment variables: whether
+/// it passed, stdout and stderr.
+pub fn check_config(yaml: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(Ocigate::bin())
+        .arg("check-config")
+        .arg(&path)
+        .env_remove("NOT_SET_ANYWHERE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "bad.yaml");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
 /// An htpasswd file (bcrypt) for one user, and the registry `auth:` section using it.
 pub fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
     let hash = bcrypt::hash(password, 4).unwrap();
