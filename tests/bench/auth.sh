@@ -11,14 +11,9 @@
 # token server: anonymous (signing only) and with an htpasswd password (bcrypt cost 10).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for tool in docker-registry ab curl python3 openssl htpasswd; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry apache2-utils curl openssl)"; exit 1; }
-done
-cargo build --release --bin ocigate >/dev/null
-bin=target/release/ocigate
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 . tests/bench/lib.sh
+prepare "docker-registry apache2-utils curl openssl" docker-registry ab curl python3 openssl htpasswd
+bin=target/release/ocigate
 
 rport=$(port); open_port=$(port); auth_port=$(port)
 start_registry "$work" "$rport"

@@ -15,13 +15,8 @@
 # - ocigate's peak RSS (mapped cache files count, though they are page cache).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for tool in docker-registry nginx ab curl python3; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry nginx-light apache2-utils curl)"; exit 1; }
-done
-cargo build --release --bin ocigate >/dev/null
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 . tests/bench/lib.sh
+prepare "docker-registry nginx-light apache2-utils curl" docker-registry nginx ab curl python3
 
 rport=$(port); gport=$(port); nport=$(port)
 start_registry "$work" "$rport" access

@@ -11,13 +11,8 @@
 # concurrent downloads of that blob.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for tool in docker-registry ab curl python3; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y docker-registry apache2-utils curl)"; exit 1; }
-done
-cargo build --release --bin ocigate >/dev/null
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 . tests/bench/lib.sh
+prepare "docker-registry apache2-utils curl" docker-registry ab curl python3
 
 rport=$(port); gport=$(port)
 start_registry "$work" "$rport"

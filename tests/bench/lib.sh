@@ -1,4 +1,4 @@
-# Shared by the benchmark scripts: free ports, waiting for them, a throwaway docker-registry,
+# Shared by the benchmark scripts (sourced from the repository root): free ports, waiting for them, a throwaway docker-registry,
 # and pushing blobs and manifests to it with curl.
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -72,3 +72,16 @@ best_speed() {
 
 # ratio A B: B/A as "0.00×".
 ratio() { python3 -c "print(f'{$2/$1:.2f}×')"; }
+
+# prepare "APT PACKAGES" TOOL…: checks the tools are there, builds the release binary, and
+# makes $work, a scratch directory removed (with every background job killed) on exit.
+prepare() {
+  local packages=$1 tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y $packages)"; exit 1; }
+  done
+  cargo build --release --bin ocigate >/dev/null
+  work=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+}
