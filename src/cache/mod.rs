@@ -26,7 +26,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use crate::body::{self, Body};
@@ -34,7 +33,7 @@ use crate::config::CacheConfig;
 use crate::error::GatewayError;
 use crate::flight::Gates;
 use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope};
-use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
 use journal::Journal;
 use store::Store;
@@ -51,7 +50,7 @@ pub enum Outcome {
     /// Answered by the cache.
     Served(Response<Body>),
     /// The upstream's answer, to be passed on as any other (refusals, `404`s, …).
-    Upstream(Response<Incoming>),
+    Upstream(Response<UpstreamBody>),
     /// Not for the cache: the pipeline sends the request as usual.
     Pass,
 }
@@ -74,7 +73,7 @@ impl Fetch<'_> {
         &self,
         method: Method,
         suffix: &str,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
             for v in self.headers.get_all(&name) {
@@ -88,6 +87,8 @@ impl Fetch<'_> {
             headers: headers.clone(),
             body: None,
             scopes: self.scopes.clone(),
+            // Cached bodies are hashed and written on their way through.
+            spliceable: false,
         };
         let response = match &self.relayed {
             Some(token) => self.upstream.send_as(request, token.clone()).await?,
@@ -385,7 +386,7 @@ impl Cache {
     /// containerd) find the tag cached next time, even with the upstream down.
     fn learn_from_head(
         &self,
-        response: &Response<Incoming>,
+        response: &Response<UpstreamBody>,
         reference: &Reference,
         accept: &str,
         fetch: &Fetch<'_>,
@@ -641,7 +642,7 @@ enum Filled {
     /// The object is in the store now.
     Stored,
     /// The upstream's answer, not for the cache.
-    Upstream(Response<Incoming>),
+    Upstream(Response<UpstreamBody>),
     /// No fill (local trouble, or the other fill failed): go upstream as usual.
     Nothing,
 }
@@ -649,7 +650,7 @@ enum Filled {
 pub enum ManifestAnswer {
     Cached(Manifest),
     /// The upstream's answer, to pass on.
-    Upstream(Response<Incoming>),
+    Upstream(Response<UpstreamBody>),
     /// Offline and not cached.
     NotCached,
 }
