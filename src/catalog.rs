@@ -119,7 +119,6 @@ async fn list_upstream(upstream: &Upstream) -> Result<Vec<String>, GatewayError>
                     name: "catalog".into(),
                     actions: vec!["*".into()],
                 }],
-                spliceable: false,
             })
             .await?;
         if !response.status().is_success() {

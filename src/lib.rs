@@ -29,7 +29,6 @@
 //! - [`relay`]: the PASETO relay of upstream tokens (relay routes, its token endpoint).
 //! - [`import`]: converting other tools' configs (`ocigate import backplane`).
 //! - [`server`]: sockets, TLS and graceful shutdown.
-//! - [`splice`]: zero-copy blob bodies between plain TCP sockets (Linux `splice(2)`).
 //! - [`body`], [`flight`], [`metrics`], [`error`]: shared plumbing.
 
 pub mod auth;
@@ -47,6 +46,5 @@ pub mod pipeline;
 pub mod relay;
 pub mod rewrite;
 pub mod server;
-pub mod splice;
 pub mod token;
 pub mod upstream;

@@ -9,7 +9,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS: &str = "ocigate_requests_total";
 pub const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
 pub const BYTES: &str = "ocigate_bytes_streamed_total";
-pub const SPLICED: &str = "ocigate_spliced_bytes_total";
 pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
 pub const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
 pub const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
@@ -59,12 +58,6 @@ pub fn upstream_latency(upstream: &str, elapsed: Duration) {
 /// `direction` is `download` (to clients) or `upload` (from clients).
 pub fn bytes(direction: &'static str, n: u64) {
     metrics::counter!(BYTES, "direction" => direction).increment(n);
-}
-
-/// Bytes of downloads that went upstream socket → client socket by `splice(2)`, never
-/// copied through the proxy (also counted in [`BYTES`]).
-pub fn spliced(n: u64) {
-    metrics::counter!(SPLICED).increment(n);
 }
 
 /// A token-server answer: a token issued, or a login refused.

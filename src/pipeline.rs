@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -35,20 +35,17 @@ use crate::local;
 use crate::oci::{ApiPath, Endpoint, ErrorCode, OciError, Scope};
 use crate::relay::{Relay, RelayError};
 use crate::rewrite::{self, NameMap, Route, RouteTable, UploadQuery};
-use crate::splice::{Outlet, SplicedBody};
 use crate::token::{TokenServer, TokenSetupError};
-use crate::upstream::{Upstream, UpstreamBody, UpstreamBuildError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamBuildError, UpstreamRequest};
 
 /// Largest upstream JSON answer the gateway reads in order to rewrite it (tags, catalog).
 pub const MAX_REWRITTEN_BODY: usize = 16 << 20;
 
 /// Who is on the other end of a connection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// Plain TCP connections: where blob bodies can be spliced to.
-    pub outlet: Option<Outlet>,
 }
 
 /// Everything shared by all requests: the config, the route table and the upstreams.
@@ -92,8 +89,6 @@ pub struct RequestContext {
     pub subject: Option<String>,
     pub upstream: Option<String>,
     pub names: NameMap,
-    /// HTTP/1 on plain TCP: the connection's splice outlet.
-    pub outlet: Option<Outlet>,
 }
 
 impl Gateway {
@@ -234,16 +229,12 @@ impl Gateway {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             query: req.uri().query().map(str::to_string),
-            public_base: public_base(&self.config, &req, &conn),
+            public_base: public_base(&self.config, &req, conn),
             peer: conn.peer,
             route: "-".into(),
             subject: None,
             upstream: None,
             names: NameMap::default(),
-            // HTTP/2 frames its bodies: only HTTP/1 ones can be spliced.
-            outlet: conn
-                .outlet
-                .filter(|_| matches!(req.version(), Version::HTTP_10 | Version::HTTP_11)),
         };
         let response = match self.process(&mut ctx, req).await {
             Ok(r) => r,
@@ -453,8 +444,6 @@ impl Gateway {
             _ => None,
         };
         let is_relay_route = mapped.route.config.relay;
-        let is_blob_read = matches!(api.endpoint, Endpoint::Blob(_))
-            && (ctx.method == Method::GET || ctx.method == Method::HEAD);
         let (parts, incoming) = req.into_parts();
         let mut headers = forward_headers(&parts.headers);
         if api.endpoint == Endpoint::Tags {
@@ -486,7 +475,6 @@ impl Gateway {
                     headers,
                     body,
                     scopes,
-                    spliceable: is_blob_read && ctx.outlet.is_some(),
                 };
                 match relayed {
                     Some(token) => upstream.send_as(request, token).await?,
@@ -507,6 +495,8 @@ impl Gateway {
             return Err(self.upstream_refused(ctx, upstream.name(), required));
         }
         let asked = upstream.url(&path_and_query)?;
+        let is_blob_read = matches!(api.endpoint, Endpoint::Blob(_))
+            && (ctx.method == Method::GET || ctx.method == Method::HEAD);
         let response = if is_blob_read
             && response.status().is_redirection()
             && upstream.config.redirects == RedirectPolicy::Follow
@@ -657,7 +647,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// `scheme://host` for absolute URLs handed to clients: `server.public_url`, else the
 /// forwarded or direct `Host` with the forwarded or actual scheme.
-fn public_base<B>(config: &Config, req: &Request<B>, conn: &ConnInfo) -> String {
+fn public_base<B>(config: &Config, req: &Request<B>, conn: ConnInfo) -> String {
     if let Some(url) = &config.server.public_url {
         return url.as_str().trim_end_matches('/').to_string();
     }
@@ -689,7 +679,7 @@ async fn rewrite_response(
     upstream: &Upstream,
     asked: &Url,
     api: &ApiPath,
-    response: Response<UpstreamBody>,
+    response: Response<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -722,13 +712,7 @@ async fn rewrite_response(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(page.body.len()));
         body::full(page.body)
     } else {
-        match (incoming, &ctx.outlet) {
-            (UpstreamBody::Raw(raw), Some(outlet)) => match SplicedBody::try_new(*raw, outlet) {
-                Ok(spliced) => body::boxed(spliced),
-                Err(raw) => body::boxed(raw),
-            },
-            (other, _) => body::boxed(other),
-        }
+        body::boxed(incoming)
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -736,7 +720,7 @@ async fn rewrite_response(
 /// Reads a small JSON answer that must be rewritten, refusing anything oversized.
 pub async fn read_json_body(
     upstream: &Upstream,
-    incoming: UpstreamBody,
+    incoming: Incoming,
     what: &'static str,
 ) -> Result<Bytes, GatewayError> {
     Limited::new(incoming, MAX_REWRITTEN_BODY)
@@ -940,7 +924,6 @@ mod tests {
             subject: None,
             upstream: None,
             names: NameMap::default(),
-            outlet: None,
         };
         for (remote, local) in names {
             ctx.names.add(remote, local);

@@ -1,7 +1,6 @@
 //! Listeners: accept loops for plain and TLS sockets (HTTP/1.1 and HTTP/2, by ALPN on TLS
 //! and by preface on plain TCP), and graceful shutdown that lets in-flight transfers finish
-//! within the grace period. Plain TCP connections are wrapped for splicing
-//! ([`crate::splice`]). Owns sockets and connections; knows nothing of the protocol.
+//! within the grace period. Owns sockets and connections; knows nothing of the protocol.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,7 +19,6 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{ConnInfo, Gateway};
-use crate::splice::{Outlet, SpliceStream};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -120,11 +118,9 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let outlet = Outlet::default();
         let conn = ConnInfo {
             peer,
             tls: tls.is_some(),
-            outlet: tls.is_none().then(|| outlet.clone()),
         };
         let gateway = gateway.clone();
         let tls = tls.clone();
@@ -132,7 +128,6 @@ async fn accept_loop(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();
-                let conn = conn.clone();
                 async move { Ok::<_, Infallible>(gateway.handle(req, conn).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -142,11 +137,7 @@ async fn accept_loop(
                 .header_read_timeout(HEADER_READ_TIMEOUT);
             let result = match tls {
                 None => {
-                    // Spliced bodies reach the socket as placeholders, which must stay whole
-                    // slices: hyper's queued (writev) strategy, never its flattening copy.
-                    builder.http1().writev(true);
-                    let io = SpliceStream::new(stream, outlet);
-                    let conn = builder.serve_connection(TokioIo::new(io), service);
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
                     graceful.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {

@@ -24,13 +24,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
 use super::store::{Reader, Store};
 use crate::body::{Body, BoxError};
-use crate::upstream::UpstreamBody;
 
 /// Bytes per disk read and per batched disk write of a fill.
 const CHUNK: usize = 256 << 10;
@@ -228,7 +228,7 @@ impl FillWriter {
     /// Starts writing `body` (`size` bytes that must hash to the digest) in its own task, and
     /// returns the fill and this request's reader of it, opened before the writing starts
     /// (a small object could otherwise be committed and moved before the reader opens it).
-    pub fn start(mut self, body: UpstreamBody, size: u64) -> Option<(Arc<Fill>, Body)> {
+    pub fn start(mut self, body: Incoming, size: u64) -> Option<(Arc<Fill>, Body)> {
         // Looked up first: on failure, dropping `self` abandons the fill cleanly.
         let fill = self
             .fills
@@ -279,7 +279,7 @@ impl FillWriter {
 /// then can other file descriptors see the bytes). The hex SHA-256 of exactly `size` bytes.
 async fn write(
     mut file: tokio::fs::File,
-    mut body: UpstreamBody,
+    mut body: Incoming,
     size: u64,
     tx: &watch::Sender<Progress>,
 ) -> Result<String, String> {

@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use crate::body::{self, Body};
@@ -33,7 +34,7 @@ use crate::config::CacheConfig;
 use crate::error::GatewayError;
 use crate::flight::Gates;
 use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope};
-use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
 use journal::Journal;
 use store::Store;
@@ -50,7 +51,7 @@ pub enum Outcome {
     /// Answered by the cache.
     Served(Response<Body>),
     /// The upstream's answer, to be passed on as any other (refusals, `404`s, …).
-    Upstream(Response<UpstreamBody>),
+    Upstream(Response<Incoming>),
     /// Not for the cache: the pipeline sends the request as usual.
     Pass,
 }
@@ -73,7 +74,7 @@ impl Fetch<'_> {
         &self,
         method: Method,
         suffix: &str,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
             for v in self.headers.get_all(&name) {
@@ -87,8 +88,6 @@ impl Fetch<'_> {
             headers: headers.clone(),
             body: None,
             scopes: self.scopes.clone(),
-            // Cached bodies are hashed and written on their way through.
-            spliceable: false,
         };
         let response = match &self.relayed {
             Some(token) => self.upstream.send_as(request, token.clone()).await?,
@@ -386,7 +385,7 @@ impl Cache {
     /// containerd) find the tag cached next time, even with the upstream down.
     fn learn_from_head(
         &self,
-        response: &Response<UpstreamBody>,
+        response: &Response<Incoming>,
         reference: &Reference,
         accept: &str,
         fetch: &Fetch<'_>,
@@ -642,7 +641,7 @@ enum Filled {
     /// The object is in the store now.
     Stored,
     /// The upstream's answer, not for the cache.
-    Upstream(Response<UpstreamBody>),
+    Upstream(Response<Incoming>),
     /// No fill (local trouble, or the other fill failed): go upstream as usual.
     Nothing,
 }
@@ -650,7 +649,7 @@ enum Filled {
 pub enum ManifestAnswer {
     Cached(Manifest),
     /// The upstream's answer, to pass on.
-    Upstream(Response<UpstreamBody>),
+    Upstream(Response<Incoming>),
     /// Offline and not cached.
     NotCached,
 }

@@ -7,24 +7,17 @@
 
 pub mod client;
 pub mod credentials;
-pub mod raw;
 pub mod token;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use url::Url;
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::oci::{Challenge, Scope};
 use client::HttpClient;
@@ -106,51 +99,11 @@ pub struct UpstreamRequest {
     pub body: Option<Body>,
     /// The scopes the request needs, in remote names.
     pub scopes: Vec<Scope>,
-    /// The answer's body may be spliced to the client: a GET to a plain-HTTP upstream then
-    /// goes over the [`raw::Lane`].
-    pub spliceable: bool,
-}
-
-/// An upstream answer's body: from the pooled client, or from the splice lane.
-pub enum UpstreamBody {
-    Pooled(Incoming),
-    Raw(Box<raw::RawBody>),
-}
-
-impl HttpBody for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Raw(b) => Pin::new(b.as_mut()).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Pooled(b) => b.is_end_stream(),
-            UpstreamBody::Raw(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Pooled(b) => b.size_hint(),
-            UpstreamBody::Raw(b) => b.size_hint(),
-        }
-    }
 }
 
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: HttpClient,
-    /// Plain-HTTP upstreams only.
-    lane: Option<raw::Lane>,
     credentials: CredentialSource,
     tokens: TokenCache,
     scheme: RwLock<AuthScheme>,
@@ -170,11 +123,9 @@ impl Upstream {
                 upstream: config.name.clone(),
                 source,
             })?;
-        let lane = raw::Lane::for_url(&config.url, config.connect_timeout, config.idle_timeout);
         Ok(Upstream {
             config,
             client,
-            lane,
             credentials,
             tokens: TokenCache::default(),
             scheme: RwLock::new(AuthScheme::Unknown),
@@ -223,7 +174,7 @@ impl Upstream {
     pub async fn send(
         &self,
         mut req: UpstreamRequest,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let secret = self.secret().await?;
         let body = req.body.take();
         if let Some(bearer) = secret.as_ref().and_then(Secret::static_bearer) {
@@ -268,11 +219,11 @@ impl Upstream {
     /// Follows a blob redirect chain without `Authorization`, streaming the final answer.
     pub async fn follow_redirects(
         &self,
-        mut response: Response<UpstreamBody>,
+        mut response: Response<Incoming>,
         method: &Method,
         mut from: Url,
         headers: &HeaderMap,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let bad = |reason: String| UpstreamError::Redirect {
             upstream: self.config.name.clone(),
             reason,
@@ -299,7 +250,7 @@ impl Upstream {
             let request = builder
                 .body(body::empty())
                 .map_err(|e| bad(e.to_string()))?;
-            response = self.pooled(request, true).await?;
+            response = self.timed(request, true).await?;
             from = target;
         }
         Err(bad(format!("more than {MAX_REDIRECTS} redirects")))
@@ -340,7 +291,6 @@ impl Upstream {
             headers: HeaderMap::new(),
             body: None,
             scopes: Vec::new(),
-            spliceable: false,
         };
         let learned = match self.dispatch(&probe, None, None).await {
             Ok(r) if r.status().is_success() => AuthScheme::Open,
@@ -430,7 +380,7 @@ impl Upstream {
         &self,
         mut req: UpstreamRequest,
         authorization: HeaderValue,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let body = req.body.take();
         self.dispatch(&req, Some(authorization), body).await
     }
@@ -454,7 +404,7 @@ impl Upstream {
         req: &UpstreamRequest,
         auth: Option<HeaderValue>,
         body: Option<Body>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let url = self.url(&req.path_and_query)?;
         let mut builder = Request::builder()
             .method(req.method.clone())
@@ -472,63 +422,35 @@ impl Upstream {
                 upstream: self.config.name.clone(),
                 reason: e.to_string(),
             })?;
-        if let Some(lane) = self
-            .lane
-            .as_ref()
-            .filter(|_| req.spliceable && !has_body && request.method() == Method::GET)
-        {
-            match self.timed(lane.send(&request), true).await? {
-                Ok(response) => return Ok(response.map(|b| UpstreamBody::Raw(Box::new(b)))),
-                // Answered in a way the lane does not speak: ask again the ordinary way.
-                Err(raw::RawError::Unsupported) => {}
-                Err(e) => return Err(self.unreachable(&e)),
-            }
-        }
-        self.pooled(request, !has_body).await
+        self.timed(request, !has_body).await
     }
 
-    async fn pooled(
+    async fn timed(
         &self,
         request: Request<Body>,
         bounded: bool,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        match self.timed(self.client.request(request), bounded).await? {
-            Ok(response) => Ok(response.map(UpstreamBody::Pooled)),
-            Err(e) => Err(self.unreachable(&e)),
-        }
-    }
-
-    /// Runs one exchange, timed for the latency metric; a `bounded` one must have its answer's
-    /// head within [`HEADER_TIMEOUT`].
-    async fn timed<T, E>(
-        &self,
-        exchange: impl Future<Output = Result<T, E>>,
-        bounded: bool,
-    ) -> Result<Result<T, E>, UpstreamError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         if self.offline {
             return Err(UpstreamError::Offline {
                 upstream: self.config.name.clone(),
             });
         }
         let started = Instant::now();
+        let sent = self.client.request(request);
         let result = if bounded {
-            tokio::time::timeout(HEADER_TIMEOUT, exchange)
+            tokio::time::timeout(HEADER_TIMEOUT, sent)
                 .await
                 .map_err(|_| UpstreamError::Timeout {
                     upstream: self.config.name.clone(),
                 })?
         } else {
-            exchange.await
+            sent.await
         };
         crate::metrics::upstream_latency(&self.config.name, started.elapsed());
-        Ok(result)
-    }
-
-    fn unreachable(&self, e: &dyn std::error::Error) -> UpstreamError {
-        UpstreamError::Unreachable {
+        result.map_err(|e| UpstreamError::Unreachable {
             upstream: self.config.name.clone(),
-            reason: error_chain(e),
-        }
+            reason: error_chain(&e),
+        })
     }
 }
 

@@ -24,18 +24,8 @@ pub fn rt() -> &'static tokio::runtime::Runtime {
     })
 }
 
-pub type HttpClient = Client<HttpConnector, Body>;
-
-/// A fresh pooled client: requests through one clone share its keep-alive connections.
-pub fn client() -> HttpClient {
+fn client() -> Client<HttpConnector, Body> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
-}
-
-/// A client speaking HTTP/2 over plain TCP (prior knowledge, "h2c").
-pub fn h2c_client() -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new())
 }
 
 pub fn full(data: impl Into<Bytes>) -> Body {
@@ -144,15 +134,6 @@ pub fn get_streamed(
     url: &str,
     headers: &[(&str, &str)],
 ) -> (u16, HeaderMap, u64, Result<String, String>) {
-    get_streamed_by(&client(), url, headers)
-}
-
-/// [`get_streamed`] through a given client (and its connections).
-pub fn get_streamed_by(
-    client: &HttpClient,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> (u16, HeaderMap, u64, Result<String, String>) {
     rt().block_on(async {
         let mut req = Request::get(url);
         for (k, v) in headers {
@@ -160,7 +141,7 @@ pub fn get_streamed_by(
         }
         let req = req.body(full(Bytes::new())).unwrap();
         // A transfer can break off before the response head is complete: status 0.
-        let resp = match client.request(req).await {
+        let resp = match client().request(req).await {
             Ok(r) => r,
             Err(e) => return (0, HeaderMap::new(), 0, Err(e.to_string())),
         };
