@@ -31,27 +31,8 @@ gpid=$!
 wait_port "$gport"
 
 mkdir -p "$work/www"
-chmod 755 "$work" "$work/www"   # nginx's workers run unprivileged
-cat > "$work/nginx.conf" <<CONF
-daemon off;
-worker_processes 1;
-error_log $work/nginx.error.log;
-pid $work/nginx.pid;
-events { worker_connections 256; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  client_body_temp_path $work/nginx-body;
-  proxy_temp_path $work/nginx-proxy;
-  fastcgi_temp_path $work/nginx-fastcgi;
-  uwsgi_temp_path $work/nginx-uwsgi;
-  scgi_temp_path $work/nginx-scgi;
-  server { listen 127.0.0.1:$nport; root $work/www; }
-}
-CONF
-nginx -c "$work/nginx.conf" -p "$work" &
-wait_port "$nport"
+chmod 755 "$work/www"
+start_nginx "$work" "$nport" "root $work/www;"
 
 head -c $((200 << 20)) /dev/urandom > "$work/www/blob"
 digest="sha256:$(sha256sum "$work/www/blob" | cut -d' ' -f1)"

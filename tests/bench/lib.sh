@@ -45,6 +45,51 @@ push_image() {
     --data-binary "@$4/manifest" "http://127.0.0.1:$1/v2/$2/manifests/$3"
 }
 
+# start_nginx DIR PORT DIRECTIVES…: nginx on 127.0.0.1:PORT in the foreground of a background
+# job, its files under DIR, with the given directives inside its one server block.
+start_nginx() {
+  local dir=$1 nport=$2
+  shift 2
+  chmod 755 "$dir"   # nginx's workers run unprivileged
+  cat > "$dir/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+error_log $dir/nginx.error.log;
+pid $dir/nginx.pid;
+events { worker_connections 256; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path $dir/nginx-body;
+  proxy_temp_path $dir/nginx-proxy;
+  fastcgi_temp_path $dir/nginx-fastcgi;
+  uwsgi_temp_path $dir/nginx-uwsgi;
+  scgi_temp_path $dir/nginx-scgi;
+  server { listen 127.0.0.1:$nport; $* }
+}
+CONF
+  nginx -c "$dir/nginx.conf" -p "$dir" &
+  wait_port "$nport"
+}
+
+# rounds N URL…: N rounds of one GET of each URL in turn (so drift hits all alike); prints
+# one line per URL: "best median" in MiB/s.
+rounds() {
+  python3 - "$@" <<'PY'
+import statistics, subprocess, sys
+n, urls = int(sys.argv[1]), sys.argv[2:]
+speeds = {u: [] for u in urls}
+for _ in range(n):
+    for u in urls:
+        out = subprocess.run(["curl", "-fsS", "-o", "/dev/null", "-w", "%{speed_download}", u],
+                             capture_output=True, text=True, check=True).stdout
+        speeds[u].append(float(out) / 1048576)
+for u in urls:
+    print(f"{max(speeds[u]):.0f} {statistics.median(speeds[u]):.0f}")
+PY
+}
+
 # rate ARGS…: ApacheBench's requests per second.
 rate() { ab -q "$@" | awk '/Requests per second/{printf "%.0f", $4}'; }
 
