@@ -135,6 +135,9 @@ async fn accept_loop(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
+            // A fixed 1 MiB HTTP/2 window caps a distant client's push at 1 MiB per round trip;
+            // grow it to the measured bandwidth-delay product instead.
+            builder.http2().adaptive_window(true);
             let result = match tls {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);

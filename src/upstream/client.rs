@@ -43,6 +43,10 @@ pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
         .enable_http2()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
+        // Concurrent pulls from one upstream share one HTTP/2 connection; its fixed 5 MiB window
+        // would cap them all together at 5 MiB per round trip. Grow it to the measured
+        // bandwidth-delay product instead.
+        .http2_adaptive_window(true)
         .pool_idle_timeout(config.idle_timeout)
         .pool_max_idle_per_host(256)
         .pool_timer(TokioTimer::new())
