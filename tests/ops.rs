@@ -223,16 +223,8 @@ fn tls_listener_speaks_http2_and_http1() {
     let reg = Registry::start("");
     let img = image::image(&[("f", b"over tls")], "amd64");
     image::push_image(&reg.url(), "team/app", "v1", &img);
-    let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let cert = params.self_signed(&key).unwrap();
-    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let test_cert = common::TestCert::new();
+    let (cert, cert_path, key_path) = (&test_cert.cert, &test_cert.cert_path, &test_cert.key_path);
     let config = simple_config(&reg.url(), "mirror/", "team/", "").replace(
         "  listen: \"127.0.0.1:0\"\n",
         &format!(

@@ -1,5 +1,6 @@
 //! End-to-end: real `docker-registry`, real `ocigate`, real clients (skopeo, podman, docker).
-//! Pull and push through a rewritten prefix, uploads, mounts, tags paging, a 200 MiB layer.
+//! Pull and push through a rewritten prefix, uploads, mounts, tags paging, a 200 MiB layer,
+//! an HTTPS upstream (HTTP/2, private CA).
 
 mod common;
 
@@ -498,5 +499,54 @@ fn delete_and_referrers_reach_the_remote_name() {
         .status,
         404,
         "deleted upstream, under the remote name"
+    );
+}
+
+#[test]
+fn an_https_upstream_with_a_private_ca_is_pulled_over_http2() {
+    let cert = common::TestCert::new();
+    let mut reg = Registry::start("");
+    let img = image::image(&[("f", b"over https")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let big = BigLayer::new(8 << 20, 5);
+    big.push_image(&reg.url(), "team/big", "v1");
+    reg.reconfigure(&format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.cert_path.display(),
+        cert.key_path.display()
+    ));
+    let upstream = format!("https://{}", reg.host());
+    let extra = format!("    ca: {}\n", cert.cert_path.display());
+    let gw = Ocigate::start(&simple_config(&upstream, "mirror/", "team/", &extra));
+
+    assert_eq!(
+        skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
+        img.digest
+    );
+    // Concurrent blob GETs share one multiplexed upstream connection.
+    let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
+    let downloads: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || http::get_streamed_digest(&url))
+        })
+        .collect();
+    for d in downloads {
+        let (status, _, n, digest) = d.join().unwrap();
+        assert_eq!(
+            (status, n, digest.as_str()),
+            (200, big.size, big.digest.as_str())
+        );
+    }
+    let blob_gets: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("\"GET /v2/team/big/blobs/{}", big.digest)))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(blob_gets.len(), 4, "{blob_gets:?}");
+    assert!(
+        blob_gets.iter().all(|l| l.contains("HTTP/2.0\"")),
+        "{blob_gets:?}"
     );
 }

@@ -136,6 +136,36 @@ pub fn docker_engine() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as `tls.crt` and `tls.key`
+/// into its own directory.
+pub struct TestCert {
+    pub cert: rcgen::Certificate,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCert {
+    pub fn new() -> TestCert {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        TestCert {
+            cert,
+            cert_path,
+            key_path,
+            _dir: dir,
+        }
+    }
+}
+
 /// A `docker-registry` (CNCF distribution) process with its own storage.
 pub struct Registry {
     child: Child,
