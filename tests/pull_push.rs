@@ -523,7 +523,7 @@ fn an_https_upstream_with_a_private_ca_is_pulled_over_http2() {
         skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
         img.digest
     );
-    // Concurrent blob GETs share one multiplexed upstream connection.
+    // Concurrent blob GETs, multiplexed upstream over HTTP/2.
     let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
     let downloads: Vec<_> = (0..4)
         .map(|_| {
