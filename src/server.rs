@@ -22,6 +22,9 @@ use crate::pipeline::{ConnInfo, Gateway};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 clients are pinged this often and dropped when a ping goes unanswered this long.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -135,9 +138,15 @@ async fn accept_loop(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
-            // A fixed 1 MiB HTTP/2 window caps a distant client's push at 1 MiB per round trip;
-            // grow it to the measured bandwidth-delay product instead.
-            builder.http2().adaptive_window(true);
+            // A fixed 1 MiB HTTP/2 window caps a distant client's push at 1 MiB per round trip:
+            // grow it to the measured bandwidth-delay product instead. Pings free the streams
+            // of clients that vanished without closing their connection.
+            builder
+                .http2()
+                .adaptive_window(true)
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT);
             let result = match tls {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);

@@ -502,6 +502,22 @@ fn delete_and_referrers_reach_the_remote_name() {
     );
 }
 
+/// Restarts `reg` on TLS with `cert`, on the same storage.
+fn serve_tls(reg: &mut Registry, cert: &common::TestCert) {
+    reg.reconfigure(&format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.cert_path.display(),
+        cert.key_path.display()
+    ));
+}
+
+/// A mirror of the HTTPS upstream on 127.0.0.1:`port`, trusting `cert`.
+fn https_mirror(port: u16, cert: &common::TestCert) -> Ocigate {
+    let upstream = format!("https://127.0.0.1:{port}");
+    let extra = format!("    ca: {}\n", cert.cert_path.display());
+    Ocigate::start(&simple_config(&upstream, "mirror/", "team/", &extra))
+}
+
 #[test]
 fn an_https_upstream_with_a_private_ca_is_pulled_over_http2() {
     let cert = common::TestCert::new();
@@ -510,14 +526,8 @@ fn an_https_upstream_with_a_private_ca_is_pulled_over_http2() {
     image::push_image(&reg.url(), "team/app", "v1", &img);
     let big = BigLayer::new(8 << 20, 5);
     big.push_image(&reg.url(), "team/big", "v1");
-    reg.reconfigure(&format!(
-        "  tls:\n    certificate: {}\n    key: {}\n",
-        cert.cert_path.display(),
-        cert.key_path.display()
-    ));
-    let upstream = format!("https://{}", reg.host());
-    let extra = format!("    ca: {}\n", cert.cert_path.display());
-    let gw = Ocigate::start(&simple_config(&upstream, "mirror/", "team/", &extra));
+    serve_tls(&mut reg, &cert);
+    let gw = https_mirror(reg.port, &cert);
 
     assert_eq!(
         skopeo_digest(&format!("{}/mirror/app:v1", gw.host()), &[]),
@@ -549,4 +559,46 @@ fn an_https_upstream_with_a_private_ca_is_pulled_over_http2() {
         blob_gets.iter().all(|l| l.contains("HTTP/2.0\"")),
         "{blob_gets:?}"
     );
+}
+
+#[test]
+fn an_upstream_connection_gone_silent_is_found_by_pings_and_replaced() {
+    let cert = common::TestCert::new();
+    let mut reg = Registry::start("");
+    let big = BigLayer::new(64 << 20, 6);
+    big.push_image(&reg.url(), "team/big", "v1");
+    serve_tls(&mut reg, &cert);
+    let relay = common::servers::FreezableRelay::start(reg.port);
+    let gw = https_mirror(relay.port, &cert);
+    let url = format!("{}/v2/mirror/big/blobs/{}", gw.url(), big.digest);
+
+    let mut body = http::start_get(&url);
+    http::rt().block_on(async {
+        use http_body_util::BodyExt;
+        assert!(body.frame().await.unwrap().is_ok());
+    });
+    // The path to the upstream dies mid-blob, with no FIN or RST to say so.
+    relay.freeze();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rest = http::rt().block_on(async {
+            use http_body_util::BodyExt;
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            Ok::<_, hyper::Error>(())
+        });
+        let _ = tx.send(rest.is_ok());
+    });
+    // Unanswered pings end the stream after 20 s + 10 s; without them it would wait forever.
+    let completed = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the transfer over a dead upstream connection never ended");
+    assert!(
+        !completed,
+        "the blob cannot have arrived whole through a frozen path"
+    );
+    // The dead connection left the pool: the next GET goes over a new one, intact.
+    let (status, _, n, digest) = http::get_streamed_digest(&url);
+    assert_eq!((status, n, digest), (200, big.size, big.digest.clone()));
 }

@@ -2,6 +2,7 @@
 //! HTTP/2 or HTTP/1.1 by ALPN, keep-alive, connect and idle timeouts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -14,6 +15,11 @@ use crate::body::Body;
 use crate::config::UpstreamConfig;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// HTTP/2 connections in use are pinged this often, and closed when a ping goes unanswered
+/// this long (idle ones are closed by `idle_timeout`).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
@@ -35,7 +41,7 @@ pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
     http.enforce_http(false);
     http.set_connect_timeout(Some(config.connect_timeout));
     http.set_nodelay(true);
-    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -47,6 +53,10 @@ pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
         // would cap them all together at 5 MiB per round trip. Grow it to the measured
         // bandwidth-delay product instead.
         .http2_adaptive_window(true)
+        // Pings find a multiplexed connection whose peer vanished (a dropped NAT entry, a dead
+        // path): without them every stream on it would wait forever, and new ones would join.
+        .http2_keep_alive_interval(H2_PING_INTERVAL)
+        .http2_keep_alive_timeout(H2_PING_TIMEOUT)
         .pool_idle_timeout(config.idle_timeout)
         .pool_max_idle_per_host(256)
         .pool_timer(TokioTimer::new())

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -393,5 +394,70 @@ impl LyingRegistry {
     /// `METHOD /path` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A TCP relay to 127.0.0.1:`target` whose connections can be cut off silently: after
+/// [`FreezableRelay::freeze`], nothing moves on the connections open then, while their sockets
+/// stay open (a peer behind a dead path or a dropped NAT entry). Later connections work.
+pub struct FreezableRelay {
+    pub port: u16,
+    generation: Arc<AtomicU64>,
+}
+
+impl FreezableRelay {
+    pub fn start(target: u16) -> FreezableRelay {
+        let listener = rt()
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let current = generation.clone();
+        rt().spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let born = current.load(Ordering::SeqCst);
+                let current = current.clone();
+                tokio::spawn(async move {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let frozen = move || current.load(Ordering::SeqCst) != born;
+                    let (client_read, client_write) = client.into_split();
+                    let (upstream_read, upstream_write) = upstream.into_split();
+                    tokio::join!(
+                        relay(client_read, upstream_write, frozen.clone()),
+                        relay(upstream_read, client_write, frozen)
+                    );
+                });
+            }
+        });
+        FreezableRelay { port, generation }
+    }
+
+    pub fn freeze(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen() {
+            // Both sockets stay open and nothing moves, ever.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
