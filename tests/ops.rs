@@ -218,46 +218,59 @@ fn quick_mode_maps_every_name_under_the_prefix() {
     }
 }
 
+/// A mirror of `reg` on a TLS listener with `cert`.
+fn tls_mirror(reg: &Registry, cert: &common::TestCert) -> Ocigate {
+    let config = simple_config(&reg.url(), "mirror/", "team/", "").replace(
+        "  listen: \"127.0.0.1:0\"\n",
+        &format!(
+            "  listen: \"127.0.0.1:0\"\n  tls: {{cert: {}, key: {}}}\n",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        ),
+    );
+    Ocigate::start(&config)
+}
+
+/// An HTTPS client trusting `cert`, speaking only HTTP/2 or only HTTP/1.1.
+fn tls_client(
+    cert: &common::TestCert,
+    h2: bool,
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http::Body,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector)
+}
+
 #[test]
 fn tls_listener_speaks_http2_and_http1() {
     let reg = Registry::start("");
     let img = image::image(&[("f", b"over tls")], "amd64");
     image::push_image(&reg.url(), "team/app", "v1", &img);
-    let test_cert = common::TestCert::new();
-    let (cert, cert_path, key_path) = (&test_cert.cert, &test_cert.cert_path, &test_cert.key_path);
-    let config = simple_config(&reg.url(), "mirror/", "team/", "").replace(
-        "  listen: \"127.0.0.1:0\"\n",
-        &format!(
-            "  listen: \"127.0.0.1:0\"\n  tls: {{cert: {}, key: {}}}\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-    );
-    let gw = Ocigate::start(&config);
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cert = common::TestCert::new();
+    let gw = tls_mirror(&reg, &cert);
     let url = format!("https://{}/v2/mirror/app/manifests/v1", gw.host());
     for (h2, want) in [
         (true, ::http::Version::HTTP_2),
         (false, ::http::Version::HTTP_11),
     ] {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_only();
-        let connector = if h2 {
-            builder.enable_http2().build()
-        } else {
-            builder.enable_http1().build()
-        };
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .http2_only(h2)
-                .build::<_, http::Body>(connector);
+        let client = tls_client(&cert, h2);
         let req = ::http::Request::get(&url)
             .header("accept", OCI_MANIFEST)
             .body(http::full(bytes::Bytes::new()))
@@ -272,7 +285,7 @@ fn tls_listener_speaks_http2_and_http1() {
     }
     // A real client over TLS, trusting the certificate from a cert dir.
     let certs = tempfile::tempdir().unwrap();
-    std::fs::write(certs.path().join("ca.crt"), cert.pem()).unwrap();
+    std::fs::write(certs.path().join("ca.crt"), cert.cert.pem()).unwrap();
     let cert_dir = certs.path().display().to_string();
     assert_eq!(
         skopeo_digest(
@@ -281,6 +294,46 @@ fn tls_listener_speaks_http2_and_http1() {
         ),
         img.digest
     );
+}
+
+#[test]
+fn an_http2_client_gone_silent_is_found_by_pings() {
+    let reg = Registry::start("");
+    let big = BigLayer::new(64 << 20, 8);
+    big.push_image(&reg.url(), "team/big", "v1");
+    let cert = common::TestCert::new();
+    let gw = tls_mirror(&reg, &cert);
+    let relay = common::servers::FreezableRelay::start(gw.addr.port());
+    let url = format!(
+        "https://127.0.0.1:{}/v2/mirror/big/blobs/{}",
+        relay.port, big.digest
+    );
+    let client = tls_client(&cert, true);
+    let _body = http::rt().block_on(async {
+        let req = ::http::Request::get(&url)
+            .body(http::full(bytes::Bytes::new()))
+            .unwrap();
+        let mut body = client.request(req).await.unwrap().into_body();
+        assert!(body.frame().await.unwrap().is_ok());
+        body
+    });
+    // The client's path dies mid-blob without a word; it still holds the stream open.
+    relay.freeze();
+    // Unanswered pings close the connection after 20 s + 10 s, and the transfer is logged as
+    // aborted; without them the stream would wait for the client's window forever.
+    let line = format!("\"path\":\"/v2/mirror/big/blobs/{}\"", big.digest);
+    assert!(
+        (0..12).any(|_| gw.wait_for_log(&line)),
+        "no access line: the stream to the silent client never ended"
+    );
+    let logged: serde_json::Value = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains(&line))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap();
+    assert_eq!(logged["outcome"], "aborted");
+    assert!(logged["bytes"].as_u64().unwrap() < big.size);
 }
 
 #[test]
