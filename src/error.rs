@@ -18,6 +18,12 @@ pub enum GatewayError {
     /// A token-server login failed: a 401 asking for Basic credentials.
     #[error("{0}")]
     Login(OciError),
+    /// Rate-limited: a 429 with `Retry-After`.
+    #[error("{error}")]
+    TooMany {
+        error: OciError,
+        retry_after: std::time::Duration,
+    },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// An upstream answer we must rewrite was not what the protocol promises.
@@ -41,6 +47,7 @@ impl GatewayError {
             GatewayError::Oci(e) => e.clone(),
             GatewayError::Denied(d) => d.error.clone(),
             GatewayError::Login(e) => e.clone().with_status(StatusCode::UNAUTHORIZED),
+            GatewayError::TooMany { error, .. } => error.clone(),
             GatewayError::Upstream(UpstreamError::TokenRefused { upstream }) => {
                 OciError::new(ErrorCode::Denied, "the upstream registry refused access")
                     .with_detail(serde_json::json!({ "upstream": upstream }))
@@ -68,6 +75,13 @@ impl GatewayError {
         };
         if let Some(v) = challenge {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let GatewayError::TooMany { retry_after, .. } = &self {
+            // Whole seconds, rounded up: `Retry-After: 0` would invite an instant retry.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }

@@ -42,6 +42,7 @@ pub fn is_browser(method: &Method, headers: &HeaderMap) -> bool {
 }
 
 /// Where a browser visiting `path` should go: the upstream's page for the mapped repository.
+/// Never for an exact route: its page would tell anyone what the capability URL opens.
 pub fn browser_target(
     routes: &RouteTable,
     upstream_host: impl Fn(&str) -> Option<String>,
@@ -55,7 +56,9 @@ pub fn browser_target(
             .find(|r| r.config.prefix.is_empty())?;
         (route, route.config.remote.trim_end_matches('/').to_string())
     } else {
-        let m = routes.resolve(local)?;
+        let m = routes
+            .resolve(local)
+            .filter(|m| m.route.config.is_namespace())?;
         (m.route, m.remote)
     };
     let host = upstream_host(&route.config.upstream)?;

@@ -379,16 +379,10 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
     let mut config = Config::default_config()?;
     config.source = "<command line>".into();
     config.server.listen = vec![listen];
-    config.server.browser_redirects = !args.disable_browser_redirects;
     config.upstreams = [("upstream".to_string(), upstream)].into();
-    config.routes = vec![RouteConfig {
-        prefix: String::new(),
-        upstream: "upstream".into(),
-        remote,
-        relay: false,
-        cache: false,
-    }];
+    config.routes = vec![RouteConfig::new("", "upstream", &remote)];
     config.auth = args.token.auth()?;
+    config.server.browser_redirects = !args.disable_browser_redirects && config.auth.is_none();
     Ok(config)
 }
 
@@ -427,6 +421,13 @@ async fn run(config: Config) -> Result<()> {
     }
     if listeners.is_empty() {
         bail!("no listen address");
+    }
+    if let Some(addr) = config.server.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (server.metrics.listen)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+        tokio::spawn(ocigate::server::serve_metrics(listener));
     }
     let grace = config.server.shutdown_grace;
     tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));

@@ -108,10 +108,7 @@ impl Gateway {
             config
                 .routes
                 .iter()
-                .map(|r| Route {
-                    config: r.clone(),
-                    docker_hub: config.upstreams[&r.upstream].is_docker_hub(),
-                })
+                .map(|r| Route::new(r.clone(), config.upstreams[&r.upstream].is_docker_hub()))
                 .collect(),
         );
         let auth = match &config.auth {
@@ -208,11 +205,11 @@ impl Gateway {
             };
             manifests += 1;
             pending.extend(
-                cache::child_manifests(&m.bytes)
+                crate::oci::manifest::child_manifests(&m.bytes)
                     .into_iter()
                     .map(crate::oci::Reference::Digest),
             );
-            for digest in cache::blob_digests(&m.bytes) {
+            for digest in crate::oci::manifest::blob_digests(&m.bytes) {
                 if !cache.warm_blob(&digest, &fetch).await? {
                     return Err(unknown(&format!("could not fetch blob {digest}")));
                 }
@@ -263,16 +260,21 @@ impl Gateway {
             .or(self.relay.as_ref().map(Relay::path));
         if token_path == Some(ctx.path.as_str()) {
             ctx.route = "token".into();
-            return self.token_endpoint(req).await;
+            return self.token_endpoint(req, ctx.peer.ip()).await;
         }
         let api = match ApiPath::parse(&ctx.path) {
             None => return self.non_api(ctx, &req),
             Some(parsed) => parsed?,
         };
+        if matches!(api.endpoint, Endpoint::UploadStart | Endpoint::Upload(_)) {
+            refuse_form_body(req.headers())?;
+        }
+        // Every POST on an upload path is checked as an upload start: that is what a registry
+        // may take it for, mount and all.
         let upload = match (&api.endpoint, &ctx.method) {
-            (Endpoint::UploadStart, &Method::POST) => Some(UploadQuery::parse(
-                ctx.query.as_deref().unwrap_or_default(),
-            )?),
+            (Endpoint::UploadStart | Endpoint::Upload(_), &Method::POST) => Some(
+                UploadQuery::parse(ctx.query.as_deref().unwrap_or_default())?,
+            ),
             _ => None,
         };
         let mount_from = upload.as_ref().and_then(UploadQuery::from);
@@ -313,11 +315,15 @@ impl Gateway {
     /// The token endpoint. With the token server, clients log in there; scopes on relay
     /// routes come back sealed in a relay token, cut down to what the ACL grants (the relay
     /// never widens what a client may do). Without it, the relay's own anonymous endpoint.
-    async fn token_endpoint(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    async fn token_endpoint(
+        &self,
+        req: Request<Incoming>,
+        peer: std::net::IpAddr,
+    ) -> Result<Response<Body>, GatewayError> {
         use crate::relay::endpoint;
         match (&self.token_server, &self.relay) {
             (Some(ts), relay) => {
-                let login = ts.login(req).await?;
+                let login = ts.login(req, peer).await?;
                 if let Some(relay) = relay
                     && login.scopes().iter().any(|s| self.is_relay_name(&s.name))
                 {
@@ -370,7 +376,9 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         match ctx.path.as_str() {
             "/healthz" => return Ok(local::healthz()),
-            "/metrics" => return Ok(local::metrics()),
+            "/metrics" if self.config.server.metrics_listen.is_none() => {
+                return Ok(local::metrics());
+            }
             _ => {}
         }
         if self.config.server.browser_redirects && local::is_browser(&ctx.method, req.headers()) {
@@ -422,7 +430,8 @@ impl Gateway {
                 self.rewrite_mount(ctx, &mut q, &mapped.route.config.upstream, &mut scopes);
                 Some(q.encode())
             }
-            None => ctx.query.clone(),
+            // A mount the auth stage did not check never reaches the upstream.
+            None => ctx.query.as_deref().map(rewrite::without_mount),
         };
         let mut path_and_query = format!("/v2/{}/{}", mapped.remote, api.suffix());
         if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
@@ -583,6 +592,26 @@ impl Finish for UploadBytes {
     fn finish(self: Box<Self>, bytes: u64, _outcome: Outcome) {
         crate::metrics::bytes("upload", bytes);
     }
+}
+
+/// Registries read upload parameters (`mount`, `from`, `digest`) from form bodies as well as
+/// from the query, so a form body could carry a mount past the auth stage: upload endpoints
+/// take none. A `Content-Type` that cannot be read is refused too.
+fn refuse_form_body(headers: &HeaderMap) -> Result<(), OciError> {
+    let is_form = |v: &HeaderValue| {
+        v.to_str().map_or(true, |t| {
+            let essence = crate::oci::manifest::essence(t);
+            essence == "application/x-www-form-urlencoded" || essence.starts_with("multipart/")
+        })
+    };
+    if headers.get_all(header::CONTENT_TYPE).iter().any(is_form) {
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            "upload bodies are blob bytes: form bodies are not accepted",
+        )
+        .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+    }
+    Ok(())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones a proxy must not pass on.

@@ -13,15 +13,23 @@ pub struct Route {
     pub config: RouteConfig,
     /// Docker Hub keeps one-component names under `library/`.
     pub docker_hub: bool,
+    label: String,
 }
 
 impl Route {
-    pub fn label(&self) -> &str {
-        if self.config.prefix.is_empty() {
-            "(default)"
-        } else {
-            &self.config.prefix
+    pub fn new(config: RouteConfig, docker_hub: bool) -> Route {
+        let label = route_label(&config);
+        Route {
+            config,
+            docker_hub,
+            label,
         }
+    }
+
+    /// The route's name in metrics and logs. An exact route's prefix may be a secret (a
+    /// capability URL), so it is never its label: its `name`, else a hash of it.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Maps a local name through this route, if the route covers it.
@@ -220,6 +228,32 @@ impl UploadQuery {
     }
 }
 
+fn route_label(config: &RouteConfig) -> String {
+    use sha2::Digest as _;
+    match &config.name {
+        Some(name) => name.clone(),
+        None if config.prefix.is_empty() => "(default)".into(),
+        None if config.is_namespace() => config.prefix.clone(),
+        None => {
+            let hash = sha2::Sha256::digest(config.prefix.as_bytes());
+            format!("repository-{}", hex::encode(&hash[..6]))
+        }
+    }
+}
+
+/// A query of a request that is no upload start, without `mount` and `from` (compared
+/// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after the auth
+/// stage checked it. Left byte for byte as it is when there is nothing to drop.
+pub fn without_mount(query: &str) -> String {
+    let is_mount = |k: &str| k == "mount" || k == "from";
+    if !url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| is_mount(&k)) {
+        return query.to_string();
+    }
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| !is_mount(k)))
+        .finish()
+}
+
 /// The first value of `key` in a query string, percent-decoded.
 pub fn query_param(query: &str, key: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes())
@@ -232,16 +266,19 @@ mod tests {
     use super::*;
 
     fn route(prefix: &str, upstream: &str, remote: &str, hub: bool) -> Route {
-        Route {
-            config: RouteConfig {
-                prefix: prefix.into(),
-                upstream: upstream.into(),
-                remote: remote.into(),
-                relay: false,
-                cache: false,
-            },
-            docker_hub: hub,
-        }
+        Route::new(RouteConfig::new(prefix, upstream, remote), hub)
+    }
+
+    #[test]
+    fn exact_routes_are_labelled_without_their_prefix() {
+        let secret = route("0ebb01be9f/app", "hub", "team/app", false);
+        assert!(secret.label().starts_with("repository-"));
+        assert!(!secret.label().contains("0ebb01be9f"));
+        assert_eq!(route("ns/", "hub", "team/", false).label(), "ns/");
+        assert_eq!(route("", "hub", "", false).label(), "(default)");
+        let mut named = RouteConfig::new("0ebb01be9f/app", "hub", "team/app");
+        named.name = Some("app".into());
+        assert_eq!(Route::new(named, false).label(), "app");
     }
 
     fn table() -> RouteTable {
@@ -342,6 +379,14 @@ mod tests {
         assert!(UploadQuery::parse("from=a&fr%6Fm=b").is_err());
         assert!(UploadQuery::parse(&format!("from={}", "a/".repeat(200))).is_err());
         assert!(UploadQuery::parse("mount=nope&from=a").is_err());
+        assert_eq!(
+            without_mount("digest=sha256%3Aab&_state=x%3D"),
+            "digest=sha256%3Aab&_state=x%3D"
+        );
+        assert_eq!(
+            without_mount(&format!("m%6Funt={d}&_state=a%2Bb&from=x")),
+            "_state=a%2Bb"
+        );
         assert_eq!(
             query_param("a=1&from=mirror%2Fx", "from").as_deref(),
             Some("mirror/x")

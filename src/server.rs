@@ -100,6 +100,35 @@ pub async fn run(
     }
 }
 
+/// `server.metrics.listen`: plain HTTP/1.1 answering `/metrics` and `/healthz` only, so that
+/// scrapes stay off the public listeners. Runs until the process ends.
+pub async fn serve_metrics(listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                Ok::<_, Infallible>(match req.uri().path() {
+                    "/metrics" => crate::local::metrics(),
+                    "/healthz" => crate::local::healthz(),
+                    path => crate::error::oci_response(&crate::local::not_found(path)),
+                })
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     gateway: Arc<Gateway>,

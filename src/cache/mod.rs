@@ -33,7 +33,7 @@ use crate::body::{self, Body};
 use crate::config::CacheConfig;
 use crate::error::GatewayError;
 use crate::flight::Gates;
-use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope};
+use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope, manifest};
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
 use journal::Journal;
@@ -572,18 +572,21 @@ impl Cache {
                 "its bytes hash to {digest}, not {expected}: nothing cached"
             )));
         }
-        let media_type = parts
+        let served_type = parts
             .headers
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.to_str().ok());
+        let media_type = served_type
             .map(str::to_string)
-            .or_else(|| media_type_of(&bytes))
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+            .or_else(|| manifest::media_type(&bytes))
+            .unwrap_or_else(|| manifest::OCI_MANIFEST.into());
         self.store_manifest(&digest, &bytes)
             .map_err(|e| bad(format!("cannot store it: {e}")))?;
         self.journal.set_media_type(&digest, &media_type);
         self.journal.add_link(upstream, fetch.remote, &digest);
-        for referenced in referenced_digests(&bytes) {
+        // Only what the upstream checked before it took the manifest: anything else a body
+        // names is proven with a HEAD when asked for.
+        for referenced in manifest::verified_references(served_type, &bytes) {
             self.journal.add_link(upstream, fetch.remote, &referenced);
         }
         if let Reference::Tag(tag) = reference {
@@ -826,70 +829,6 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn media_type_of(bytes: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    v.get("mediaType")?.as_str().map(str::to_string)
-}
-
-/// The digests a manifest references that the repository must have: index entries and
-/// blobs. Not its `subject`: registries accept a subject that does not exist, so anyone who
-/// may push could name another repository's private manifest there.
-pub fn referenced_digests(bytes: &[u8]) -> Vec<String> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Vec::new();
-    };
-    let mut out = digests_at(&v, &[], &["manifests"]);
-    out.extend(blob_digests_of(&v));
-    out
-}
-
-/// The blobs an image manifest needs: config, layers, artifact blobs, schema 1 `fsLayers`.
-pub fn blob_digests(bytes: &[u8]) -> Vec<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .map(|v| blob_digests_of(&v))
-        .unwrap_or_default()
-}
-
-/// The entries of an index (or manifest list).
-pub fn child_manifests(bytes: &[u8]) -> Vec<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .map(|v| digests_at(&v, &[], &["manifests"]))
-        .unwrap_or_default()
-}
-
-fn blob_digests_of(v: &serde_json::Value) -> Vec<String> {
-    let mut out = digests_at(v, &["/config/digest"], &["layers", "blobs"]);
-    for item in v
-        .get("fsLayers")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(d) = item.get("blobSum").and_then(|d| d.as_str())
-            && crate::oci::path::validate_digest(d).is_ok()
-        {
-            out.push(d.to_string());
-        }
-    }
-    out
-}
-
-/// Valid digests at JSON pointers, and in the `digest` of each item of arrays.
-fn digests_at(v: &serde_json::Value, pointers: &[&str], lists: &[&str]) -> Vec<String> {
-    let singles = pointers.iter().filter_map(|p| v.pointer(p));
-    let items = lists
-        .iter()
-        .filter_map(|l| v.get(*l).and_then(|l| l.as_array()))
-        .flatten()
-        .filter_map(|item| item.get("digest"));
-    singles
-        .chain(items)
-        .filter_map(|d| d.as_str())
-        .filter(|d| crate::oci::path::validate_digest(d).is_ok())
-        .map(str::to_string)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,29 +871,5 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6"), None);
         assert_eq!(parse_range("bytes=9-1"), None);
         assert_eq!(parse_range("items=0-1"), None);
-    }
-
-    #[test]
-    fn references_of_manifests_and_indexes() {
-        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
-        let manifest = serde_json::json!({
-            "config": {"digest": d('a')},
-            "layers": [{"digest": d('b')}, {"digest": "not-a-digest"}],
-            "subject": {"digest": d('c')},
-        });
-        let manifest = manifest.to_string();
-        assert_eq!(
-            referenced_digests(manifest.as_bytes()),
-            vec![d('a'), d('b')],
-            "a subject is no evidence"
-        );
-        assert_eq!(blob_digests(manifest.as_bytes()), vec![d('a'), d('b')]);
-        assert!(child_manifests(manifest.as_bytes()).is_empty());
-        let index = serde_json::json!({"manifests": [{"digest": d('e')}, {"digest": d('f')}]});
-        let index = index.to_string();
-        assert_eq!(referenced_digests(index.as_bytes()), vec![d('e'), d('f')]);
-        assert_eq!(child_manifests(index.as_bytes()), vec![d('e'), d('f')]);
-        assert!(blob_digests(index.as_bytes()).is_empty());
-        assert!(referenced_digests(b"{nope").is_empty());
     }
 }

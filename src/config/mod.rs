@@ -173,8 +173,11 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub tls: Option<TlsConfig>,
     pub public_url: Option<Url>,
+    /// Default: on unless `auth` or `relay` is configured (a page names what a route hides).
     pub browser_redirects: bool,
     pub shutdown_grace: Duration,
+    /// `server.metrics.listen`: `/metrics` on a listener of its own instead of the public ones.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -331,11 +334,29 @@ pub struct RouteConfig {
     pub remote: String,
     /// Relay upstream tokens to clients sealed in PASETOs (needs the `relay` section).
     pub relay: bool,
+    /// What a relay route's tokens may grant (`pull`, `push`, `delete`); `pull` by default,
+    /// since whoever holds the route's URL acts with the route's upstream credentials.
+    pub relay_actions: Vec<String>,
     /// Pull through the cache (needs the `cache` section).
     pub cache: bool,
+    /// `name:`, the route's label in metrics and logs instead of its prefix.
+    pub name: Option<String>,
 }
 
 impl RouteConfig {
+    /// A plain route: no relay, no cache, no name.
+    pub fn new(prefix: &str, upstream: &str, remote: &str) -> RouteConfig {
+        RouteConfig {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            remote: remote.into(),
+            relay: false,
+            relay_actions: vec!["pull".into()],
+            cache: false,
+            name: None,
+        }
+    }
+
     /// Namespace routes end in `/` (or are the default `""`); others name one repository.
     pub fn is_namespace(&self) -> bool {
         self.prefix.is_empty() || self.prefix.ends_with('/')
@@ -454,7 +475,7 @@ impl Config {
                 "repository".to_string()
             };
             if r.relay {
-                kind.push_str(", relay");
+                let _ = write!(kind, ", relay [{}]", r.relay_actions.join(", "));
             }
             if r.cache {
                 kind.push_str(", cache");
@@ -562,6 +583,18 @@ impl Resolver<'_> {
         }
     }
 
+    fn address(&self, key: &str, v: &S) -> Result<SocketAddr, ConfigError> {
+        let text = self.string(key, v)?;
+        text.parse::<SocketAddr>().map_err(|_| {
+            self.err(
+                v.referenced,
+                format!(
+                    "{key}: {text:?} is not an address:port (e.g. \"127.0.0.1:5000\" or \"[::]:5000\")"
+                ),
+            )
+        })
+    }
+
     fn duration(&self, key: &str, v: &S) -> Result<Duration, ConfigError> {
         let s = self.string(key, v)?;
         parse_duration(&s).ok_or_else(|| {
@@ -573,7 +606,8 @@ impl Resolver<'_> {
     }
 
     fn config(&self, raw: raw::RawConfig) -> Result<Config, ConfigError> {
-        let server = self.server(raw.server)?;
+        let protected = raw.auth.is_some() || raw.relay.is_some();
+        let server = self.server(raw.server, protected)?;
         let mut upstreams = BTreeMap::new();
         for (name, u) in raw.upstreams {
             let upstream = self.upstream(&name, u)?;
@@ -954,23 +988,15 @@ impl Resolver<'_> {
         })
     }
 
-    fn server(&self, raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
+    /// `protected`: `auth` or `relay` is configured.
+    fn server(&self, raw: raw::RawServer, protected: bool) -> Result<ServerConfig, ConfigError> {
         let mut listen = Vec::new();
         match &raw.listen {
             None => listen.push(SocketAddr::from(([127, 0, 0, 1], 5000))),
             Some(l) => {
                 for item in l.value.items() {
                     let spanned = Spanned::new(item.to_string(), l.referenced, l.defined);
-                    let text = self.string("server.listen", &spanned)?;
-                    let addr = text.parse::<SocketAddr>().map_err(|_| {
-                        self.err(
-                            l.referenced,
-                            format!(
-                                "server.listen: {text:?} is not an address:port (e.g. \"127.0.0.1:5000\" or \"[::]:5000\")"
-                            ),
-                        )
-                    })?;
-                    listen.push(addr);
+                    listen.push(self.address("server.listen", &spanned)?);
                 }
                 if listen.is_empty() {
                     return Err(self.err(l.referenced, "server.listen: no address given"));
@@ -997,6 +1023,10 @@ impl Resolver<'_> {
                 Some(url)
             }
         };
+        let metrics_listen = match &raw.metrics {
+            None => None,
+            Some(m) => Some(self.address("server.metrics.listen", &m.listen)?),
+        };
         let shutdown_grace = match &raw.shutdown_grace {
             None => Duration::from_secs(30),
             Some(v) => self.duration("server.shutdown_grace", v)?,
@@ -1005,8 +1035,10 @@ impl Resolver<'_> {
             listen,
             tls,
             public_url,
-            browser_redirects: raw.browser_redirects.unwrap_or(true),
+            // Browser redirects name the upstream and remote repository before any auth.
+            browser_redirects: raw.browser_redirects.unwrap_or(!protected),
             shutdown_grace,
+            metrics_listen,
         })
     }
 
@@ -1240,12 +1272,62 @@ impl Resolver<'_> {
         } else {
             written
         };
+        let relay = r.relay.unwrap_or(false);
+        let relay_actions = match &r.relay_actions {
+            None => vec!["pull".to_string()],
+            Some(_) if !relay => {
+                return Err(self.err(
+                    r.prefix.referenced,
+                    "routes.relay_actions: only for routes with `relay: true`",
+                ));
+            }
+            Some(list) => {
+                let mut actions = Vec::new();
+                for v in &list.value {
+                    let action = self.string("routes.relay_actions", v)?;
+                    if !matches!(action.as_str(), "pull" | "push" | "delete") {
+                        return Err(self.err(
+                            v.referenced,
+                            format!(
+                                "routes.relay_actions: {action:?} is not one of pull, push, delete"
+                            ),
+                        ));
+                    }
+                    if !actions.contains(&action) {
+                        actions.push(action);
+                    }
+                }
+                actions
+            }
+        };
+        let name = match &r.name {
+            None => None,
+            Some(v) => {
+                let name = self.string("routes.name", v)?;
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(self.err(
+                        v.referenced,
+                        format!(
+                            "routes.name: {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
+                        ),
+                    ));
+                }
+                Some(name)
+            }
+        };
         Ok(RouteConfig {
             prefix,
             upstream,
             remote,
-            relay: r.relay.unwrap_or(false),
+            relay,
+            relay_actions,
             cache: r.cache.unwrap_or(false),
+            name,
         })
     }
 }

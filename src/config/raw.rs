@@ -110,6 +110,13 @@ pub struct RawServer {
     pub public_url: Option<S>,
     pub browser_redirects: Option<bool>,
     pub shutdown_grace: Option<S>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: S,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,5 +235,7 @@ pub struct RawRoute {
     pub upstream: S,
     pub remote: Option<S>,
     pub relay: Option<bool>,
+    pub relay_actions: Option<Spanned<Vec<S>>>,
     pub cache: Option<bool>,
+    pub name: Option<S>,
 }

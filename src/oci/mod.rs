@@ -1,10 +1,11 @@
 //! Distribution-API knowledge with no I/O: request paths and repository names, OCI error
-//! bodies, `WWW-Authenticate` challenges and token scopes.
+//! bodies, `WWW-Authenticate` challenges, token scopes and manifest references.
 //!
 //! Owns the grammar of the protocol. Must not know about routes, upstreams or config.
 
 pub mod challenge;
 pub mod error;
+pub mod manifest;
 pub mod path;
 
 pub use challenge::{Challenge, Scope};

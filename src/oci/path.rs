@@ -235,9 +235,12 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Upload ids are opaque, but must stay one path segment of URL-safe characters.
+/// Upload ids are opaque, but must stay one path segment of URL-safe characters, and never a
+/// dot segment: a URL parser would remove `.` or `..` and turn the request into another one
+/// (`uploads/.` into an upload start).
 fn validate_upload_id(id: &str) -> Result<(), OciError> {
     let ok = !id.is_empty()
+        && !id.bytes().all(|b| b == b'.')
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=' | b'~'));
@@ -303,6 +306,14 @@ mod tests {
         assert_eq!(p.name.as_deref(), Some("x/y"));
         assert_eq!(p.endpoint, Endpoint::Upload("5f1c-aa_b".into()));
         assert_eq!(p.suffix(), "blobs/uploads/5f1c-aa_b");
+        for dots in [".", "..", "..."] {
+            let e = parse_err(&format!("/v2/a/blobs/uploads/{dots}"));
+            assert_eq!(e.code, ErrorCode::BlobUploadUnknown, "{dots}");
+        }
+        assert_eq!(
+            parse("/v2/a/blobs/uploads/a.b").endpoint,
+            Endpoint::Upload("a.b".into())
+        );
     }
 
     #[test]

@@ -26,6 +26,19 @@ fn bad_request(why: &str) -> GatewayError {
     )
 }
 
+/// The actions of a granted scope that the route's `relay_actions` allow: whoever holds a
+/// relay token acts with the route's upstream credentials, so a route relays only what its
+/// config says (`pull` by default), whatever was asked or the ACL allows. `*` is every
+/// allowed action.
+fn relay_grant<'a>(asked: &'a [String], allowed: &'a [String]) -> Vec<&'a str> {
+    let wildcard = asked.iter().any(|a| a == "*");
+    allowed
+        .iter()
+        .filter(|a| wildcard || asked.contains(a))
+        .map(String::as_str)
+        .collect()
+}
+
 /// The scopes an anonymous relay-token request asks for.
 pub async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
     let (_, params) = crate::token::read_request(req).await?;
@@ -71,12 +84,12 @@ pub async fn issue(
         let same_route = route
             .as_ref()
             .is_some_and(|(prefix, _)| *prefix == m.route.config.prefix);
-        if !same_route || scope.actions.is_empty() {
+        let actions = relay_grant(&scope.actions, &m.route.config.relay_actions);
+        if !same_route || actions.is_empty() {
             continue;
         }
-        let actions: Vec<&str> = scope.actions.iter().map(String::as_str).collect();
         remote.push(Scope::repository(&m.remote, &actions));
-        local.push(scope.to_string());
+        local.push(Scope::repository(&scope.name, &actions).to_string());
     }
     let mut claims = RelayClaims {
         ut: String::new(),
@@ -123,4 +136,21 @@ pub async fn issue(
     });
     tracing::info!(route = %claims.rt, scopes = %claims.sc.join(" "), "relay token issued");
     Ok(registry_json(StatusCode::OK, answer.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relay_grant;
+
+    #[test]
+    fn relay_routes_grant_only_their_actions() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let pull = v(&["pull"]);
+        assert_eq!(relay_grant(&v(&["pull", "push"]), &pull), ["pull"]);
+        assert_eq!(relay_grant(&v(&["*"]), &pull), ["pull"]);
+        assert!(relay_grant(&v(&["delete"]), &pull).is_empty());
+        let all = v(&["pull", "push", "delete"]);
+        assert_eq!(relay_grant(&v(&["*"]), &all), ["pull", "push", "delete"]);
+        assert_eq!(relay_grant(&v(&["push", "pull"]), &all), ["pull", "push"]);
+    }
 }

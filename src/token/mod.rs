@@ -6,11 +6,14 @@
 //! `/token` answers; must not talk to upstream registries.
 
 pub mod acl;
+pub mod guard;
 pub mod issuer;
 pub mod oidc;
 pub mod users;
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -45,8 +48,9 @@ pub struct TokenServer {
     path: String,
     issuer: Issuer,
     users: Option<Arc<Htpasswd>>,
-    /// bcrypt is slow on purpose: at most one check per core runs at once.
-    bcrypt_slots: tokio::sync::Semaphore,
+    /// bcrypt is slow on purpose: one check per core at once, a bounded queue, and
+    /// failed logins limited per peer and username.
+    guard: guard::LoginGuard,
     oidc: Oidc,
     acl: Acl,
 }
@@ -114,7 +118,7 @@ impl TokenServer {
                 Some(p) => Some(Arc::new(Htpasswd::load(p)?)),
                 None => None,
             },
-            bcrypt_slots: tokio::sync::Semaphore::new(
+            guard: guard::LoginGuard::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             oidc: Oidc::new(&config.oidc)?,
@@ -133,14 +137,9 @@ impl TokenServer {
         Ok(self.issuer.access_token(account, &access)?.token)
     }
 
-    /// A whole token request: log in, grant, answer with a JWT.
-    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
-        let login = self.login(req).await?;
-        self.answer(login)
-    }
-
     /// Reads a token request and authenticates its client.
-    pub async fn login(&self, req: Request<Incoming>) -> Result<Login, GatewayError> {
+    /// `peer` is the client's address, for limiting failed logins.
+    pub async fn login(&self, req: Request<Incoming>, peer: IpAddr) -> Result<Login, GatewayError> {
         let (headers, params) = read_request(req).await?;
         if let Some(s) = &params.service
             && s != self.issuer.service()
@@ -148,7 +147,7 @@ impl TokenServer {
             return Err(bad_request(&format!("unknown service {s:?}")));
         }
         let scopes = params.valid_scopes()?;
-        let identity = self.authenticate(&headers, &params).await?;
+        let identity = self.authenticate(&headers, &params, peer).await?;
         Ok(Login {
             identity,
             scopes,
@@ -214,6 +213,7 @@ impl TokenServer {
         &self,
         headers: &HeaderMap,
         p: &Params,
+        peer: IpAddr,
     ) -> Result<Identity, GatewayError> {
         let refused = |why: &str| {
             crate::metrics::token_issued(false);
@@ -277,12 +277,23 @@ impl TokenServer {
             return Err(refused("invalid username or password"));
         };
         let (u, pw) = (user.clone(), password);
-        let ok = match self.bcrypt_slots.acquire().await {
-            Ok(_slot) => tokio::task::spawn_blocking(move || users.verify(&u, &pw))
-                .await
-                .unwrap_or(false),
-            Err(_) => false,
-        };
+        let checked = self
+            .guard
+            .check(peer, &user, move || users.verify(&u, &pw))
+            .await;
+        let ok = checked.map_err(|refusal| {
+            let (message, retry_after) = match refusal {
+                guard::Refusal::Throttled { retry_after } => {
+                    tracing::info!(account = %user, %peer, "login throttled after failures");
+                    ("too many failed logins: try again later", retry_after)
+                }
+                guard::Refusal::Busy => ("too many logins at once", Duration::from_secs(1)),
+            };
+            GatewayError::TooMany {
+                error: OciError::new(ErrorCode::TooManyRequests, message),
+                retry_after,
+            }
+        })?;
         if !ok {
             tracing::info!(account = %user, "password refused");
             return Err(refused("invalid username or password"));

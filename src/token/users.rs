@@ -14,12 +14,15 @@ pub struct HtpasswdError {
 
 pub struct Htpasswd {
     users: HashMap<String, String>,
+    /// Verified against when the user is unknown, at the highest cost of the file's own
+    /// entries: an unknown name then takes as long as a known one, and names cannot be told
+    /// apart by timing.
+    dummy: String,
 }
 
-/// Verified against when the user is unknown, so both answers take a bcrypt's time.
-fn dummy_hash() -> &'static str {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| bcrypt::hash("not a password", bcrypt::DEFAULT_COST).unwrap_or_default())
+/// The cost of a bcrypt hash (`$2y$05$…` → 5).
+fn cost_of(hash: &str) -> Option<u32> {
+    hash.split('$').nth(2)?.parse().ok()
 }
 
 impl Htpasswd {
@@ -44,7 +47,10 @@ impl Htpasswd {
             }
             users.insert(user.to_string(), hash.to_string());
         }
-        Ok(Htpasswd { users })
+        let cost = users.values().filter_map(|h| cost_of(h)).max();
+        let cost = cost.unwrap_or(bcrypt::DEFAULT_COST).clamp(4, 31);
+        let dummy = bcrypt::hash("not a password", cost).map_err(|e| err(0, &e.to_string()))?;
+        Ok(Htpasswd { users, dummy })
     }
 
     pub fn contains(&self, user: &str) -> bool {
@@ -56,7 +62,7 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(password, dummy_hash());
+                let _ = bcrypt::verify(password, &self.dummy);
                 false
             }
         }
@@ -77,6 +83,11 @@ mod tests {
         assert!(h.verify("alice", "pw"));
         assert!(!h.verify("alice", "nope"));
         assert!(!h.verify("bob", "pw"));
+        assert_eq!(
+            cost_of(&h.dummy),
+            Some(4),
+            "unknown names cost what known ones do"
+        );
         std::fs::write(&p, format!("alice:{hash}\nbob:{{SHA}}abc\n")).unwrap();
         let e = Htpasswd::load(&p).err().unwrap().to_string();
         assert!(

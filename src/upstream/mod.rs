@@ -160,13 +160,22 @@ impl Upstream {
 
     /// The absolute URL of a path on this upstream.
     pub fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
-        self.config
+        let bad = |why: String| UpstreamError::Unreachable {
+            upstream: self.config.name.clone(),
+            reason: format!("bad path {path_and_query:?}: {why}"),
+        };
+        let url = self
+            .config
             .url
             .join(path_and_query)
-            .map_err(|e| UpstreamError::Unreachable {
-                upstream: self.config.name.clone(),
-                reason: format!("bad path {path_and_query:?}: {e}"),
-            })
+            .map_err(|e| bad(e.to_string()))?;
+        // Paths are built from validated segments; one that a URL parser would still change
+        // (dot segments, stray characters) would reach another endpoint than was checked.
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        if url.path() != path {
+            return Err(bad(format!("it would be sent as {:?}", url.path())));
+        }
+        Ok(url)
     }
 
     /// Sends a request with whatever authorization the upstream wants, retrying a replayable

@@ -1,0 +1,205 @@
+//! Manifest JSON: media types, and which digests a manifest names.
+//!
+//! Registries store a manifest's bytes as pushed, unknown fields included, and check only the
+//! references that its declared media type defines. So what a manifest *says* it references
+//! proves nothing by itself: [`verified_references`] returns only what a registry must have
+//! checked before it accepted the manifest, the repository's evidence for the cache.
+
+use serde_json::Value;
+
+use super::path::validate_digest;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The `mediaType` field of a manifest.
+pub fn media_type(bytes: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    v.get("mediaType")?.as_str().map(str::to_string)
+}
+
+/// `type/subtype` of a `Content-Type` value, lower-cased, without parameters.
+pub fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The digests a registry verified exist in the repository before it accepted this manifest,
+/// served with `content_type`: `config` and the `layers` without external `urls` of an image
+/// manifest, or the `manifests` of an index. Nothing for any other type, nor when the body's
+/// own `mediaType` contradicts the one served: the registry checked what *it* thought the
+/// manifest was. Never `blobs`, `subject`, `fsLayers` or unknown fields, which registries
+/// keep unchecked.
+pub fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Vec::new();
+    };
+    let served = content_type.map(essence);
+    let declared = v.get("mediaType").map(|t| t.as_str().map(essence));
+    let kind = match (served, declared) {
+        (_, Some(None)) => return Vec::new(),
+        (Some(s), Some(Some(d))) if s != d => return Vec::new(),
+        (Some(t), _) | (None, Some(Some(t))) => t,
+        (None, None) => return Vec::new(),
+    };
+    match kind.as_str() {
+        OCI_MANIFEST | DOCKER_MANIFEST => {
+            let config = v.pointer("/config/digest").into_iter();
+            let layers = items(&v, "layers")
+                .filter(|layer| is_distributable(layer))
+                .filter_map(|layer| layer.get("digest"));
+            valid(config.chain(layers))
+        }
+        OCI_INDEX | DOCKER_LIST => valid(items(&v, "manifests").filter_map(|m| m.get("digest"))),
+        _ => Vec::new(),
+    }
+}
+
+/// A layer the registry must hold: no external `urls`, and not of a foreign or
+/// non-distributable type (clients fetch those elsewhere, so registries do not check them).
+fn is_distributable(layer: &Value) -> bool {
+    let has_urls = layer
+        .get("urls")
+        .is_some_and(|u| u.as_array().is_none_or(|a| !a.is_empty()));
+    let external_type = layer
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.contains("foreign") || t.contains("nondistributable"));
+    !has_urls && !external_type
+}
+
+/// What an image needs to be pulled whole, for preloading (`ocigate cache warm`): config,
+/// layers, artifact blobs and schema 1 `fsLayers`. Not evidence: each is fetched from the
+/// repository itself.
+pub fn blob_digests(bytes: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Vec::new();
+    };
+    let config = v.pointer("/config/digest").into_iter();
+    let listed = items(&v, "layers")
+        .chain(items(&v, "blobs"))
+        .filter_map(|item| item.get("digest"));
+    let schema1 = items(&v, "fsLayers").filter_map(|l| l.get("blobSum"));
+    valid(config.chain(listed).chain(schema1))
+}
+
+/// The entries of an index (or manifest list).
+pub fn child_manifests(bytes: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<Value>(bytes)
+        .map(|v| valid(items(&v, "manifests").filter_map(|m| m.get("digest"))))
+        .unwrap_or_default()
+}
+
+fn items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
+fn valid<'a>(digests: impl Iterator<Item = &'a Value>) -> Vec<String> {
+    digests
+        .filter_map(Value::as_str)
+        .filter(|d| validate_digest(d).is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn refs(content_type: Option<&str>, v: &Value) -> Vec<String> {
+        verified_references(content_type, v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn image_manifests_vouch_for_config_and_local_layers_only() {
+        let m = json!({
+            "mediaType": OCI_MANIFEST,
+            "config": {"digest": d('a')},
+            "layers": [
+                {"digest": d('b')},
+                {"digest": d('c'), "urls": ["https://elsewhere.example/c"]},
+                {"digest": d('1'), "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar"},
+                {"digest": "not-a-digest"},
+            ],
+            "blobs": [{"digest": d('d')}],
+            "manifests": [{"digest": d('2')}],
+            "fsLayers": [{"blobSum": d('e')}],
+            "subject": {"digest": d('f')},
+            "extra": {"digest": d('3')},
+        });
+        assert_eq!(refs(Some(OCI_MANIFEST), &m), vec![d('a'), d('b')]);
+        assert_eq!(
+            refs(None, &m),
+            vec![d('a'), d('b')],
+            "the body's type alone"
+        );
+        let mut docker = m.clone();
+        docker["mediaType"] = json!(DOCKER_MANIFEST);
+        assert_eq!(
+            refs(
+                Some("Application/vnd.docker.distribution.manifest.v2+json; x=1"),
+                &docker
+            ),
+            vec![d('a'), d('b')]
+        );
+        // The preload list still has everything an image may need.
+        assert_eq!(
+            blob_digests(m.to_string().as_bytes()),
+            vec![d('a'), d('b'), d('c'), d('1'), d('d'), d('e')]
+        );
+    }
+
+    #[test]
+    fn indexes_vouch_for_their_manifests_only() {
+        let index = json!({
+            "mediaType": OCI_INDEX,
+            "manifests": [{"digest": d('a')}, {"digest": d('b')}],
+            "config": {"digest": d('c')},
+            "layers": [{"digest": d('d')}],
+        });
+        assert_eq!(refs(Some(OCI_INDEX), &index), vec![d('a'), d('b')]);
+        let mut list = index.clone();
+        list["mediaType"] = json!(DOCKER_LIST);
+        assert_eq!(refs(Some(DOCKER_LIST), &list), vec![d('a'), d('b')]);
+        assert_eq!(
+            child_manifests(index.to_string().as_bytes()),
+            vec![d('a'), d('b')]
+        );
+    }
+
+    #[test]
+    fn unknown_contradicting_or_missing_types_vouch_for_nothing() {
+        let m = json!({"config": {"digest": d('a')}, "layers": [{"digest": d('b')}]});
+        assert!(refs(None, &m).is_empty(), "no type known");
+        assert!(refs(Some("application/json"), &m).is_empty());
+        assert!(refs(Some("application/vnd.oci.artifact.manifest.v1+json"), &m).is_empty());
+        assert!(
+            refs(
+                Some("application/vnd.docker.distribution.manifest.v1+json"),
+                &m
+            )
+            .is_empty(),
+            "schema 1 is not verified the same way"
+        );
+        let mut typed = m.clone();
+        typed["mediaType"] = json!(OCI_INDEX);
+        assert!(
+            refs(Some(OCI_MANIFEST), &typed).is_empty(),
+            "served and declared differ"
+        );
+        typed["mediaType"] = json!(7);
+        assert!(refs(Some(OCI_MANIFEST), &typed).is_empty());
+        assert!(verified_references(Some(OCI_MANIFEST), b"{nope").is_empty());
+    }
+}

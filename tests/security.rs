@@ -1,0 +1,473 @@
+//! End-to-end regressions of the attack review (issue 11), each against the real
+//! `docker-registry`: cache evidence forged from manifest bodies, mounts smuggled past the
+//! auth stage, a write-capable relay, capability URLs in `/metrics` and browser redirects.
+
+mod common;
+
+use bytes::Bytes;
+use common::http::{self, Resp};
+use common::image::{self, OCI_MANIFEST};
+use common::tokens::TokenServerFiles;
+use common::{Ocigate, Registry, skopeo_digest, skopeo_pull_oci};
+use serde_json::json;
+
+/// The token server's part of a config: users from `files`, and `acl` rules (YAML flow items).
+fn token_server_yaml(files: &TokenServerFiles, acl: &[&str]) -> String {
+    let rules: String = acl.iter().map(|r| format!("    - {r}\n")).collect();
+    format!(
+        "auth:\n  token: {{service: s.test, issuer: https://s.test}}\ntoken_server:\n  issuer: https://s.test\n  signing_key: {}\n  certificate: {}\n  users: {{htpasswd: {}}}\n  acl:\n{rules}",
+        files.path("token.key"),
+        files.path("token.crt"),
+        files.path("htpasswd"),
+    )
+}
+
+/// A token from the gateway's token server, as `basic` (`user:password`) or anonymously.
+fn token(gw: &Ocigate, basic: Option<&str>, scope: &str) -> String {
+    use base64::Engine as _;
+    let url = format!("{}/token?service=s.test&scope={scope}", gw.url());
+    let auth = basic.map(|b| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(b)
+        )
+    });
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    let r = http::get_with(&url, &headers);
+    assert_eq!(r.status, 200, "token for {scope}: {}", r.text());
+    r.json()["token"].as_str().unwrap().to_string()
+}
+
+/// An OCI image manifest of `img` that also names `extra` fields, which registries store
+/// unchecked.
+fn manifest_with(img: &image::Image, extra: serde_json::Value) -> Vec<u8> {
+    let mut m: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+/// Pushes `img`'s blobs to `repo` and a manifest naming `extra` fields under `tag`.
+fn push_bait(base: &str, repo: &str, tag: &str, img: &image::Image, extra: serde_json::Value) {
+    image::push_blob(base, repo, &img.config);
+    for l in &img.layers {
+        image::push_blob(base, repo, l);
+    }
+    image::push_manifest(base, repo, tag, OCI_MANIFEST, &manifest_with(img, extra));
+}
+
+fn assert_not_served(r: &Resp, secret: &[u8], what: &str) {
+    assert_ne!(r.status, 200, "{what}: served {:?}", r.text());
+    assert_ne!(&r.body[..], secret, "{what}");
+    assert!(
+        matches!(r.status, 404 | 401),
+        "{what}: {} {}",
+        r.status,
+        r.text()
+    );
+}
+
+/// Item 1: digests named in a manifest's `blobs`, `fsLayers` or other fields the registry
+/// never checked unlock nothing in the cache, neither on the same upstream nor on another
+/// one where anyone may push; evidence the registry did check still lets a second user's
+/// pull hit.
+#[test]
+fn unchecked_manifest_fields_are_no_cache_evidence() {
+    let private = Registry::start("");
+    let public = Registry::start("");
+    let bob = image::image(&[("secret", b"only bob may pull this\n")], "amd64");
+    image::push_image(&private.url(), "team/bob/app", "v1", &bob);
+    let shared = image::image(&[("shared", b"everyone on the team\n")], "amd64");
+    image::push_image(&private.url(), "team/shared/app", "v1", &shared);
+    let files = TokenServerFiles::new(&[("alice", "wonderland"), ("bob", "builder")]);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\ncache:\n  dir: {}\nupstreams:\n  priv: {{url: \"{}\"}}\n  pub: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: priv, remote: \"team/\", cache: true}}\n  - {{prefix: \"pub/\", upstream: pub, cache: true}}\n{}",
+        dir.path().display(),
+        private.url(),
+        public.url(),
+        token_server_yaml(
+            &files,
+            &[
+                "{account: bob, repository: \"c/bob/*\", actions: [pull]}",
+                "{account: alice, repository: \"c/alice/*\", actions: [pull, push]}",
+                "{account: \"*\", repository: \"c/shared/*\", actions: [pull]}",
+                "{account: anonymous, repository: \"pub/*\", actions: [pull, push]}",
+            ]
+        ),
+    );
+    let gw = Ocigate::start(&yaml);
+    // bob pulls his image: its layer and manifest are now cached.
+    let _ = skopeo_pull_oci(
+        &format!("{}/c/bob/app:v1", gw.host()),
+        &["--src-creds", "bob:builder"],
+    );
+    let layer = bob.layers[0].clone();
+    let names_bob = json!({
+        "blobs": [{"mediaType": "application/octet-stream", "digest": bob.layer_digest, "size": layer.len()}],
+        "fsLayers": [{"blobSum": bob.digest}],
+        "extra": {"digest": bob.layer_digest},
+    });
+
+    // Across upstreams: anyone may push to the public registry.
+    let evil = image::image(&[("x", b"evil\n")], "amd64");
+    push_bait(&public.url(), "evil/bait", "v1", &evil, names_bob.clone());
+    let anon = token(&gw, None, "repository:pub/evil/bait:pull");
+    let base = format!("{}/v2/pub/evil/bait", gw.url());
+    assert_eq!(
+        http::bearer_get(&format!("{base}/manifests/v1"), &anon).status,
+        200
+    );
+    let r = http::bearer_get(&format!("{base}/blobs/{}", bob.layer_digest), &anon);
+    assert_not_served(&r, &layer, "bob's layer through another upstream");
+    let r = http::bearer_get(&format!("{base}/manifests/{}", bob.digest), &anon);
+    assert_not_served(&r, &bob.manifest, "bob's manifest through another upstream");
+
+    // Within one upstream: alice may push to her own repositories only.
+    let alices = image::image(&[("x", b"alice\n")], "amd64");
+    push_bait(&private.url(), "team/alice/bait", "v1", &alices, names_bob);
+    let alice = token(
+        &gw,
+        Some("alice:wonderland"),
+        "repository:c/alice/bait:pull",
+    );
+    let base = format!("{}/v2/c/alice/bait", gw.url());
+    assert_eq!(
+        http::bearer_get(&format!("{base}/manifests/v1"), &alice).status,
+        200
+    );
+    let r = http::bearer_get(&format!("{base}/blobs/{}", bob.layer_digest), &alice);
+    assert_not_served(&r, &layer, "bob's layer through alice's bait");
+    let r = http::bearer_get(&format!("{base}/manifests/{}", bob.digest), &alice);
+    assert_not_served(&r, &bob.manifest, "bob's manifest through fsLayers");
+    assert_eq!(
+        private.count_requests(
+            "GET",
+            &format!("/v2/team/bob/app/blobs/{}", bob.layer_digest)
+        ),
+        1,
+        "bob's layer was fetched once, for bob"
+    );
+
+    // What the registry did check is evidence: a second user's pull is served from the
+    // cache, its layer fetched once.
+    let by_tag = format!("{}/c/shared/app:v1", gw.host());
+    let _ = skopeo_pull_oci(&by_tag, &["--src-creds", "bob:builder"]);
+    let _ = skopeo_pull_oci(&by_tag, &["--src-creds", "alice:wonderland"]);
+    let layer_path = format!("/v2/team/shared/app/blobs/{}", shared.layer_digest);
+    assert_eq!(private.count_requests("GET", &layer_path), 1);
+    assert_eq!(
+        private.count_requests("HEAD", &layer_path),
+        0,
+        "no proof was needed"
+    );
+}
+
+/// A registry whose `team/secret/app` holds a layer, and a gateway where eve may push only
+/// to `c/eve/*`, with the proxy's access to the whole registry.
+struct MountSetup {
+    reg: Registry,
+    gw: Ocigate,
+    secret: String,
+    eve: String,
+    _files: TokenServerFiles,
+}
+
+fn mount_setup() -> MountSetup {
+    let reg = Registry::start("");
+    let secret = image::push_blob(&reg.url(), "team/secret/app", b"not eve's\n");
+    let files = TokenServerFiles::new(&[("eve", "hunter2")]);
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\"}}\n{}",
+        reg.url(),
+        token_server_yaml(
+            &files,
+            &["{account: eve, repository: \"c/eve/*\", actions: [pull, push]}"]
+        ),
+    );
+    let gw = Ocigate::start(&yaml);
+    let eve = token(&gw, Some("eve:hunter2"), "repository:c/eve/x:pull,push");
+    MountSetup {
+        reg,
+        gw,
+        secret,
+        eve,
+        _files: files,
+    }
+}
+
+impl MountSetup {
+    fn post(&self, path_and_query: &str, content_type: Option<&str>, body: &str) -> Resp {
+        let auth = format!("Bearer {}", self.eve);
+        let mut headers = vec![("authorization", auth.as_str())];
+        if let Some(t) = content_type {
+            headers.push(("content-type", t));
+        }
+        http::request(
+            "POST",
+            &format!("{}{path_and_query}", self.gw.url()),
+            &headers,
+            Bytes::from(body.to_string()),
+        )
+    }
+
+    /// Whether the secret layer landed in eve's repository upstream.
+    fn leaked(&self) -> bool {
+        let url = format!("{}/v2/team/eve/x/blobs/{}", self.reg.url(), self.secret);
+        http::head(&url, &[]).status == 200
+    }
+}
+
+/// Item 2: a mount that the auth stage did not check never reaches the registry: not in a
+/// form body, not behind a dot-segment upload id, not on a POST to an upload id.
+#[test]
+fn mounts_cannot_be_smuggled_past_the_auth_stage() {
+    let s = mount_setup();
+    let form = format!("mount={}&from=team/secret/app", s.secret);
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+    ] {
+        let r = s.post("/v2/c/eve/x/blobs/uploads/", Some(content_type), &form);
+        assert_eq!(r.status, 415, "{content_type}: {}", r.text());
+        assert_eq!(r.error_code(), "UNSUPPORTED");
+    }
+    let multipart = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"mount\"\r\n\r\n{}\r\n--b\r\nContent-Disposition: form-data; name=\"from\"\r\n\r\nteam/secret/app\r\n--b--\r\n",
+        s.secret
+    );
+    let r = s.post(
+        "/v2/c/eve/x/blobs/uploads/",
+        Some("multipart/form-data; boundary=b"),
+        &multipart,
+    );
+    assert_eq!(r.status, 415, "multipart: {}", r.text());
+    for dots in [".", ".."] {
+        let r = s.post(
+            &format!(
+                "/v2/c/eve/x/blobs/uploads/{dots}?mount={}&from=team/secret/app",
+                s.secret
+            ),
+            None,
+            "",
+        );
+        assert_eq!(r.status, 404, "upload id {dots:?}: {}", r.text());
+        assert_eq!(r.error_code(), "BLOB_UPLOAD_UNKNOWN");
+    }
+    // A POST on an upload id is checked as an upload start: pull on `from` is needed.
+    let r = s.post(
+        &format!(
+            "/v2/c/eve/x/blobs/uploads/abc?mount={}&from=c/secret/app",
+            s.secret
+        ),
+        None,
+        "",
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("repository:c/secret/app:pull")
+    );
+    // A mount in the query of any other request is dropped before the upstream sees it.
+    let r = http::request(
+        "PUT",
+        &format!(
+            "{}/v2/c/eve/x/blobs/uploads/abc?m%6Funt={}&from=team/secret/app",
+            s.gw.url(),
+            s.secret
+        ),
+        &[("authorization", &format!("Bearer {}", s.eve))],
+        Bytes::new(),
+    );
+    assert_ne!(r.status, 201);
+    assert!(!s.reg.log().contains("from=team%2Fsecret%2Fapp"));
+    assert!(!s.reg.log().contains("from=team/secret/app"));
+    assert!(
+        !s.leaked(),
+        "the secret layer was mounted into eve's repository"
+    );
+    // A mount eve may make still works.
+    let own = image::push_blob(&s.reg.url(), "team/eve/y", b"eve's own\n");
+    let both = token(
+        &s.gw,
+        Some("eve:hunter2"),
+        "repository:c/eve/x:pull,push&scope=repository:c/eve/y:pull",
+    );
+    let s = MountSetup { eve: both, ..s };
+    let r = s.post(
+        &format!("/v2/c/eve/x/blobs/uploads/?mount={own}&from=c/eve/y"),
+        None,
+        "",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// Item 3: relay routes relay `pull` only unless `relay_actions` says more: a capability
+/// handed out for pulls cannot overwrite tags or delete manifests with the operator's
+/// credentials.
+#[test]
+fn relay_routes_grant_pull_only_unless_configured() {
+    use common::servers::TokenServer;
+    let mut reg = Registry::start("");
+    let img = image::image(&[("r", b"relayed\n")], "amd64");
+    image::push_image(&reg.url(), "team/private", "v1", &img);
+    let realm = TokenServer::start(Some(("robot", "s3cret")));
+    reg.reconfigure(&realm.registry_auth_yaml());
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg:\n    url: \"{}\"\n    credentials: {{basic: {{username: robot, password: s3cret}}}}\n    allowed_realms: [\"{}\"]\nroutes:\n  - {{prefix: \"ro/\", upstream: reg, remote: \"team/\", relay: true}}\n  - {{prefix: \"rw/\", upstream: reg, remote: \"team/\", relay: true, relay_actions: [pull, push]}}\nrelay:\n  secret_key: \"796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\"\n",
+        reg.url(),
+        realm.realm()
+    );
+    let (ok, out, err) = common::check_config(&yaml, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("relay [pull])"), "{out}");
+    assert!(out.contains("relay [pull, push])"), "{out}");
+    let gw = Ocigate::start(&yaml);
+    let relay_token = |scope: &str| {
+        let r = http::get(&format!("{}/token?scope={scope}", gw.url()));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["token"].as_str().unwrap().to_string()
+    };
+    let put_manifest = |repo: &str, tag: &str, token: &str| {
+        http::request(
+            "PUT",
+            &format!("{}/v2/{repo}/manifests/{tag}", gw.url()),
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", OCI_MANIFEST),
+            ],
+            Bytes::from(img.manifest.clone()),
+        )
+    };
+    let everything = relay_token("repository:ro/private:pull,push,delete");
+    let r = put_manifest("ro/private", "pwned", &everything);
+    assert_eq!(
+        r.status,
+        401,
+        "push on a pull-only relay route: {}",
+        r.text()
+    );
+    let r = http::request(
+        "DELETE",
+        &format!("{}/v2/ro/private/manifests/{}", gw.url(), img.digest),
+        &[("authorization", &format!("Bearer {everything}"))],
+        Bytes::new(),
+    );
+    assert_eq!(
+        r.status,
+        401,
+        "delete on a pull-only relay route: {}",
+        r.text()
+    );
+    let star = relay_token("repository:ro/private:*");
+    assert_eq!(put_manifest("ro/private", "pwned", &star).status, 401);
+    assert_eq!(reg.count_requests("PUT", "/manifests/pwned"), 0);
+    assert_eq!(reg.count_requests("DELETE", "/manifests/"), 0);
+    // Pulls still work there, and the route that allows pushes takes them.
+    assert_eq!(
+        skopeo_digest(&format!("{}/ro/private:v1", gw.host()), &[]),
+        img.digest
+    );
+    let push = relay_token("repository:rw/private:pull,push,delete");
+    let r = put_manifest("rw/private", "pushed", &push);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        reg.count_requests("PUT", "/v2/team/private/manifests/pushed"),
+        1
+    );
+}
+
+/// The address of the metrics listener, from the log.
+fn metrics_addr(gw: &Ocigate) -> String {
+    assert!(gw.wait_for_log("metrics listening"));
+    gw.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "metrics listening")
+        .and_then(|v| v["addr"].as_str().map(str::to_string))
+        .unwrap()
+}
+
+/// Item 4: an exact route's prefix (a capability URL) is never a metric label; with
+/// `server.metrics.listen`, `/metrics` leaves the public listeners.
+#[test]
+fn metrics_never_name_capability_urls() {
+    const SECRET: &str = "8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app";
+    const NAMED: &str = "f1e2d3c4b5a69788796a5b4c3d2e1f00/app";
+    let reg = Registry::start("");
+    let img = image::image(&[("m", b"metrics\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let routes = format!(
+        "upstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"{SECRET}\", upstream: reg, remote: team/app}}\n  - {{prefix: \"{NAMED}\", upstream: reg, remote: team/app, name: app-capability}}\n  - {{prefix: \"ns/\", upstream: reg, remote: \"team/\"}}\n",
+        reg.url()
+    );
+    let visit = |gw: &Ocigate| {
+        for prefix in [SECRET, NAMED, "ns/app"] {
+            let r = http::get_with(
+                &format!("{}/v2/{prefix}/manifests/v1", gw.url()),
+                &[("accept", OCI_MANIFEST)],
+            );
+            assert_eq!(r.status, 200, "{prefix}: {}", r.text());
+            let r = http::get(&format!("{}/v2/{prefix}/manifests/nope", gw.url()));
+            assert_eq!(r.status, 404);
+        }
+    };
+    let public = Ocigate::start(&format!("server:\n  listen: \"127.0.0.1:0\"\n{routes}"));
+    visit(&public);
+    let text = http::get(&format!("{}/metrics", public.url())).text();
+    assert!(text.contains("ocigate_requests_total"), "{text}");
+    assert!(text.contains("route=\"app-capability\""), "{text}");
+    assert!(text.contains("route=\"ns/\""), "{text}");
+    assert!(text.contains("route=\"repository-"), "{text}");
+    for secret in [SECRET, NAMED, "8c6f0f2a", "f1e2d3c4"] {
+        assert!(!text.contains(secret), "{secret} in /metrics:\n{text}");
+    }
+
+    let private = Ocigate::start(&format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n  metrics: {{listen: \"127.0.0.1:0\"}}\n{routes}"
+    ));
+    visit(&private);
+    assert_eq!(http::get(&format!("{}/metrics", private.url())).status, 404);
+    let text = http::get(&format!("http://{}/metrics", metrics_addr(&private))).text();
+    assert!(text.contains("route=\"app-capability\""), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
+    let health = http::get(&format!("http://{}/healthz", metrics_addr(&private)));
+    assert_eq!(health.status, 200);
+}
+
+/// Item 11: browser redirects never reveal what an exact route opens, and are off by
+/// default when `auth` or `relay` is configured.
+#[test]
+fn browser_redirects_reveal_no_capability_url() {
+    let browser = [("accept", "text/html,application/xhtml+xml")];
+    let upstreams = "upstreams:\n  gh: {url: \"https://ghcr.io\"}\n";
+    let open = Ocigate::start(&format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n{upstreams}routes:\n  - {{prefix: \"4d1c0a9e7b3f/tool\", upstream: gh, remote: myorg/private-tool}}\n  - {{prefix: \"gh/\", upstream: gh, remote: \"myorg/\"}}\n"
+    ));
+    let r = http::get_with(&format!("{}/4d1c0a9e7b3f/tool", open.url()), &browser);
+    assert_eq!(r.status, 404, "{:?}", r.header("location"));
+    assert!(!r.text().contains("private-tool"));
+    let r = http::get_with(&format!("{}/gh/tool", open.url()), &browser);
+    assert_eq!(r.status, 302, "namespace routes still redirect");
+
+    let files = TokenServerFiles::new(&[("alice", "wonderland")]);
+    let guarded = Ocigate::start(&format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n{upstreams}routes:\n  - {{prefix: \"gh/\", upstream: gh, remote: \"myorg/\"}}\n{}",
+        token_server_yaml(
+            &files,
+            &["{account: alice, repository: \"*\", actions: [pull]}"]
+        )
+    ));
+    let r = http::get_with(&format!("{}/gh/tool", guarded.url()), &browser);
+    assert_eq!(
+        r.status,
+        404,
+        "off by default with auth: {:?}",
+        r.header("location")
+    );
+}
