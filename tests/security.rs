@@ -471,3 +471,52 @@ fn browser_redirects_reveal_no_capability_url() {
         r.header("location")
     );
 }
+
+/// Item 6: failed logins are limited per username (and per address), and a flood of
+/// password checks gets `429`s instead of queueing without bound.
+#[test]
+fn logins_are_throttled_and_the_password_queue_is_bounded() {
+    let reg = Registry::start("");
+    let files = TokenServerFiles::new(&[("alice", "wonderland"), ("bob", "builder")]);
+    // A slow hash, as `htpasswd -B -C 10` writes: checks of it pile up.
+    let slow = bcrypt::hash("patience", 10).unwrap();
+    let htpasswd = std::fs::read_to_string(files.path("htpasswd")).unwrap();
+    std::fs::write(files.path("htpasswd"), format!("{htpasswd}carol:{slow}\n")).unwrap();
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"\", upstream: reg}}\n{}",
+        reg.url(),
+        token_server_yaml(
+            &files,
+            &["{account: \"*\", repository: \"*\", actions: [pull]}"]
+        )
+    );
+    let gw = Ocigate::start(&yaml);
+    let login = |user_password: &str| {
+        use base64::Engine as _;
+        let basic = base64::engine::general_purpose::STANDARD.encode(user_password);
+        http::get_with(
+            &format!("{}/token?service=s.test", gw.url()),
+            &[("authorization", &format!("Basic {basic}"))],
+        )
+    };
+    for _ in 0..10 {
+        assert_eq!(login("alice:guess").status, 401);
+    }
+    let r = login("alice:wonderland");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(login("bob:builder").status, 200, "other users still log in");
+
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let running: Vec<_> = (0..64)
+            .map(|_| s.spawn(|| login("carol:patience").status))
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let busy = statuses.iter().filter(|s| **s == 429).count();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(busy + ok, 64, "{statuses:?}");
+    assert!(busy > 0 && ok > 0, "{statuses:?}");
+}

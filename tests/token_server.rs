@@ -474,3 +474,80 @@ fn oidc_identities_from_ci_jobs() {
     );
     assert!(!gw.logs().contains(&job));
 }
+
+/// The `exp` of a token (payload decoded without verification: tests only).
+fn exp_of(token: &str) -> i64 {
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["exp"]
+        .as_i64()
+        .unwrap()
+}
+
+/// A short-lived identity token never becomes a long login unless its provider says
+/// `refresh: true`, and a password account's refresh token dies when the password is set
+/// again.
+#[test]
+fn refresh_tokens_never_outlive_their_login() {
+    let reg = Registry::start("");
+    let idp = IdentityProvider::start();
+    let keys = Keys::new(USERS);
+    let yaml = config(&reg.url(), &keys, Some(&idp)).replace(
+        "  oidc:\n",
+        &format!(
+            "  oidc:\n    - {{name: long, issuer: \"{}\", audience: {SERVICE}, refresh: true}}\n",
+            idp.issuer()
+        ),
+    );
+    let gw = Ocigate::start(&yaml);
+    let now = common::tokens::now();
+    let job = idp.mint(&json!({
+        "iss": idp.issuer(), "aud": SERVICE, "sub": "job-1",
+        "exp": now + 120, "iat": now, "repository_owner": "myorg",
+    }));
+    let offline = format!("service={SERVICE}&offline_token=true&client_id=ci");
+    let refresh_of = |provider: &str| {
+        let r = token_get(&gw, &offline, Some(&basic(provider, &job)));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["refresh_token"].as_str().unwrap().to_string()
+    };
+    let short = refresh_of("ci");
+    assert!(
+        exp_of(&short) <= now + 120,
+        "no longer than the identity token"
+    );
+    let long = refresh_of("long");
+    assert!(
+        exp_of(&long) > now + 29 * 86400,
+        "refresh: true keeps refresh_lifetime"
+    );
+
+    // alice logs in offline, then her password is set again (same password, new hash).
+    let r = token_get(&gw, &offline, Some(&basic("alice", "wonderland")));
+    let alices = r.json()["refresh_token"].as_str().unwrap().to_string();
+    let refresh_grant = |gw: &Ocigate| {
+        token_post(
+            gw,
+            &format!("grant_type=refresh_token&refresh_token={alices}&service={SERVICE}"),
+        )
+    };
+    assert_eq!(refresh_grant(&gw).status, 200);
+    drop(gw);
+    let htpasswd = std::fs::read_to_string(keys.path("htpasswd")).unwrap();
+    let rehashed: String = htpasswd
+        .lines()
+        .map(|l| match l.split_once(':') {
+            Some(("alice", _)) => format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap()),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(keys.path("htpasswd"), rehashed).unwrap();
+    let gw = Ocigate::start(&yaml);
+    let r = refresh_grant(&gw);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.text().contains("password changed"), "{}", r.text());
+    let r = token_get(&gw, &offline, Some(&basic("alice", "wonderland")));
+    assert_eq!(r.status, 200, "the new password logs in");
+}

@@ -109,6 +109,9 @@ pub struct OidcProviderConfig {
     pub name: String,
     pub issuer: Url,
     pub audience: String,
+    /// Refresh tokens of its logins may outlive the identity token (`refresh_lifetime`);
+    /// off by default, so a short-lived CI token never becomes a month-long login.
+    pub refresh: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -836,6 +839,7 @@ impl Resolver<'_> {
                 name,
                 issuer,
                 audience,
+                refresh: p.value.refresh.unwrap_or(false),
             });
         }
         let mut acl = Vec::new();

@@ -69,6 +69,7 @@ pub struct RawOidc {
     pub name: S,
     pub issuer: S,
     pub audience: S,
+    pub refresh: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -56,6 +56,19 @@ struct RefreshClaims {
     /// The identity's claims at login, so ACL rules on claims keep working on refresh.
     #[serde(default)]
     claims: ClaimMap,
+    /// A password account's entry fingerprint ([`RefreshBinding::entry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    entry: Option<String>,
+}
+
+/// What a refresh token is tied to besides its account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshBinding {
+    /// It expires no later than this (unix seconds): a federated login's identity token
+    /// `exp`, unless the provider allows refresh.
+    pub until: Option<u64>,
+    /// A fingerprint of the account's password entry: the token dies with the password.
+    pub entry: Option<String>,
 }
 
 pub struct Issuer {
@@ -116,7 +129,7 @@ impl Issuer {
             refresh_lifetime: config.refresh_lifetime,
         };
         // A key that does not belong to the certificate would mint tokens nobody accepts.
-        let probe = issuer.refresh_token("probe", &ClaimMap::new())?;
+        let probe = issuer.refresh_token("probe", &ClaimMap::new(), &RefreshBinding::default())?;
         issuer.open_refresh(&probe).map_err(|_| IssuerError::Key {
             path: config.signing_key.display().to_string(),
             reason: "does not match the public key of token_server.certificate".into(),
@@ -166,23 +179,31 @@ impl Issuer {
         format!("{}#refresh", self.service)
     }
 
-    pub fn refresh_token(&self, account: &str, claims: &ClaimMap) -> Result<String, IssuerError> {
+    pub fn refresh_token(
+        &self,
+        account: &str,
+        claims: &ClaimMap,
+        binding: &RefreshBinding,
+    ) -> Result<String, IssuerError> {
         let iat = unix(SystemTime::now());
+        let lifetime_end = iat + self.refresh_lifetime.as_secs();
         let claims = RefreshClaims {
             iss: self.issuer.clone(),
             sub: account.to_string(),
             aud: self.refresh_audience(),
-            exp: iat + self.refresh_lifetime.as_secs(),
+            exp: binding.until.map_or(lifetime_end, |u| u.min(lifetime_end)),
             iat,
             jti: random_id(),
             claims: claims.clone(),
+            entry: binding.entry.clone(),
         };
         jsonwebtoken::encode(&self.header(), &claims, &self.encoding)
             .map_err(|e| IssuerError::Sign(e.to_string()))
     }
 
-    /// The account and claims a refresh token we issued stands for.
-    pub fn open_refresh(&self, token: &str) -> Result<(String, ClaimMap), String> {
+    /// The account, claims and password-entry fingerprint a refresh token we issued stands
+    /// for.
+    pub fn open_refresh(&self, token: &str) -> Result<(String, ClaimMap, Option<String>), String> {
         let mut validation = Validation::new(self.alg);
         validation.leeway = crate::auth::jwt::LEEWAY_SECS;
         validation.set_issuer(&[&self.issuer]);
@@ -190,7 +211,7 @@ impl Issuer {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data = jsonwebtoken::decode::<RefreshClaims>(token, &self.leaf.decoding, &validation)
             .map_err(|e| e.to_string())?;
-        Ok((data.claims.sub, data.claims.claims))
+        Ok((data.claims.sub, data.claims.claims, data.claims.entry))
     }
 }
 

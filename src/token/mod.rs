@@ -27,7 +27,7 @@ use crate::config::TokenServerConfig;
 use crate::error::{GatewayError, registry_json};
 use crate::oci::{ErrorCode, OciError, Scope};
 use acl::{Acl, ClaimMap};
-use issuer::{Issuer, IssuerError};
+use issuer::{Issuer, IssuerError, RefreshBinding};
 use oidc::Oidc;
 use users::{Htpasswd, HtpasswdError};
 
@@ -75,6 +75,8 @@ struct Identity {
     /// The refresh token the client presented: handed back as it is, never renewed, so
     /// a login lasts at most `refresh_lifetime`.
     presented_refresh: Option<String>,
+    /// What a new refresh token of this login is tied to.
+    binding: RefreshBinding,
 }
 
 /// Reads the parameters of a GET (query) or POST (OAuth2 form) token request.
@@ -195,7 +197,7 @@ impl TokenServer {
                 Some(r) => r,
                 None => self
                     .issuer
-                    .refresh_token(&identity.account, &identity.claims)
+                    .refresh_token(&identity.account, &identity.claims, &identity.binding)
                     .map_err(|e| internal(&e.to_string()))?,
             };
             answer["refresh_token"] = json!(refresh);
@@ -224,23 +226,27 @@ impl TokenServer {
                 .refresh_token
                 .as_deref()
                 .ok_or_else(|| bad_request("refresh_token is required"))?;
-            let (account, claims) = self
+            let (account, claims, entry) = self
                 .issuer
                 .open_refresh(token)
                 .map_err(|_| refused("invalid or expired refresh token"))?;
-            // A password account must still exist; an OIDC login keeps its claims until the
-            // refresh token expires.
+            // A password account must still have the password it logged in with; an OIDC
+            // login keeps its claims until the refresh token expires (no later than its
+            // identity token, unless the provider allows refresh).
             let federated = account
                 .split_once(':')
                 .is_some_and(|(provider, _)| self.oidc.has(provider));
-            let known = self.users.as_ref().is_some_and(|u| u.contains(&account));
-            if !federated && !known {
-                return Err(refused("the account no longer exists"));
+            let current = self.users.as_ref().and_then(|u| u.fingerprint(&account));
+            if !federated && (current.is_none() || current != entry) {
+                return Err(refused(
+                    "the account no longer exists or its password changed",
+                ));
             }
             return Ok(Identity {
                 account,
                 claims,
                 presented_refresh: Some(token.to_string()),
+                binding: RefreshBinding::default(),
             });
         }
         let credentials = match (&p.username, &p.password) {
@@ -254,6 +260,7 @@ impl TokenServer {
                 account: ANONYMOUS.into(),
                 claims: ClaimMap::new(),
                 presented_refresh: None,
+                binding: RefreshBinding::default(),
             });
         };
         if self.oidc.has(&user) {
@@ -267,10 +274,17 @@ impl TokenServer {
                     _ => refused("invalid identity token"),
                 }
             })?;
+            let until = if self.oidc.allows_refresh(&user) {
+                None
+            } else {
+                // Verified tokens always have an `exp`; without one, no refresh at all.
+                Some(claims.get("exp").and_then(|e| e.parse().ok()).unwrap_or(0))
+            };
             return Ok(Identity {
                 account,
                 claims,
                 presented_refresh: None,
+                binding: RefreshBinding { until, entry: None },
             });
         }
         let Some(users) = self.users.clone() else {
@@ -298,10 +312,15 @@ impl TokenServer {
             tracing::info!(account = %user, "password refused");
             return Err(refused("invalid username or password"));
         }
+        let binding = RefreshBinding {
+            until: None,
+            entry: self.users.as_ref().and_then(|u| u.fingerprint(&user)),
+        };
         Ok(Identity {
             account: user,
             claims: ClaimMap::new(),
             presented_refresh: None,
+            binding,
         })
     }
 

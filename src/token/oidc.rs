@@ -50,6 +50,11 @@ impl Oidc {
         self.providers.contains_key(name)
     }
 
+    /// Whether the provider's logins may be refreshed past their identity token's `exp`.
+    pub fn allows_refresh(&self, name: &str) -> bool {
+        self.providers.get(name).is_some_and(|p| p.config.refresh)
+    }
+
     /// Verifies `jwt` from `provider`; the account (`<provider>:<sub>`) and flattened claims.
     pub async fn verify(&self, provider: &str, jwt: &str) -> Result<(String, ClaimMap), OidcError> {
         let p = self

@@ -53,8 +53,12 @@ impl Htpasswd {
         Ok(Htpasswd { users, dummy })
     }
 
-    pub fn contains(&self, user: &str) -> bool {
-        self.users.contains_key(user)
+    /// A fingerprint of `user`'s entry (a hash of its bcrypt hash, salt included): it
+    /// changes whenever the password is set again.
+    pub fn fingerprint(&self, user: &str) -> Option<String> {
+        use sha2::Digest as _;
+        let hash = self.users.get(user)?;
+        Some(hex::encode(&sha2::Sha256::digest(hash.as_bytes())[..16]))
     }
 
     /// Checks a password; slow on purpose (bcrypt), so call it off the async threads.
@@ -87,6 +91,15 @@ mod tests {
             cost_of(&h.dummy),
             Some(4),
             "unknown names cost what known ones do"
+        );
+        let before = h.fingerprint("alice").unwrap();
+        assert!(h.fingerprint("bob").is_none());
+        std::fs::write(&p, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+        let again = Htpasswd::load(&p).unwrap();
+        assert_ne!(
+            again.fingerprint("alice").unwrap(),
+            before,
+            "same password, new salt"
         );
         std::fs::write(&p, format!("alice:{hash}\nbob:{{SHA}}abc\n")).unwrap();
         let e = Htpasswd::load(&p).err().unwrap().to_string();
