@@ -59,6 +59,8 @@ pub async fn serve(gw: &Gateway, ctx: &mut RequestContext) -> Result<Response<Bo
             Ok(remote_names) => names.extend(
                 remote_names
                     .iter()
+                    // What a capability URL opens stays unlisted, whatever route covers it.
+                    .filter(|r| !gw.routes.is_exact_target(name, r))
                     .filter_map(|r| gw.routes.to_local(name, r)),
             ),
             Err(e) => failures.push(e),

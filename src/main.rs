@@ -232,6 +232,9 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         false,
     )?;
     print!("{}", config.summary());
+    for warning in gateway.routes.warnings() {
+        eprintln!("{}: warning: {warning}", file.display());
+    }
     println!("credentials:");
     for name in config.upstreams.keys() {
         if let Some(u) = gateway.upstreams.get(name) {
@@ -428,6 +431,9 @@ async fn run(config: Config) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr} (server.metrics.listen)"))?;
         tracing::info!(addr = %listener.local_addr()?, "metrics listening");
         tokio::spawn(ocigate::server::serve_metrics(listener));
+    }
+    for warning in gateway.routes.warnings() {
+        tracing::warn!("{warning}");
     }
     let grace = config.server.shutdown_grace;
     tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));

@@ -102,6 +102,44 @@ impl RouteTable {
         })
     }
 
+    /// Whether `remote` on `upstream` is what an exact route (a capability URL) opens: such a
+    /// name is never listed in `_catalog`.
+    pub fn is_exact_target(&self, upstream: &str, remote: &str) -> bool {
+        self.exact_routes()
+            .any(|(r, target)| r.config.upstream == upstream && target == remote)
+    }
+
+    fn exact_routes(&self) -> impl Iterator<Item = (&Route, String)> {
+        self.routes
+            .iter()
+            .filter(|r| !r.config.is_namespace())
+            .filter_map(|r| Some((r, r.to_remote(&r.config.prefix)?)))
+    }
+
+    /// What `check-config` warns about: capability prefixes that are easy to guess, and
+    /// exact routes whose repository a namespace route opens too.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (route, target) in self.exact_routes() {
+            let bits = guessing_bits(&route.config.prefix);
+            if bits < CAPABILITY_BITS {
+                out.push(format!(
+                    "route {:?} ({}): an exact route's prefix is a capability URL, but this one has about {bits} bits of randomness (use at least {CAPABILITY_BITS}, e.g. 32 random hex characters)",
+                    route.config.prefix,
+                    route.label()
+                ));
+            }
+            if let Some(local) = self.to_local(&route.config.upstream, &target) {
+                out.push(format!(
+                    "route {} opens {}:{target}, which is also reachable as {local:?} through a namespace route",
+                    route.label(),
+                    route.config.upstream
+                ));
+            }
+        }
+        out
+    }
+
     /// The local name under which `remote` (on `upstream`) is reachable through a namespace
     /// route, if any; a name shadowed by a longer route is not reachable and gives `None`.
     pub fn to_local(&self, upstream: &str, remote: &str) -> Option<String> {
@@ -228,6 +266,24 @@ impl UploadQuery {
     }
 }
 
+/// The randomness a capability prefix should have at least.
+const CAPABILITY_BITS: u32 = 100;
+
+/// A generous estimate of how hard a prefix is to guess: its letters and digits, each worth
+/// the size of the character classes the prefix uses. Words count as random, so this only
+/// catches the short and the obvious.
+fn guessing_bits(prefix: &str) -> u32 {
+    let chars: Vec<u8> = prefix.bytes().filter(u8::is_ascii_alphanumeric).collect();
+    let digits = chars.iter().any(u8::is_ascii_digit);
+    let hex_only = chars.iter().all(|c| c.is_ascii_hexdigit());
+    let alphabet: f64 = match (hex_only, digits) {
+        (true, _) => 16.0,
+        (false, true) => 36.0,
+        (false, false) => 26.0,
+    };
+    (chars.len() as f64 * alphabet.log2()) as u32
+}
+
 fn route_label(config: &RouteConfig) -> String {
     use sha2::Digest as _;
     match &config.name {
@@ -267,6 +323,35 @@ mod tests {
 
     fn route(prefix: &str, upstream: &str, remote: &str, hub: bool) -> Route {
         Route::new(RouteConfig::new(prefix, upstream, remote), hub)
+    }
+
+    #[test]
+    fn weak_and_shadowed_capabilities_are_warned_about() {
+        let t = RouteTable::new(vec![
+            route("team/", "hub", "team/", false),
+            route("0ebb01be/app", "hub", "team/app", false),
+            route(
+                "8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app",
+                "hub",
+                "other/app",
+                false,
+            ),
+        ]);
+        let w = t.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("\"0ebb01be/app\"") && w[0].contains("bits"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("hub:team/app") && w[1].contains("\"team/app\""),
+            "{w:?}"
+        );
+        assert!(t.is_exact_target("hub", "team/app"));
+        assert!(t.is_exact_target("hub", "other/app"));
+        assert!(!t.is_exact_target("hub", "team/other"));
+        assert!(guessing_bits("8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app") >= 100);
+        assert!(guessing_bits("myapp") < 100);
     }
 
     #[test]

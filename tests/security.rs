@@ -520,3 +520,36 @@ fn logins_are_throttled_and_the_password_queue_is_bounded() {
     assert_eq!(busy + ok, 64, "{statuses:?}");
     assert!(busy > 0 && ok > 0, "{statuses:?}");
 }
+
+/// Item 12: what an exact route opens is never listed in `_catalog`, even when a namespace
+/// route on the same upstream covers it, and `check-config` warns about that and about
+/// capability prefixes that are easy to guess.
+#[test]
+fn capability_targets_stay_unlisted_and_weak_ones_are_warned_about() {
+    let reg = Registry::start("");
+    for repo in ["team/app", "team/other", "team/listed"] {
+        let img = image::image(&[("c", repo.as_bytes())], "amd64");
+        image::push_image(&reg.url(), repo, "v1", &img);
+    }
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"ns/\", upstream: reg, remote: \"team/\"}}\n  - {{prefix: \"8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app\", upstream: reg, remote: team/app}}\n  - {{prefix: \"guessable/app\", upstream: reg, remote: team/other}}\n",
+        reg.url()
+    );
+    let gw = Ocigate::start(&yaml);
+    let catalog = http::get(&format!("{}/v2/_catalog", gw.url())).json();
+    assert_eq!(catalog["repositories"], json!(["ns/listed"]), "{catalog}");
+    let (ok, _, err) = common::check_config(&yaml, &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: route \"guessable/app\"") && err.contains("bits of randomness"),
+        "{err}"
+    );
+    assert!(
+        err.contains("reg:team/app, which is also reachable as \"ns/app\""),
+        "{err}"
+    );
+    assert!(
+        !err.contains("8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app\" ("),
+        "{err}"
+    );
+}
