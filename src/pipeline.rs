@@ -491,6 +491,13 @@ impl Gateway {
                 }
             }
         };
+        // Deleted upstream, gone from the cache's evidence: whatever route it went through.
+        if ctx.method == Method::DELETE
+            && response.status().is_success()
+            && let Some(cache) = &self.cache
+        {
+            cache.deleted(upstream.name(), &mapped.remote, &api.endpoint);
+        }
         if response.status() == StatusCode::UNAUTHORIZED {
             if let (true, Some(relay)) = (is_relay_route, &self.relay) {
                 // The relayed token no longer works upstream: the client gets a fresh one.

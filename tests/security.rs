@@ -553,3 +553,82 @@ fn capability_targets_stay_unlisted_and_weak_ones_are_warned_about() {
         "{err}"
     );
 }
+
+/// Item 8: a `DELETE` through the proxy drops the cache's evidence and tags; content deleted
+/// behind the proxy's back stops being served once its evidence is older than
+/// `evidence_ttl` (here 0s: always proven again), and the upstream's `404` is remembered.
+#[test]
+fn deleted_content_is_not_served_from_the_cache() {
+    let reg = Registry::start("");
+    let img = image::image(&[("d", b"to be deleted\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let other = image::image(&[("d", b"deleted behind the proxy's back\n")], "amd64");
+    image::push_image(&reg.url(), "team/two", "v1", &other);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = |extra: &str| {
+        format!(
+            "server:\n  listen: \"127.0.0.1:0\"\ncache:\n  dir: {}\n{extra}upstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\", cache: true}}\n",
+            dir.path().display(),
+            reg.url()
+        )
+    };
+    let gw = Ocigate::start(&cache(""));
+    let _ = skopeo_pull_oci(&format!("{}/c/app:v1", gw.host()), &[]);
+    let accept = [("accept", OCI_MANIFEST)];
+    let get = |path: &str| http::get_with(&format!("{}/v2/c/{path}", gw.url()), &accept);
+    assert_eq!(get("app/manifests/v1").status, 200);
+    let delete = |path: &str| {
+        http::request(
+            "DELETE",
+            &format!("{}/v2/c/{path}", gw.url()),
+            &[],
+            Bytes::new(),
+        )
+    };
+    assert_eq!(delete(&format!("app/manifests/{}", img.digest)).status, 202);
+    assert_eq!(get(&format!("app/manifests/{}", img.digest)).status, 404);
+    assert_eq!(
+        get("app/manifests/v1").status,
+        404,
+        "the cached tag went with it"
+    );
+    assert_eq!(get(&format!("app/blobs/{}", img.layer_digest)).status, 200);
+    assert_eq!(
+        delete(&format!("app/blobs/{}", img.layer_digest)).status,
+        202
+    );
+    assert_eq!(get(&format!("app/blobs/{}", img.layer_digest)).status, 404);
+    drop(gw);
+
+    let gw = Ocigate::start(&cache("  evidence_ttl: 0s\n"));
+    let _ = skopeo_pull_oci(&format!("{}/c/two:v1", gw.host()), &[]);
+    let blob = format!("{}/v2/c/two/blobs/{}", gw.url(), other.layer_digest);
+    let r = http::get(&blob);
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], &other.layers[0][..]);
+    let upstream_blob = format!("/v2/team/two/blobs/{}", other.layer_digest);
+    assert_eq!(
+        reg.count_requests("GET", &upstream_blob),
+        1,
+        "served from the cache"
+    );
+    assert!(
+        reg.count_requests("HEAD", &upstream_blob) >= 1,
+        "after a proof"
+    );
+    let direct = http::request(
+        "DELETE",
+        &format!("{}{upstream_blob}", reg.url()),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(direct.status, 202);
+    assert_eq!(http::get(&blob).status, 404);
+    let journal = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.contains("\"forget\"") && l.contains(&other.layer_digest)),
+        "{journal}"
+    );
+}

@@ -1,14 +1,15 @@
 //! What the cache knows besides bytes, kept in memory and in an append-only journal
 //! (`journal.jsonl`) so it survives restarts:
 //! - **links**: upstream + repository + digest, the upstream's word that this repository has
-//!   this object (authorization evidence: nothing is served for a repository without it);
+//!   this object (authorization evidence: nothing is served for a repository without it),
+//!   and when it was given: evidence older than `evidence_ttl` is proven again;
 //! - **tags**: upstream + repository + tag + Accept → digest, and when it was last checked;
 //! - **media types** of manifests, by digest.
 //!
 //! Replayed at start (the last record wins) and rewritten compactly, dropping what refers
 //! to objects no longer stored. Must not read or write objects.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -23,6 +24,23 @@ enum Record {
         upstream: String,
         repo: String,
         digest: String,
+        /// Seconds since the epoch; journals written before this field count as never
+        /// proven, so their links are proven again on first use.
+        #[serde(default)]
+        proven: u64,
+    },
+    /// The repository no longer has the digest (deleted through the proxy, or the upstream
+    /// said 404): its link and the tags of the repository pointing at it are gone.
+    Forget {
+        upstream: String,
+        repo: String,
+        digest: String,
+    },
+    /// The tag is gone from the repository, in every representation.
+    ForgetTag {
+        upstream: String,
+        repo: String,
+        tag: String,
     },
     Tag {
         upstream: String,
@@ -45,9 +63,19 @@ pub struct TagEntry {
     pub checked: SystemTime,
 }
 
+/// How fresh a repository's evidence for a digest is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// Proven within `evidence_ttl`.
+    Fresh,
+    /// Proven once, longer ago: to be proven again.
+    Stale,
+}
+
 #[derive(Default)]
 struct State {
-    links: HashSet<String>,
+    /// Link key → when the upstream last showed it.
+    links: HashMap<String, SystemTime>,
     tags: HashMap<String, TagEntry>,
     types: HashMap<String, String>,
 }
@@ -59,6 +87,7 @@ pub struct Journal {
     /// Records appended since the file was last written whole (only the owner compacts).
     appended: std::sync::atomic::AtomicUsize,
     owner: bool,
+    evidence_ttl: Duration,
 }
 
 /// Records appended before the owner rewrites the journal (besides twice the live ones).
@@ -84,6 +113,7 @@ impl Journal {
         dir: &Path,
         present: impl Fn(&str) -> bool,
         owner: bool,
+        evidence_ttl: Duration,
     ) -> std::io::Result<Journal> {
         let path = dir.join("journal.jsonl");
         let mut state = State::default();
@@ -97,9 +127,23 @@ impl Journal {
                         upstream,
                         repo,
                         digest,
+                        proven,
                     } if present(&digest) => {
-                        state.links.insert(link_key(&upstream, &repo, &digest));
+                        state.links.insert(
+                            link_key(&upstream, &repo, &digest),
+                            UNIX_EPOCH + Duration::from_secs(proven),
+                        );
                     }
+                    Record::Forget {
+                        upstream,
+                        repo,
+                        digest,
+                    } => state.forget(&upstream, &repo, &digest),
+                    Record::ForgetTag {
+                        upstream,
+                        repo,
+                        tag,
+                    } => state.forget_tag(&upstream, &repo, &tag),
                     Record::Tag {
                         upstream,
                         repo,
@@ -130,6 +174,7 @@ impl Journal {
             file: Mutex::new(None),
             appended: Default::default(),
             owner,
+            evidence_ttl,
         };
         if owner {
             journal.compact()?;
@@ -148,7 +193,7 @@ impl Journal {
                 .state
                 .lock()
                 .map_err(|_| std::io::Error::other("poisoned"))?;
-            for key in &state.links {
+            for (key, proven) in &state.links {
                 let mut parts = key.split('\0');
                 if let (Some(upstream), Some(repo), Some(digest)) =
                     (parts.next(), parts.next(), parts.next())
@@ -159,6 +204,7 @@ impl Journal {
                             upstream: upstream.into(),
                             repo: repo.into(),
                             digest: digest.into(),
+                            proven: secs(*proven),
                         },
                     )?;
                 }
@@ -231,22 +277,77 @@ impl Journal {
             .map_or(0, |s| s.links.len() + s.tags.len() + s.types.len())
     }
 
-    pub fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| s.links.contains(&link_key(upstream, repo, digest)))
-    }
-
-    pub fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
-        let new = self
+    /// The evidence that `repo` on `upstream` has `digest`, if any.
+    pub fn link(&self, upstream: &str, repo: &str, digest: &str) -> Option<Evidence> {
+        let proven = *self
             .state
             .lock()
-            .is_ok_and(|mut s| s.links.insert(link_key(upstream, repo, digest)));
-        if new {
+            .ok()?
+            .links
+            .get(&link_key(upstream, repo, digest))?;
+        let age = SystemTime::now()
+            .duration_since(proven)
+            .unwrap_or(Duration::ZERO);
+        Some(if age < self.evidence_ttl {
+            Evidence::Fresh
+        } else {
+            Evidence::Stale
+        })
+    }
+
+    /// Whether `repo` on `upstream` has `digest` by fresh evidence.
+    pub fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
+        self.link(upstream, repo, digest) == Some(Evidence::Fresh)
+    }
+
+    /// Records the upstream's word, just given, that `repo` has `digest`. Written to the
+    /// journal when new, or when it renews evidence older than a tenth of `evidence_ttl`.
+    pub fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
+        let now = SystemTime::now();
+        let renew_after = self.evidence_ttl / 10;
+        let write = self.state.lock().is_ok_and(|mut s| {
+            let old = s.links.insert(link_key(upstream, repo, digest), now);
+            old.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= renew_after))
+        });
+        if write {
             self.append(&Record::Link {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 digest: digest.into(),
+                proven: secs(now),
+            });
+        }
+    }
+
+    /// `repo` on `upstream` no longer has `digest`: its evidence and the repository's tags
+    /// pointing at it are dropped.
+    pub fn forget(&self, upstream: &str, repo: &str, digest: &str) {
+        let known = self.state.lock().is_ok_and(|mut s| {
+            let before = s.links.len() + s.tags.len();
+            s.forget(upstream, repo, digest);
+            before != s.links.len() + s.tags.len()
+        });
+        if known {
+            self.append(&Record::Forget {
+                upstream: upstream.into(),
+                repo: repo.into(),
+                digest: digest.into(),
+            });
+        }
+    }
+
+    /// A tag is gone from `repo`: every cached representation of it is dropped.
+    pub fn forget_tag(&self, upstream: &str, repo: &str, tag: &str) {
+        let known = self.state.lock().is_ok_and(|mut s| {
+            let before = s.tags.len();
+            s.forget_tag(upstream, repo, tag);
+            before != s.tags.len()
+        });
+        if known {
+            self.append(&Record::ForgetTag {
+                upstream: upstream.into(),
+                repo: repo.into(),
+                tag: tag.into(),
             });
         }
     }
@@ -340,6 +441,20 @@ impl Journal {
     }
 }
 
+impl State {
+    fn forget(&mut self, upstream: &str, repo: &str, digest: &str) {
+        self.links.remove(&link_key(upstream, repo, digest));
+        let prefix = format!("{upstream}\0{repo}\0");
+        self.tags
+            .retain(|k, t| !(k.starts_with(&prefix) && t.digest == digest));
+    }
+
+    fn forget_tag(&mut self, upstream: &str, repo: &str, tag: &str) {
+        let prefix = format!("{upstream}\0{repo}\0{tag}\0");
+        self.tags.retain(|k, _| !k.starts_with(&prefix));
+    }
+}
+
 fn write_record(out: &mut impl Write, record: &Record) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
     line.push(b'\n');
@@ -353,7 +468,8 @@ mod tests {
     #[test]
     fn survives_a_restart_and_forgets_what_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path(), |_| true, true).unwrap();
+        let day = Duration::from_secs(86400);
+        let j = Journal::open(dir.path(), |_| true, true, day).unwrap();
         j.add_link("hub", "library/alpine", "sha256:aa");
         j.add_link("hub", "library/alpine", "sha256:bb");
         j.set_tag("hub", "library/alpine", "3", "x", "sha256:aa");
@@ -367,7 +483,7 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"link\":{\"upstr").unwrap();
         drop(f);
-        let j = Journal::open(dir.path(), |d| d == "sha256:bb", true).unwrap();
+        let j = Journal::open(dir.path(), |d| d == "sha256:bb", true, day).unwrap();
         assert!(j.has_link("hub", "library/alpine", "sha256:bb"));
         assert!(
             !j.has_link("hub", "library/alpine", "sha256:aa"),
@@ -385,5 +501,53 @@ mod tests {
         );
         let lines = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 3, "compacted: {lines}");
+    }
+
+    #[test]
+    fn forgotten_evidence_and_tags_stay_forgotten_and_old_evidence_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86400);
+        let j = Journal::open(dir.path(), |_| true, true, day).unwrap();
+        j.add_link("hub", "team/app", "sha256:aa");
+        j.add_link("hub", "team/other", "sha256:aa");
+        j.set_tag("hub", "team/app", "v1", "x", "sha256:aa");
+        j.set_tag("hub", "team/app", "v2", "x", "sha256:bb");
+        j.set_tag("hub", "team/app", "v3", "x", "sha256:cc");
+        assert_eq!(
+            j.link("hub", "team/app", "sha256:aa"),
+            Some(Evidence::Fresh)
+        );
+        j.forget("hub", "team/app", "sha256:aa");
+        j.forget_tag("hub", "team/app", "v3");
+        let check = |j: &Journal| {
+            assert!(j.link("hub", "team/app", "sha256:aa").is_none());
+            assert!(
+                j.tag("hub", "team/app", "v1", "x").is_none(),
+                "it pointed at aa"
+            );
+            assert!(j.tag("hub", "team/app", "v3", "x").is_none());
+            assert!(j.tag("hub", "team/app", "v2", "x").is_some());
+            assert!(
+                j.has_link("hub", "team/other", "sha256:aa"),
+                "other repositories keep it"
+            );
+        };
+        check(&j);
+        drop(j);
+        check(&Journal::open(dir.path(), |_| true, false, day).unwrap());
+        // Evidence older than the bound is stale, and links of journals without proof
+        // times were never proven.
+        let zero = Journal::open(dir.path(), |_| true, false, Duration::ZERO).unwrap();
+        assert_eq!(
+            zero.link("hub", "team/other", "sha256:aa"),
+            Some(Evidence::Stale)
+        );
+        std::fs::write(
+            dir.path().join("journal.jsonl"),
+            "{\"link\":{\"upstream\":\"hub\",\"repo\":\"r\",\"digest\":\"sha256:dd\"}}\n",
+        )
+        .unwrap();
+        let old = Journal::open(dir.path(), |_| true, true, day).unwrap();
+        assert_eq!(old.link("hub", "r", "sha256:dd"), Some(Evidence::Stale));
     }
 }

@@ -36,7 +36,7 @@ use crate::flight::Gates;
 use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope, manifest};
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
-use journal::Journal;
+use journal::{Evidence, Journal};
 use store::Store;
 
 /// Manifests larger than this are passed through, not cached (distribution refuses to store
@@ -136,7 +136,13 @@ impl Cache {
             error,
         };
         let store = Store::open(&config.dir, config.max_size, owner).map_err(err)?;
-        let journal = Journal::open(&config.dir, |d| store.contains(d), owner).map_err(err)?;
+        let journal = Journal::open(
+            &config.dir,
+            |d| store.contains(d),
+            owner,
+            config.evidence_ttl,
+        )
+        .map_err(err)?;
         Ok(Cache {
             config: config.clone(),
             fills: Fills::new(store.clone()),
@@ -195,12 +201,9 @@ impl Cache {
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_range);
-        let upstream = fetch.upstream.name();
         let suffix = format!("blobs/{digest}");
         if self.store.contains(digest) {
-            let linked = self.journal.has_link(upstream, fetch.remote, digest)
-                || (!self.config.offline && self.prove_link(digest, &suffix, fetch).await?);
-            if !linked {
+            if !self.linked(digest, &suffix, fetch).await? {
                 return Ok(if self.config.offline {
                     Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest))
                 } else {
@@ -234,9 +237,7 @@ impl Cache {
         if head {
             // A HEAD of an uncached blob goes upstream; a yes is evidence for later GETs.
             let response = fetch.send(Method::HEAD, &suffix).await?;
-            if is_evidence(response.status()) {
-                self.journal.add_link(upstream, fetch.remote, digest);
-            }
+            self.learn_presence(response.status(), digest, fetch);
             return Ok(Outcome::Upstream(response));
         }
         if had_range {
@@ -255,7 +256,6 @@ impl Cache {
     /// Fetches `digest` into the cache, or attaches to the fetch in progress, and returns a
     /// reader that streams it as it arrives.
     async fn fill(&self, digest: &str, fetch: &Fetch<'_>) -> Result<Filled, GatewayError> {
-        let upstream = fetch.upstream.name();
         let suffix = format!("blobs/{digest}");
         let join = match self.fills.join(digest) {
             Ok(j) => j,
@@ -272,9 +272,7 @@ impl Cache {
                     return Ok(Filled::Nothing);
                 };
                 // The fill may be for another repository: this one needs its own evidence.
-                if !self.journal.has_link(upstream, fetch.remote, digest)
-                    && !self.prove_link(digest, &suffix, fetch).await?
-                {
+                if !self.linked(digest, &suffix, fetch).await? {
                     return Ok(Filled::Nothing);
                 }
                 Ok(match self.fills.reader(&fill, size) {
@@ -291,10 +289,10 @@ impl Cache {
                 // and objects for which fills in progress leave no room (larger than the
                 // whole cache, for one).
                 let cacheable = size.filter(|s| *s > 0 && writer.reserve(*s));
+                self.learn_presence(response.status(), digest, fetch);
                 let (StatusCode::OK, Some(size)) = (response.status(), cacheable) else {
                     return Ok(Filled::Upstream(response));
                 };
-                self.journal.add_link(upstream, fetch.remote, digest);
                 Ok(match writer.start(response.into_body(), size) {
                     Some((_, body)) => Filled::Reading(size, body),
                     None => Filled::Nothing,
@@ -303,8 +301,34 @@ impl Cache {
         }
     }
 
+    /// Whether this repository may be served the cached `digest`: by fresh evidence, or
+    /// else by the upstream's answer to a HEAD. Offline, any evidence counts; with
+    /// `serve_stale`, old evidence counts while the upstream cannot be asked.
+    async fn linked(
+        &self,
+        digest: &str,
+        suffix: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<bool, GatewayError> {
+        let evidence = self
+            .journal
+            .link(fetch.upstream.name(), fetch.remote, digest);
+        match evidence {
+            Some(Evidence::Fresh) => Ok(true),
+            _ if self.config.offline => Ok(evidence.is_some()),
+            Some(Evidence::Stale) => match self.prove_link(digest, suffix, fetch).await {
+                Err(e) if self.config.serve_stale => {
+                    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote, %digest, error = %e, "upstream failing: serving on old evidence");
+                    Ok(true)
+                }
+                proven => proven,
+            },
+            None => self.prove_link(digest, suffix, fetch).await,
+        }
+    }
+
     /// Asks the upstream with a HEAD whether this repository has `digest` (HEADs are free on
-    /// Docker Hub), and records a yes.
+    /// Docker Hub), and records the answer.
     async fn prove_link(
         &self,
         digest: &str,
@@ -312,12 +336,46 @@ impl Cache {
         fetch: &Fetch<'_>,
     ) -> Result<bool, GatewayError> {
         let response = fetch.send(Method::HEAD, suffix).await?;
-        let ok = is_evidence(response.status());
-        if ok {
-            self.journal
-                .add_link(fetch.upstream.name(), fetch.remote, digest);
+        self.learn_presence(response.status(), digest, fetch);
+        Ok(is_evidence(response.status()))
+    }
+
+    /// What an upstream answer for `digest` in this repository says: it has it (a link), or
+    /// it does not (a `404` forgets what the cache knew).
+    fn learn_presence(&self, status: StatusCode, digest: &str, fetch: &Fetch<'_>) {
+        let upstream = fetch.upstream.name();
+        if is_evidence(status) {
+            self.journal.add_link(upstream, fetch.remote, digest);
+        } else if status == StatusCode::NOT_FOUND {
+            self.journal.forget(upstream, fetch.remote, digest);
         }
-        Ok(ok)
+    }
+
+    /// A `404` for a manifest: the repository no longer has that digest, or that tag.
+    fn learn_manifest_absence(&self, status: StatusCode, reference: &Reference, fetch: &Fetch<'_>) {
+        if status != StatusCode::NOT_FOUND {
+            return;
+        }
+        let upstream = fetch.upstream.name();
+        match reference {
+            Reference::Digest(d) => self.journal.forget(upstream, fetch.remote, d),
+            Reference::Tag(t) => self.journal.forget_tag(upstream, fetch.remote, t),
+        }
+    }
+
+    /// A `DELETE` through the proxy succeeded: the cache forgets that the repository has
+    /// the manifest or blob (and, for a manifest, its tags pointing at it), so deleted
+    /// content is not served from the cache.
+    pub fn deleted(&self, upstream: &str, remote: &str, endpoint: &Endpoint) {
+        match endpoint {
+            Endpoint::Blob(digest) | Endpoint::Manifest(Reference::Digest(digest)) => {
+                self.journal.forget(upstream, remote, digest);
+            }
+            Endpoint::Manifest(Reference::Tag(tag)) => {
+                self.journal.forget_tag(upstream, remote, tag);
+            }
+            _ => {}
+        }
     }
 
     /// A manifest by tag or digest: from the cache when it may be, else fetched, verified
@@ -330,15 +388,12 @@ impl Cache {
         head: bool,
         fetch: &Fetch<'_>,
     ) -> Result<ManifestAnswer, GatewayError> {
-        let upstream = fetch.upstream.name();
         match reference {
             Reference::Digest(digest) => {
                 if self.store.contains(digest) && self.journal.media_type(digest).is_some() {
-                    let linked = self.journal.has_link(upstream, fetch.remote, digest)
-                        || (!self.config.offline
-                            && self
-                                .prove_link(digest, &format!("manifests/{digest}"), fetch)
-                                .await?);
+                    let linked = self
+                        .linked(digest, &format!("manifests/{digest}"), fetch)
+                        .await?;
                     if linked && let Some(m) = self.cached_manifest(digest) {
                         crate::metrics::cache_request("manifest", "hit");
                         return Ok(ManifestAnswer::Cached(m));
@@ -390,6 +445,7 @@ impl Cache {
         accept: &str,
         fetch: &Fetch<'_>,
     ) {
+        self.learn_manifest_absence(response.status(), reference, fetch);
         let digest = response
             .headers()
             .get("docker-content-digest")
@@ -453,7 +509,10 @@ impl Cache {
             }
             // Gone, refused, …: the GET that follows gets the real answer (a HEAD's has no
             // body to pass on).
-            Ok(_) => Ok(None),
+            Ok(r) => {
+                self.learn_manifest_absence(r.status(), &Reference::Tag(tag.into()), fetch);
+                Ok(None)
+            }
             Err(e) if self.config.serve_stale => Ok(Some(stale(cached, fetch, tag, e))),
             Err(e) => Err(e.into()),
         }
@@ -542,6 +601,7 @@ impl Cache {
             .is_some_and(|t| t.as_bytes().ends_with(b"+prettyjws"));
         let too_large = content_length(response.headers()).is_some_and(|n| n > MAX_MANIFEST as u64);
         if response.status() != StatusCode::OK || signed_schema1 || too_large {
+            self.learn_manifest_absence(response.status(), reference, fetch);
             return Ok(ManifestAnswer::Upstream(response));
         }
         let bad = |reason: String| GatewayError::BadUpstreamAnswer {

@@ -61,6 +61,9 @@ pub struct CacheConfig {
     pub max_size: u64,
     /// How long a tag's digest is trusted before a HEAD revalidates it.
     pub tag_ttl: Duration,
+    /// How long the upstream's word that a repository has an object is trusted before a
+    /// HEAD proves it again (content deleted upstream stops being served).
+    pub evidence_ttl: Duration,
     /// Answer from the cache when the upstream fails, times out, 429s or 5xxs.
     pub serve_stale: bool,
     /// Never contact upstreams; serve what is cached.
@@ -69,6 +72,7 @@ pub struct CacheConfig {
 
 pub const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_EVIDENCE_TTL: Duration = Duration::from_secs(86400);
 
 #[derive(Clone)]
 pub struct RelayConfig {
@@ -731,6 +735,10 @@ impl Resolver<'_> {
             tag_ttl: match &c.tag_ttl {
                 None => DEFAULT_TAG_TTL,
                 Some(v) => self.duration("cache.tag_ttl", v)?,
+            },
+            evidence_ttl: match &c.evidence_ttl {
+                None => DEFAULT_EVIDENCE_TTL,
+                Some(v) => self.duration("cache.evidence_ttl", v)?,
             },
             serve_stale: c.serve_stale.unwrap_or(true),
             offline: c.offline.unwrap_or(false),

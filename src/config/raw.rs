@@ -28,6 +28,7 @@ pub struct RawCache {
     pub dir: S,
     pub max_size: Option<S>,
     pub tag_ttl: Option<S>,
+    pub evidence_ttl: Option<S>,
     pub serve_stale: Option<bool>,
     pub offline: Option<bool>,
 }
