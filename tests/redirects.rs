@@ -88,3 +88,51 @@ fn follow_streams_storage_through_the_proxy_without_credentials() {
     // The upstream did see authorised requests (its realm demands credentials).
     assert!(s.ts.requests().iter().all(|r| r.authorization.is_some()));
 }
+
+/// Redirects and token realms that lead off the upstream's own network are not followed:
+/// `0.0.0.0` dials the local host from anywhere, as `169.254.169.254` or a private address
+/// would reach the proxy's own network. Unless `allowed_redirects` names them.
+#[test]
+fn redirects_and_realms_off_the_upstreams_network_are_refused() {
+    let mut reg = Registry::start("");
+    let img = image::image(&[("x", b"not for the metadata service\n")], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let storage = StaticServer::start(reg.storage());
+    let sneaky = storage.url().replace("127.0.0.1", "0.0.0.0");
+    reg.reconfigure(&format!(
+        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {sneaky}\n"
+    ));
+    let layer = image::digest(&img.layers[0]);
+    let refused = Ocigate::start(&simple_config(
+        &reg.url(),
+        "mirror/",
+        "team/",
+        "    redirects: follow\n",
+    ));
+    let r = get(&format!("{}/v2/mirror/app/blobs/{layer}", refused.url()));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("allowed_redirects"), "{}", r.text());
+    assert!(
+        storage.requests().is_empty(),
+        "nothing was fetched from 0.0.0.0"
+    );
+
+    let allowed = Ocigate::start(&simple_config(
+        &reg.url(),
+        "mirror/",
+        "team/",
+        &format!("    redirects: follow\n    allowed_redirects: [\"{sneaky}\"]\n"),
+    ));
+    let r = get(&format!("{}/v2/mirror/app/blobs/{layer}", allowed.url()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(&r.body[..], &img.layers[0][..]);
+
+    // A realm there is not asked either.
+    let ts = TokenServer::start(None);
+    reg.reconfigure(&ts.registry_auth_yaml().replace("127.0.0.1", "0.0.0.0"));
+    let gw = Ocigate::start(&simple_config(&reg.url(), "mirror/", "team/", ""));
+    let r = get(&format!("{}/v2/mirror/app/manifests/v1", gw.url()));
+    assert!(r.status >= 400, "{}", r.status);
+    assert!(ts.requests().is_empty(), "the realm on 0.0.0.0 was asked");
+    assert!(gw.wait_for_log("token realm not asked"));
+}

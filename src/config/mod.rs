@@ -204,6 +204,9 @@ pub struct UpstreamConfig {
     pub redirects: RedirectPolicy,
     /// Token realms outside the upstream's registrable domain that may receive credentials.
     pub allowed_realms: Vec<Url>,
+    /// Redirect and realm targets that may be dialled although they resolve to a loopback,
+    /// link-local, private or multicast address the upstream is not on.
+    pub allowed_redirects: Vec<Url>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -219,6 +222,7 @@ impl UpstreamConfig {
             insecure_skip_verify: false,
             redirects: RedirectPolicy::Pass,
             allowed_realms: Vec::new(),
+            allowed_redirects: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
         }
@@ -1091,6 +1095,11 @@ impl Resolver<'_> {
             upstream
                 .allowed_realms
                 .push(self.http_url(&key("allowed_realms"), realm)?);
+        }
+        for target in u.allowed_redirects.iter().flatten() {
+            upstream
+                .allowed_redirects
+                .push(self.http_url(&key("allowed_redirects"), target)?);
         }
         if let Some(t) = &u.connect_timeout {
             upstream.connect_timeout = self.duration(&key("connect_timeout"), t)?;

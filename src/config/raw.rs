@@ -153,6 +153,7 @@ pub struct RawUpstream {
     pub insecure_skip_verify: Option<bool>,
     pub redirects: Option<S>,
     pub allowed_realms: Option<Vec<S>>,
+    pub allowed_redirects: Option<Vec<S>>,
     pub connect_timeout: Option<S>,
     pub idle_timeout: Option<S>,
 }

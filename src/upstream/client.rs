@@ -11,10 +11,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+use super::dial::{DialPolicy, GuardedResolver};
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
 
 /// HTTP/2 connections in use are pinged this often, and closed when a ping goes unanswered
 /// this long (idle ones are closed by `idle_timeout`).
@@ -34,10 +35,12 @@ pub enum ClientBuildError {
     Tls(#[from] rustls::Error),
 }
 
-/// Builds the pooled client for one upstream.
+/// Builds the pooled client for one upstream; it dials other hosts only as
+/// [`DialPolicy::for_upstream`] allows.
 pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
     let tls = tls_config(config)?;
-    let mut http = HttpConnector::new();
+    let policy = Arc::new(DialPolicy::for_upstream(config));
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy));
     http.enforce_http(false);
     http.set_connect_timeout(Some(config.connect_timeout));
     http.set_nodelay(true);

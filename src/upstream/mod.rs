@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod credentials;
+pub mod dial;
 pub mod token;
 
 use std::sync::RwLock;
@@ -110,6 +111,9 @@ pub struct Upstream {
     warned_realm: AtomicBool,
     /// Never send anything (`cache.offline`).
     offline: bool,
+    /// Which hosts its redirects and realms may lead to (IP literals; names are checked
+    /// when the client resolves them).
+    dial: dial::DialPolicy,
 }
 
 impl Upstream {
@@ -124,6 +128,7 @@ impl Upstream {
                 source,
             })?;
         Ok(Upstream {
+            dial: dial::DialPolicy::for_upstream(&config),
             config,
             client,
             credentials,
@@ -243,6 +248,7 @@ impl Upstream {
             }
             let target = location_of(&response, &from)
                 .ok_or_else(|| bad("redirect without a usable Location".into()))?;
+            self.dial.check(&target).await.map_err(bad)?;
             let mut builder = Request::builder()
                 .method(method.clone())
                 .uri(target.as_str());
@@ -345,6 +351,13 @@ impl Upstream {
         // Whoever held the gate before us may have fetched it already.
         if let Some(t) = self.tokens.get(&key) {
             return Some(t);
+        }
+        if let Ok(url) = url::Url::parse(realm)
+            && let Err(why) = self.dial.check(&url).await
+        {
+            tracing::warn!(upstream = %self.config.name, %realm, %why, "token realm not asked");
+            crate::metrics::token_fetch(&self.config.name, false);
+            return None;
         }
         let secret = secret.filter(|_| self.realm_allowed(realm));
         let fetched = token::fetch(&self.client, realm, service, scopes, secret).await;
