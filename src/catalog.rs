@@ -1,9 +1,13 @@
 //! `GET /v2/_catalog`: the union of every upstream's catalog, seen through the namespace
 //! routes. Only names that a route maps back to are listed, under their local names;
 //! exact-repository routes (capability URLs) are never listed. Paging (`n`, `last`, `Link`)
-//! runs over the local names.
+//! runs over the local names. Each upstream's list is fetched by one request at a time and
+//! kept for [`LIST_TTL`], so clients paging through (or hammering) `_catalog` cost the
+//! upstreams one listing per upstream per [`LIST_TTL`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use serde::Deserialize;
@@ -15,9 +19,51 @@ use crate::pipeline::{Gateway, RequestContext, read_json_body};
 use crate::rewrite;
 use crate::upstream::{Upstream, UpstreamRequest};
 
-/// Upstream pages read per upstream, so a huge registry cannot pin the gateway.
+/// Upstream pages read per upstream and listing, so a huge registry cannot pin the gateway.
 const MAX_PAGES: usize = 50;
 const PAGE_SIZE: usize = 1000;
+/// How long an upstream's listing is reused.
+pub const LIST_TTL: Duration = Duration::from_secs(30);
+
+/// The upstreams' recent listings, by upstream name.
+pub struct Listings {
+    lists: Mutex<HashMap<String, (Instant, Arc<Vec<String>>)>>,
+    gates: crate::flight::Gates,
+}
+
+impl Default for Listings {
+    fn default() -> Listings {
+        Listings {
+            lists: Mutex::default(),
+            gates: crate::flight::Gates::new(64),
+        }
+    }
+}
+
+impl Listings {
+    fn fresh(&self, upstream: &str) -> Option<Arc<Vec<String>>> {
+        let lists = self.lists.lock().ok()?;
+        let (at, list) = lists.get(upstream)?;
+        (at.elapsed() < LIST_TTL).then(|| list.clone())
+    }
+
+    /// `upstream`'s repository names: recent ones, or fetched once for all who ask now.
+    async fn list(&self, upstream: &Upstream) -> Result<Arc<Vec<String>>, GatewayError> {
+        if let Some(list) = self.fresh(upstream.name()) {
+            return Ok(list);
+        }
+        let gate = self.gates.gate(upstream.name());
+        let _turn = gate.lock().await;
+        if let Some(list) = self.fresh(upstream.name()) {
+            return Ok(list);
+        }
+        let list = Arc::new(list_upstream(upstream).await?);
+        if let Ok(mut lists) = self.lists.lock() {
+            lists.insert(upstream.name().to_string(), (Instant::now(), list.clone()));
+        }
+        Ok(list)
+    }
+}
 
 #[derive(Deserialize)]
 struct CatalogPage {
@@ -55,7 +101,7 @@ pub async fn serve(gw: &Gateway, ctx: &mut RequestContext) -> Result<Response<Bo
         let Some(upstream) = gw.upstreams.get(*name) else {
             continue;
         };
-        match list_upstream(upstream).await {
+        match gw.listings.list(upstream).await {
             Ok(remote_names) => names.extend(
                 remote_names
                     .iter()

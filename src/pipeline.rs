@@ -57,6 +57,8 @@ pub struct Gateway {
     pub token_server: Option<TokenServer>,
     pub relay: Option<Relay>,
     pub cache: Option<Cache>,
+    /// Recent upstream catalogs, for `_catalog`.
+    pub listings: crate::catalog::Listings,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -141,6 +143,7 @@ impl Gateway {
             token_server,
             relay,
             cache,
+            listings: Default::default(),
         })
     }
 
@@ -730,16 +733,23 @@ async fn rewrite_response(
     let is_tags = api.endpoint == Endpoint::Tags
         && ctx.method == Method::GET
         && parts.status == StatusCode::OK;
-    let body = if is_tags {
+    let query = ctx.query.as_deref().unwrap_or_default();
+    let client_pages = ["n", "last"]
+        .iter()
+        .any(|k| rewrite::query_param(query, k).is_some());
+    let body = if is_tags && client_pages && !parts.headers.contains_key(header::LINK) {
+        // The client asked for a page the upstream did not cut: the whole list is read (a
+        // few at a time) and one page of it kept.
         let local = api.name.clone().unwrap_or_default();
-        let upstream_paged = parts.headers.contains_key(header::LINK);
+        let _turn = PAGING.acquire().await;
         let bytes = read_json_body(upstream, incoming, "tags list").await?;
-        let page = rewrite_tags_list(&bytes, &local, ctx.query.as_deref(), upstream_paged)
-            .map_err(|reason| GatewayError::BadUpstreamAnswer {
+        let page = rewrite_tags_list(&bytes, &local, query).map_err(|reason| {
+            GatewayError::BadUpstreamAnswer {
                 upstream: upstream.name().to_string(),
                 what: "tags list",
                 reason,
-            })?;
+            }
+        })?;
         if let Some(link) = page.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             parts.headers.insert(header::LINK, link);
         }
@@ -747,6 +757,11 @@ async fn rewrite_response(
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(page.body.len()));
         body::full(page.body)
+    } else if is_tags {
+        // Renamed as it streams: a list of any size costs a frame of memory.
+        let mut rename = rewrite::TagsNameRewrite::new(api.name.as_deref().unwrap_or_default());
+        parts.headers.remove(header::CONTENT_LENGTH);
+        body::boxed(incoming.map_frame(move |frame| frame.map_data(|d| rename.feed(d))))
     } else {
         body::boxed(incoming)
     };
@@ -770,53 +785,51 @@ pub async fn read_json_body(
         })
 }
 
+/// Tags lists cut into pages here at once: each holds a whole upstream list in memory.
+static PAGING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Tags in one page cut here, at most: a page a client reads slowly stays small.
+const MAX_TAGS_PAGE: usize = 1000;
+
 struct TagsPage {
     body: Vec<u8>,
     link: Option<String>,
 }
 
-/// Renames a tags list to the local name. When the client asked for a page (`n`, `last`) and
-/// the upstream ignored it (distribution 2.x does), the page is cut here, in lexical order,
-/// with a `Link` to the next one.
-fn rewrite_tags_list(
-    bytes: &[u8],
-    local: &str,
-    query: Option<&str>,
-    upstream_paged: bool,
-) -> Result<TagsPage, String> {
-    let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let obj = v.as_object_mut().ok_or("not a JSON object")?;
-    obj.insert("name".into(), serde_json::Value::String(local.to_string()));
-    let query = query.unwrap_or_default();
-    let n = rewrite::query_param(query, "n").and_then(|n| n.parse::<usize>().ok());
+#[derive(serde::Deserialize)]
+struct UpstreamTags<'a> {
+    #[serde(borrow, default)]
+    tags: Option<Vec<std::borrow::Cow<'a, str>>>,
+}
+
+/// The page of a tags list that the client asked for (`n`, `last`) when the upstream ignored
+/// it (distribution 2.x does): in lexical order, at most [`MAX_TAGS_PAGE`] tags, with a `Link`
+/// to the next page; named locally.
+fn rewrite_tags_list(bytes: &[u8], local: &str, query: &str) -> Result<TagsPage, String> {
+    let list: UpstreamTags = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let asked = rewrite::query_param(query, "n").and_then(|n| n.parse::<usize>().ok());
+    let n = asked.unwrap_or(MAX_TAGS_PAGE).min(MAX_TAGS_PAGE);
     let last = rewrite::query_param(query, "last");
+    let mut names: Vec<&str> = list
+        .tags
+        .iter()
+        .flatten()
+        .map(|t| t.as_ref())
+        .filter(|t| last.as_deref().is_none_or(|l| *t > l))
+        .collect();
+    names.sort_unstable();
     let mut link = None;
-    if !upstream_paged
-        && (n.is_some() || last.is_some())
-        && let Some(tags) = obj.get_mut("tags").and_then(|t| t.as_array_mut())
-    {
-        let mut names: Vec<String> = tags
-            .iter()
-            .filter_map(|t| t.as_str().map(str::to_string))
-            .filter(|t| last.as_ref().is_none_or(|l| t > l))
-            .collect();
-        names.sort();
-        if let Some(n) = n
-            && names.len() > n
-        {
-            names.truncate(n);
-            if let Some(last_tag) = names.last() {
-                link = Some(format!(
-                    "</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""
-                ));
-            }
+    if names.len() > n {
+        names.truncate(n);
+        if let Some(last_tag) = names.last() {
+            link = Some(format!(
+                "</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""
+            ));
         }
-        *tags = names.into_iter().map(serde_json::Value::String).collect();
     }
-    Ok(TagsPage {
-        body: serde_json::to_vec(&v).map_err(|e| e.to_string())?,
-        link,
-    })
+    let body = serde_json::to_vec(&serde_json::json!({ "name": local, "tags": names }))
+        .map_err(|e| e.to_string())?;
+    Ok(TagsPage { body, link })
 }
 
 /// A URL the upstream handed out, as the client must see it. Upstream `/v2/` URLs of this
@@ -1003,34 +1016,36 @@ mod tests {
         let page = rewrite_tags_list(
             br#"{"name":"team/app","tags":["b","a"]}"#,
             "mirror/app",
-            None,
-            false,
+            "n=5",
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
         assert_eq!(v["name"], "mirror/app");
-        assert_eq!(v["tags"], serde_json::json!(["b", "a"]));
+        assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
         assert!(page.link.is_none());
-        assert!(rewrite_tags_list(b"[1]", "x", None, false).is_err());
+        assert!(rewrite_tags_list(b"[1]", "x", "n=1").is_err());
     }
 
     #[test]
     fn tags_list_is_paged_when_the_upstream_does_not() {
         let body = br#"{"name":"team/app","tags":["t3","t1","t4","t2"]}"#;
-        let page = rewrite_tags_list(body, "m/app", Some("n=2"), false).unwrap();
+        let page = rewrite_tags_list(body, "m/app", "n=2").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
         assert_eq!(v["tags"], serde_json::json!(["t1", "t2"]));
         assert_eq!(
             page.link.as_deref(),
             Some(r#"</v2/m/app/tags/list?last=t2&n=2>; rel="next""#)
         );
-        let page = rewrite_tags_list(body, "m/app", Some("n=2&last=t2"), false).unwrap();
+        let page = rewrite_tags_list(body, "m/app", "n=2&last=t2").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
         assert_eq!(v["tags"], serde_json::json!(["t3", "t4"]));
         assert!(page.link.is_none());
-        // An upstream that paginates itself is trusted as it is.
-        let page = rewrite_tags_list(body, "m/app", Some("n=2"), true).unwrap();
+        // A page is never larger than MAX_TAGS_PAGE, whatever `n` says.
+        let many: Vec<String> = (0..MAX_TAGS_PAGE + 5).map(|i| format!("t{i:05}")).collect();
+        let body = serde_json::to_vec(&serde_json::json!({"name": "x", "tags": many})).unwrap();
+        let page = rewrite_tags_list(&body, "m/app", "n=100000").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();
-        assert_eq!(v["tags"].as_array().unwrap().len(), 4);
+        assert_eq!(v["tags"].as_array().unwrap().len(), MAX_TAGS_PAGE);
+        assert!(page.link.unwrap().contains(&format!("n={MAX_TAGS_PAGE}")));
     }
 }

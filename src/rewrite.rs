@@ -297,6 +297,138 @@ fn route_label(config: &RouteConfig) -> String {
     }
 }
 
+/// Renames a tags list as it streams: the top-level `"name"` string is replaced and every
+/// other byte passes through as it came, so a list of any length costs no more memory than
+/// the frame in flight. Scans only until the name is replaced (names come first in
+/// practice), tracking strings and nesting so that a `"name"` inside another value is left
+/// alone.
+pub struct TagsNameRewrite {
+    local: Vec<u8>,
+    done: bool,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    expect_key: bool,
+    awaiting_value: bool,
+    /// The top-level key being read, while it is short enough to be `name`.
+    key: Option<Vec<u8>>,
+    key_is_name: bool,
+    replacing: bool,
+}
+
+impl TagsNameRewrite {
+    pub fn new(local: &str) -> TagsNameRewrite {
+        TagsNameRewrite {
+            local: serde_json::to_vec(local).unwrap_or_else(|_| b"\"\"".to_vec()),
+            done: false,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            expect_key: false,
+            awaiting_value: false,
+            key: None,
+            key_is_name: false,
+            replacing: false,
+        }
+    }
+
+    /// The next chunk of the rewritten body.
+    pub fn feed(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
+        if self.done {
+            return chunk;
+        }
+        let mut out = Vec::with_capacity(chunk.len() + self.local.len());
+        for (i, &b) in chunk.iter().enumerate() {
+            if self.done {
+                out.extend_from_slice(&chunk[i..]);
+                break;
+            }
+            self.step(b, &mut out);
+        }
+        out.into()
+    }
+
+    /// Advances over one byte, writing what replaces it.
+    fn step(&mut self, b: u8, out: &mut Vec<u8>) {
+        if self.in_string {
+            self.string_byte(b, out);
+            return;
+        }
+        let top = self.depth == 1;
+        match b {
+            b'"' if top && self.expect_key => {
+                self.expect_key = false;
+                self.key = Some(Vec::new());
+                self.key_is_name = false;
+            }
+            b'"' if top && self.awaiting_value && self.key_is_name => {
+                // The original value is dropped up to its closing quote; ours goes out now.
+                self.awaiting_value = false;
+                self.replacing = true;
+                self.in_string = true;
+                out.extend_from_slice(&self.local);
+                return;
+            }
+            b'"' => self.awaiting_value = false,
+            b'{' | b'[' => {
+                self.not_a_name_value(top);
+                self.depth += 1;
+                if self.depth == 1 && b == b'{' {
+                    self.expect_key = true;
+                }
+            }
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            b':' if top => self.awaiting_value = true,
+            b',' if top => {
+                self.expect_key = true;
+                self.awaiting_value = false;
+                self.key_is_name = false;
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ => self.not_a_name_value(top),
+        }
+        if b == b'"' {
+            self.in_string = true;
+        }
+        out.push(b);
+    }
+
+    fn string_byte(&mut self, b: u8, out: &mut Vec<u8>) {
+        let closing = !self.escaped && b == b'"';
+        self.escaped = !self.escaped && b == b'\\';
+        if closing {
+            self.in_string = false;
+            if let Some(key) = self.key.take() {
+                self.key_is_name = key == b"name";
+            }
+            if self.replacing {
+                self.replacing = false;
+                self.done = true;
+                return;
+            }
+        } else if let Some(key) = &mut self.key {
+            key.push(b);
+            if key.len() > 4 {
+                // Longer than `name`: not it.
+                self.key = None;
+            }
+        }
+        if !self.replacing {
+            out.push(b);
+        }
+    }
+
+    /// A top-level value that is no string: a `name` that is not a string is left alone.
+    fn not_a_name_value(&mut self, top: bool) {
+        if top && self.awaiting_value {
+            self.awaiting_value = false;
+            if self.key_is_name {
+                self.done = true;
+            }
+        }
+    }
+}
+
 /// A query of a request that is no upload start, without `mount` and `from` (compared
 /// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after the auth
 /// stage checked it. Left byte for byte as it is when there is nothing to drop.
@@ -323,6 +455,49 @@ mod tests {
 
     fn route(prefix: &str, upstream: &str, remote: &str, hub: bool) -> Route {
         Route::new(RouteConfig::new(prefix, upstream, remote), hub)
+    }
+
+    fn renamed(input: &str, chunk: usize) -> String {
+        let mut r = TagsNameRewrite::new("mirror/app");
+        let mut out = Vec::new();
+        for piece in input.as_bytes().chunks(chunk) {
+            out.extend_from_slice(&r.feed(bytes::Bytes::copy_from_slice(piece)));
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn tags_lists_are_renamed_as_they_stream() {
+        for chunk in [1, 2, 3, 7, 1000] {
+            assert_eq!(
+                renamed(r#"{"name":"team/app","tags":["a","b"]}"#, chunk),
+                r#"{"name":"mirror/app","tags":["a","b"]}"#
+            );
+            assert_eq!(
+                renamed(
+                    "{ \"tags\" : [\"name\", \"x\\\"y\"], \"other\": {\"name\": \"keep\"},\n \"name\" : \"te\\\"am\" }",
+                    chunk
+                ),
+                "{ \"tags\" : [\"name\", \"x\\\"y\"], \"other\": {\"name\": \"keep\"},\n \"name\" : \"mirror/app\" }",
+                "only the top-level name, wherever it is"
+            );
+            assert_eq!(
+                renamed(r#"{"named":"x","name":null}"#, chunk),
+                r#"{"named":"x","name":null}"#
+            );
+            assert_eq!(renamed(r#"{"tags":[]}"#, chunk), r#"{"tags":[]}"#);
+        }
+        let big = format!(
+            r#"{{"name":"team/app","tags":[{}]}}"#,
+            (0..10_000)
+                .map(|i| format!("\"t{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let out = renamed(&big, 65536);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["name"], "mirror/app");
+        assert_eq!(v["tags"].as_array().unwrap().len(), 10_000);
     }
 
     #[test]

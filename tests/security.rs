@@ -632,3 +632,82 @@ fn deleted_content_is_not_served_from_the_cache() {
         "{journal}"
     );
 }
+
+/// The resident memory of a process, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Item 7: a tags list is renamed as it streams, so clients that stop reading hold no copy
+/// of it; pages the proxy cuts itself are small, whatever `n` asks.
+#[test]
+fn tags_lists_stream_and_slow_readers_hold_no_copies() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let tags: Vec<String> = (0..300_000).map(|i| format!("v{i:07}")).collect();
+    let list = serde_json::to_vec(&json!({"name": "team/app", "tags": tags})).unwrap();
+    assert!(list.len() > 3 << 20);
+    let path = root.path().join("v2/team/app/tags");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("list"), &list).unwrap();
+    let upstream = common::servers::StaticServer::start(root.path().to_path_buf());
+    let gw = Ocigate::start(&common::simple_config(
+        upstream.url().trim_end_matches('/'),
+        "m/",
+        "team/",
+        "",
+    ));
+    let r = http::get(&format!("{}/v2/m/app/tags/list", gw.url()));
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["name"], "m/app");
+    assert_eq!(v["tags"].as_array().unwrap().len(), tags.len());
+    let r = http::get(&format!(
+        "{}/v2/m/app/tags/list?n=100000&last=v0000009",
+        gw.url()
+    ));
+    let v = r.json();
+    assert_eq!(
+        v["tags"].as_array().unwrap().len(),
+        1000,
+        "pages are capped"
+    );
+    assert_eq!(v["tags"][0], "v0000010");
+    assert!(r.header("link").unwrap().contains("last=v0001009&n=1000"));
+
+    // 60 clients ask for the whole list and read nothing past the headers.
+    let baseline = rss_bytes(gw.pid());
+    let sockets: Vec<std::net::TcpStream> = (0..60)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+            s.write_all(b"GET /v2/m/app/tags/list HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            assert!(
+                head.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            s
+        })
+        .collect();
+    let held = rss_bytes(gw.pid());
+    assert!(
+        held < 100 << 20,
+        "ocigate holds {} MiB for 60 stalled tags lists (from {} MiB)",
+        held >> 20,
+        baseline >> 20
+    );
+    drop(sockets);
+}
