@@ -25,9 +25,12 @@ const PAGE_SIZE: usize = 1000;
 /// How long an upstream's listing is reused.
 pub const LIST_TTL: Duration = Duration::from_secs(30);
 
+/// One upstream's repository names, and when they were read.
+type Listing = (Instant, Arc<Vec<String>>);
+
 /// The upstreams' recent listings, by upstream name.
 pub struct Listings {
-    lists: Mutex<HashMap<String, (Instant, Arc<Vec<String>>)>>,
+    lists: Mutex<HashMap<String, Listing>>,
     gates: crate::flight::Gates,
 }
 
