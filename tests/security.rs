@@ -711,3 +711,118 @@ fn tags_lists_stream_and_slow_readers_hold_no_copies() {
     );
     drop(sockets);
 }
+
+/// Bytes on disk under `dir` (by inode), counting files `pid` holds open there after they
+/// were unlinked: their blocks stay allocated until closed.
+fn disk_use(dir: &std::path::Path, pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut inodes = std::collections::HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                inodes.insert(meta.ino(), meta.len());
+            }
+        }
+    }
+    let root = dir.display().to_string();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let target = target.display().to_string();
+        if target.starts_with(&root)
+            && target.ends_with(" (deleted)")
+            && let Ok(meta) = std::fs::metadata(fd.path())
+        {
+            inodes.insert(meta.ino(), meta.len());
+        }
+    }
+    inodes.values().sum()
+}
+
+/// Item 5: clients that stop reading cannot make the cache use more disk than `max_size`
+/// (objects they read are pinned, what does not fit is passed through), and a response
+/// whose client accepts no bytes for `server.send_timeout` is closed.
+#[test]
+fn stalled_readers_keep_the_cache_within_max_size() {
+    use std::io::{Read, Write};
+    let reg = Registry::start("");
+    let layers: Vec<(String, u64)> = (0..6)
+        .map(|i| {
+            let layer = common::image::BigLayer::new(12 << 20, 100 + i);
+            layer.push_image(&reg.url(), &format!("team/app{i}"), "v1");
+            (layer.digest, layer.size)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let max_size: u64 = 32 << 20;
+    let gw = Ocigate::start(&format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n  send_timeout: 15s\ncache:\n  dir: {}\n  max_size: 32MiB\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\", cache: true}}\n",
+        dir.path().display(),
+        reg.url()
+    ));
+    let mut stalled: Vec<std::net::TcpStream> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, (digest, _))| {
+            // A small receive window: the server's writes stall after a few hundred KiB.
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(64 << 10).unwrap();
+            socket.connect(&gw.addr.into()).unwrap();
+            let mut s: std::net::TcpStream = socket.into();
+            write!(
+                s,
+                "GET /v2/c/app{i}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            assert!(
+                head.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            s
+        })
+        .collect();
+    // Once no fill is in progress, everything the cache keeps is on disk or held open.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(dir.path().join("tmp")).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "fills never ended");
+        std::thread::yield_now();
+    }
+    let used = disk_use(dir.path(), gw.pid());
+    assert!(
+        used <= max_size,
+        "{} MiB on disk with max_size 32 MiB",
+        used >> 20
+    );
+    // The server gives up on clients that accept nothing: their transfers end short.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while gw.logs().matches("\"outcome\":\"aborted\"").count() < stalled.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stalled response was closed"
+        );
+        std::thread::yield_now();
+    }
+    for (s, (_, size)) in stalled.iter_mut().zip(&layers) {
+        let mut received = Vec::new();
+        let _ = s.read_to_end(&mut received);
+        assert!(
+            (received.len() as u64) < *size,
+            "the whole blob arrived: {} of {size}",
+            received.len()
+        );
+    }
+}

@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use super::store::{Reader, Store};
+use super::store::{ObjectPin, Reader, Store};
 use crate::body::{Body, BoxError};
 
 /// Bytes per disk read and per batched disk write of a fill.
@@ -56,6 +56,9 @@ pub enum Progress {
 pub struct Fill {
     temp: PathBuf,
     progress: watch::Receiver<Progress>,
+    /// Set when bytes start coming: held by the fill's readers and its writer, and handed to
+    /// the committed object, so it is not evicted under a slow reader.
+    pin: std::sync::OnceLock<Arc<ObjectPin>>,
 }
 
 impl Fill {
@@ -109,8 +112,9 @@ pub enum Join {
 pub struct Fills {
     store: Arc<Store>,
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
-    /// Bytes that fills in progress will write: at most `max_size`, so that `tmp/` never
-    /// holds more than the cache itself (clients that start fills and go away included).
+    /// Bytes that fills in progress will write. With the committed objects and the unlinked
+    /// ones still open, at most `max_size`: disk use never exceeds it (clients that start
+    /// fills and go away included); what does not fit is passed through.
     reserved: Mutex<u64>,
 }
 
@@ -123,10 +127,11 @@ impl Fills {
         })
     }
 
-    /// Reserves room for `size` bytes of fills in progress; `false` when it does not fit.
+    /// Reserves room for `size` bytes of fills in progress, evicting what nobody reads to
+    /// make it; `false` when it does not fit.
     fn reserve(&self, size: u64) -> bool {
         self.reserved.lock().is_ok_and(|mut r| {
-            let fits = *r + size <= self.store.max_size();
+            let fits = self.store.make_room(*r + size);
             if fits {
                 *r += size;
             }
@@ -162,6 +167,7 @@ impl Fills {
             Arc::new(Fill {
                 temp: temp.clone(),
                 progress: rx,
+                pin: std::sync::OnceLock::new(),
             }),
         );
         Ok(Join::Leader(FillWriter {
@@ -182,12 +188,13 @@ impl Fills {
 
     /// Ends a fill: commits a verified object (under the lock, so that a request either
     /// attaches to the fill or finds the object), or throws the temp file away.
-    fn finish(&self, digest: &str, temp: &PathBuf, size: u64, verified: bool) -> bool {
+    fn finish(&self, digest: &str, fill: &Fill, size: u64, verified: bool) -> bool {
+        let temp = &fill.temp;
         let Ok(mut inflight) = self.inflight.lock() else {
             return false;
         };
         let committed = verified
-            && match self.store.commit(temp, digest, size) {
+            && match self.store.commit(temp, digest, size, fill.pin.get()) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "cannot commit a cache fill");
@@ -210,7 +217,12 @@ impl Fills {
     pub fn reader(&self, fill: &Arc<Fill>, size: u64) -> Option<Body> {
         let _inflight = self.inflight.lock().ok()?;
         let file = std::fs::File::open(&fill.temp).ok()?;
-        Some(stream(file, size, fill.progress.clone()))
+        Some(stream(
+            file,
+            size,
+            fill.progress.clone(),
+            fill.pin.get().cloned(),
+        ))
     }
 }
 
@@ -238,13 +250,14 @@ impl FillWriter {
             .get(&self.digest)
             .cloned()?;
         let reader = std::fs::File::open(&self.temp).ok()?;
+        let _ = fill.pin.set(self.fills.store.pin(size));
         let tx = self.tx.take()?;
         let file = self.file.take()?;
         let _ = tx.send(Progress::Writing { size, written: 0 });
         let fills = self.fills.clone();
         let digest = self.digest.clone();
-        let temp = self.temp.clone();
         let reserved = std::mem::take(&mut self.reserved);
+        let writing = fill.clone();
         tokio::spawn(async move {
             let outcome = write(file, body, size, &tx).await;
             let verified = match &outcome {
@@ -262,7 +275,7 @@ impl FillWriter {
                     false
                 }
             };
-            let committed = fills.finish(&digest, &temp, size, verified);
+            let committed = fills.finish(&digest, &writing, size, verified);
             fills.release(reserved);
             let _ = tx.send(if committed {
                 Progress::Done { size }
@@ -270,7 +283,7 @@ impl FillWriter {
                 Progress::Failed
             });
         });
-        let body = stream(reader, size, fill.progress.clone());
+        let body = stream(reader, size, fill.progress.clone(), fill.pin.get().cloned());
         Some((fill, body))
     }
 }
@@ -438,13 +451,21 @@ impl http_body::Body for MappedBody {
     }
 }
 
-/// Streams a fill to one client as bytes reach the disk.
-fn stream(file: std::fs::File, size: u64, progress: watch::Receiver<Progress>) -> Body {
+/// Streams a fill to one client as bytes reach the disk; `pin` is held while it does.
+fn stream(
+    file: std::fs::File,
+    size: u64,
+    progress: watch::Receiver<Progress>,
+    pin: Option<Arc<ObjectPin>>,
+) -> Body {
     if size == 0 {
         return crate::body::empty();
     }
     let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(pump(Arc::new(file), size, progress, tx));
+    tokio::spawn(async move {
+        pump(Arc::new(file), size, progress, tx).await;
+        drop(pin);
+    });
     crate::body::boxed(ChannelBody {
         rx,
         remaining: size,

@@ -666,7 +666,7 @@ impl Cache {
         }
         let temp = self.store.temp_path();
         std::fs::write(&temp, bytes)?;
-        self.store.commit(&temp, digest, bytes.len() as u64)
+        self.store.commit(&temp, digest, bytes.len() as u64, None)
     }
 
     /// Fetches a blob into the cache and waits for it (for `ocigate cache warm`). `true`

@@ -1,15 +1,19 @@
 //! The content-addressed store on disk: one file per digest under `objects/`, written under
-//! `tmp/` and renamed in only once verified, an in-memory index (size, last access, open
-//! readers, whether this process has verified it) rebuilt from the directory at start, and
+//! `tmp/` and renamed in only once verified, an in-memory index (size, last access, who has
+//! it open, whether this process has verified it) rebuilt from the directory at start, and
 //! LRU eviction down to `max_size`.
 //!
+//! Everyone with an object's file open holds its [`ObjectPin`]: a pinned object is never
+//! evicted, and one unlinked anyway (a corrupt file, a replaced one) still counts against
+//! `max_size` until its last holder lets go, since its blocks stay on disk until then.
+//!
 //! Holds bytes by digest and nothing else: it must not know about repositories, tags or
-//! upstreams, and it never deletes an object that is being read.
+//! upstreams.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 /// How stale a file's modification time (our record of its last access) may get before a
@@ -26,9 +30,49 @@ pub struct ObjectInfo {
 struct Entry {
     size: u64,
     last_access: SystemTime,
-    readers: u32,
+    /// Alive while anyone has the file open.
+    pin: Weak<ObjectPin>,
     /// Hashed by this process (filled here, or read through once since the start).
     verified: bool,
+}
+
+impl Entry {
+    fn pinned(&self) -> bool {
+        self.pin.strong_count() > 0
+    }
+}
+
+/// Held by everyone who has an object's file open: readers, mappings, the readers and the
+/// writer of the fill that becomes it.
+pub struct ObjectPin {
+    size: u64,
+    /// Its file was unlinked while it was open: its bytes are counted in `held`.
+    unlinked: AtomicBool,
+    store: Weak<Store>,
+}
+
+impl ObjectPin {
+    /// Its file is gone from the directory but still open.
+    fn unlink(&self, store: &Store) {
+        if !self.unlinked.swap(true, Ordering::AcqRel) {
+            store.held.fetch_add(self.size, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for ObjectPin {
+    fn drop(&mut self) {
+        let Some(store) = self.store.upgrade() else {
+            return;
+        };
+        if *self.unlinked.get_mut() {
+            store.held.fetch_sub(self.size, Ordering::AcqRel);
+        }
+        // A released object may be what eviction was waiting for.
+        if store.over() {
+            store.evict_in_background();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -41,6 +85,8 @@ pub struct Store {
     root: PathBuf,
     max_size: u64,
     index: Mutex<Index>,
+    /// Bytes of unlinked files still open (see [`ObjectPin`]).
+    held: AtomicU64,
     temp_seq: AtomicU64,
     /// Only the server evicts: a CLI command must not delete what it merely looks at.
     owner: bool,
@@ -52,18 +98,7 @@ pub struct Reader {
     pub size: u64,
     /// False after a restart until one full read has checked the digest.
     pub verified: bool,
-    _guard: ReadGuard,
-}
-
-struct ReadGuard {
-    store: Arc<Store>,
-    digest: String,
-}
-
-impl Drop for ReadGuard {
-    fn drop(&mut self) {
-        self.store.release(&self.digest);
-    }
+    _pin: Arc<ObjectPin>,
 }
 
 impl Store {
@@ -100,7 +135,7 @@ impl Store {
                         Entry {
                             size: meta.len(),
                             last_access: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                            readers: 0,
+                            pin: Weak::new(),
                             verified: false,
                         },
                     );
@@ -111,6 +146,7 @@ impl Store {
             root: root.to_path_buf(),
             max_size,
             index: Mutex::new(index),
+            held: AtomicU64::new(0),
             temp_seq: AtomicU64::new(0),
             owner,
         });
@@ -124,6 +160,36 @@ impl Store {
 
     pub fn max_size(&self) -> u64 {
         self.max_size
+    }
+
+    /// A pin for an object of `size` bytes about to be written (a fill): its readers hold it,
+    /// and [`Store::commit`] hands it to the committed object.
+    pub fn pin(self: &Arc<Self>, size: u64) -> Arc<ObjectPin> {
+        Arc::new(ObjectPin {
+            size,
+            unlinked: AtomicBool::new(false),
+            store: Arc::downgrade(self),
+        })
+    }
+
+    /// Bytes on disk that count against `max_size`: committed objects and unlinked ones
+    /// still open.
+    pub fn used(&self) -> u64 {
+        self.total() + self.held.load(Ordering::Acquire)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.max_size
+    }
+
+    /// Evicts until `extra` more bytes (fills about to be written) fit beside what is used;
+    /// whether they do. Only the owner evicts: for others, only `extra` itself must fit.
+    pub fn make_room(&self, extra: u64) -> bool {
+        if !self.owner {
+            return extra <= self.max_size;
+        }
+        self.evict_to(self.max_size.saturating_sub(extra));
+        self.used() + extra <= self.max_size
     }
 
     fn object_path(&self, digest: &str) -> Option<PathBuf> {
@@ -169,31 +235,20 @@ impl Store {
             let _ = file.set_modified(now);
         }
         entry.last_access = now;
-        entry.readers += 1;
+        let pin = match entry.pin.upgrade() {
+            Some(pin) => pin,
+            None => {
+                let pin = self.pin(entry.size);
+                entry.pin = Arc::downgrade(&pin);
+                pin
+            }
+        };
         Some(Reader {
             file,
             size: entry.size,
             verified: entry.verified,
-            _guard: ReadGuard {
-                store: self.clone(),
-                digest: digest.to_string(),
-            },
+            _pin: pin,
         })
-    }
-
-    fn release(self: &Arc<Self>, digest: &str) {
-        let over = match self.index.lock() {
-            Ok(mut index) => {
-                if let Some(e) = index.entries.get_mut(digest) {
-                    e.readers = e.readers.saturating_sub(1);
-                }
-                index.total > self.max_size
-            }
-            Err(_) => false,
-        };
-        if over {
-            self.evict_in_background();
-        }
     }
 
     /// Eviction unlinks files, which can take a while for large ones: not on a request's
@@ -209,8 +264,15 @@ impl Store {
     }
 
     /// Moves a verified fill into place (the caller then evicts, outside its own locks). An
-    /// object larger than the whole cache is not kept.
-    pub fn commit(&self, temp: &Path, digest: &str, size: u64) -> std::io::Result<()> {
+    /// object larger than the whole cache is not kept. `pin` is the fill's: whoever reads the
+    /// fill holds the committed object too.
+    pub fn commit(
+        &self,
+        temp: &Path,
+        digest: &str,
+        size: u64,
+        pin: Option<&Arc<ObjectPin>>,
+    ) -> std::io::Result<()> {
         let path = self
             .object_path(digest)
             .ok_or_else(|| std::io::Error::other("not a digest"))?;
@@ -224,14 +286,16 @@ impl Store {
         if let Ok(mut index) = self.index.lock() {
             let old = index.entries.remove(digest);
             // Readers of the file this one replaced still hold it open.
-            let readers = old.as_ref().map_or(0, |e| e.readers);
+            if let Some(old_pin) = old.as_ref().and_then(|e| e.pin.upgrade()) {
+                old_pin.unlink(self);
+            }
             index.total = index.total - old.map_or(0, |e| e.size) + size;
             index.entries.insert(
                 digest.to_string(),
                 Entry {
                     size,
                     last_access: SystemTime::now(),
-                    readers,
+                    pin: pin.map_or_else(Weak::new, Arc::downgrade),
                     verified: true,
                 },
             );
@@ -254,33 +318,42 @@ impl Store {
             && let Some(e) = index.entries.remove(digest)
         {
             index.total -= e.size;
+            if let Some(pin) = e.pin.upgrade() {
+                pin.unlink(self);
+            }
         }
         if let Some(path) = self.object_path(digest) {
             let _ = std::fs::remove_file(path);
         }
     }
 
-    /// Evicts least recently used objects that nobody reads until the total fits. Files are
-    /// unlinked under the index lock, so a commit of the same digest cannot slip in between.
+    /// Evicts least recently used objects that nobody has open until what is used fits.
     pub fn evict(&self) {
+        self.evict_to(self.max_size);
+    }
+
+    /// Evicts until committed and held bytes are at most `limit`. Files are unlinked under the
+    /// index lock, so a commit of the same digest cannot slip in between.
+    fn evict_to(&self, limit: u64) {
         if !self.owner {
             return;
         }
         let Ok(mut index) = self.index.lock() else {
             return;
         };
-        if index.total <= self.max_size {
+        let held = self.held.load(Ordering::Acquire);
+        if index.total + held <= limit {
             return;
         }
         let mut candidates: Vec<(SystemTime, String, u64)> = index
             .entries
             .iter()
-            .filter(|(_, e)| e.readers == 0)
+            .filter(|(_, e)| !e.pinned())
             .map(|(d, e)| (e.last_access, d.clone(), e.size))
             .collect();
         candidates.sort();
         for (_, digest, size) in candidates {
-            if index.total <= self.max_size {
+            if index.total + held <= limit {
                 break;
             }
             index.entries.remove(&digest);
@@ -325,7 +398,9 @@ mod tests {
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)));
         let temp = store.temp_path();
         std::fs::write(&temp, data).unwrap();
-        store.commit(&temp, &digest, data.len() as u64).unwrap();
+        store
+            .commit(&temp, &digest, data.len() as u64, None)
+            .unwrap();
         store.evict();
         digest
     }
@@ -392,6 +467,35 @@ mod tests {
             30,
             "the server evicts down to its max_size"
         );
+    }
+
+    #[test]
+    fn open_objects_unlinked_anyway_count_until_closed_and_room_is_made_for_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 30, true).unwrap();
+        let a = put(&store, &[b'a'; 10]);
+        let b = put(&store, &[b'b'; 10]);
+        let reading = store.open_object(&a).unwrap();
+        store.remove(&a);
+        assert_eq!(store.used(), 20, "a's blocks are still held open");
+        assert!(
+            !store.make_room(21),
+            "10 held + 21 > 30, even with b evicted"
+        );
+        assert!(!store.contains(&b), "evicted to make room");
+        drop(reading);
+        assert_eq!(store.used(), 0);
+        assert!(store.make_room(25));
+        // A fill's pin keeps the committed object from eviction while its readers read.
+        let pin = store.pin(10);
+        let temp = store.temp_path();
+        std::fs::write(&temp, [b'c'; 10]).unwrap();
+        let c = format!("sha256:{}", hex::encode(sha2::Sha256::digest([b'c'; 10])));
+        store.commit(&temp, &c, 10, Some(&pin)).unwrap();
+        assert!(!store.make_room(25));
+        assert!(store.contains(&c), "pinned by the fill's readers");
+        drop(pin);
+        assert!(store.make_room(25));
     }
 
     #[test]

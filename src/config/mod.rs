@@ -183,6 +183,9 @@ pub struct ServerConfig {
     /// Default: on unless `auth` or `relay` is configured (a page names what a route hides).
     pub browser_redirects: bool,
     pub shutdown_grace: Duration,
+    /// A response whose client accepts no bytes for this long is closed (HTTP/1.1 and TLS
+    /// sockets: the writes that stall).
+    pub send_timeout: Duration,
     /// `server.metrics.listen`: `/metrics` on a listener of its own instead of the public ones.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -1043,6 +1046,18 @@ impl Resolver<'_> {
             None => None,
             Some(m) => Some(self.address("server.metrics.listen", &m.listen)?),
         };
+        let send_timeout = match &raw.send_timeout {
+            None => Duration::from_secs(60),
+            Some(v) => self.duration("server.send_timeout", v)?,
+        };
+        if send_timeout.is_zero() {
+            return Err(self.err(
+                raw.send_timeout
+                    .as_ref()
+                    .map_or(Location::UNKNOWN, |v| v.referenced),
+                "server.send_timeout: must be more than 0s",
+            ));
+        }
         let shutdown_grace = match &raw.shutdown_grace {
             None => Duration::from_secs(30),
             Some(v) => self.duration("server.shutdown_grace", v)?,
@@ -1054,6 +1069,7 @@ impl Resolver<'_> {
             // Browser redirects name the upstream and remote repository before any auth.
             browser_redirects: raw.browser_redirects.unwrap_or(!protected),
             shutdown_grace,
+            send_timeout,
             metrics_listen,
         })
     }

@@ -112,6 +112,7 @@ pub struct RawServer {
     pub public_url: Option<S>,
     pub browser_redirects: Option<bool>,
     pub shutdown_grace: Option<S>,
+    pub send_timeout: Option<S>,
     pub metrics: Option<RawMetrics>,
 }
 
