@@ -380,6 +380,17 @@ fn relay_routes_grant_pull_only_unless_configured() {
         reg.count_requests("PUT", "/v2/team/private/manifests/pushed"),
         1
     );
+
+    // Item 12: the answer for a relay route's name and for a name on no relay route look
+    // alike: same length, same expires_in.
+    let answer = |scope: &str| http::get(&format!("{}/token?scope={scope}", gw.url())).json();
+    let routed = answer("repository:ro/private:pull");
+    let elsewhere = answer("repository:nowhere/private:pull");
+    assert_eq!(routed["expires_in"], elsewhere["expires_in"]);
+    assert_eq!(
+        routed["token"].as_str().unwrap().len(),
+        elsewhere["token"].as_str().unwrap().len()
+    );
 }
 
 /// The address of the metrics listener, from the log.

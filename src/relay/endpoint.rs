@@ -11,6 +11,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{MAX_LIFETIME_SECS, Relay, RelayClaims, unix_now};
+
+/// What every relay-token answer says of its lifetime, whatever it seals: the tokens live
+/// longer (up to [`MAX_LIFETIME_SECS`], as long as the upstream token inside), and an
+/// answer for a name on no relay route must not differ from one for a route's.
+pub const ANNOUNCED_LIFETIME_SECS: u64 = 60;
 use crate::body::Body;
 use crate::error::{GatewayError, registry_json};
 use crate::oci::{ErrorCode, OciError, Scope};
@@ -106,7 +111,9 @@ pub async fn issue(
         let upstream_token = if remote.is_empty() {
             None
         } else {
-            upstream.bearer_for(&remote).await?
+            // At least the announced lifetime left, so no client holds an expired token.
+            let min_left = std::time::Duration::from_secs(ANNOUNCED_LIFETIME_SECS);
+            upstream.bearer_for(&remote, min_left).await?
         };
         if let Some(token) = upstream_token {
             let left = token
@@ -131,7 +138,7 @@ pub async fn issue(
     let answer = json!({
         "token": sealed,
         "access_token": sealed,
-        "expires_in": claims.exp.saturating_sub(now),
+        "expires_in": ANNOUNCED_LIFETIME_SECS,
         "issued_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     });
     tracing::info!(route = %claims.rt, scopes = %claims.sc.join(" "), "relay token issued");

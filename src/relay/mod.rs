@@ -26,6 +26,14 @@ use crate::oci::{Challenge, ErrorCode, OciError, Scope};
 /// Relay tokens live at most this long, however long the upstream token would.
 pub const MAX_LIFETIME_SECS: u64 = 300;
 
+/// Sealed payloads are at least this long, then whole multiples of [`PAD_STEP`].
+const PAD_MIN: usize = 4096;
+const PAD_STEP: usize = 1024;
+
+fn padded_len(len: usize) -> usize {
+    len.div_ceil(PAD_STEP).max(PAD_MIN / PAD_STEP) * PAD_STEP
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {
     #[error("not a relay token")]
@@ -94,8 +102,23 @@ impl Relay {
         &self.path
     }
 
+    /// Seals `claims`, padded to [`padded_len`]: a token's length says little about what it
+    /// carries (a name on no relay route gets one as long as a route's).
     pub fn seal(&self, claims: &RelayClaims) -> Result<String, RelayError> {
-        let payload = serde_json::to_vec(claims).map_err(|e| RelayError::Seal(e.to_string()))?;
+        #[derive(Serialize)]
+        struct Padded<'a> {
+            #[serde(flatten)]
+            claims: &'a RelayClaims,
+            pd: String,
+        }
+        let err = |e: serde_json::Error| RelayError::Seal(e.to_string());
+        let mut padded = Padded {
+            claims,
+            pd: String::new(),
+        };
+        let bare = serde_json::to_vec(&padded).map_err(err)?.len();
+        padded.pd = "0".repeat(padded_len(bare) - bare);
+        let payload = serde_json::to_vec(&padded).map_err(err)?;
         let key = self.keys.first().ok_or(RelayError::Seal("no key".into()))?;
         LocalToken::encrypt(key, &payload, None, Some(claims.rt.as_bytes()))
             .map_err(|e| RelayError::Seal(e.to_string()))

@@ -328,28 +328,30 @@ impl Upstream {
             AuthScheme::Unknown | AuthScheme::Open => None,
             AuthScheme::Basic => secret.and_then(Secret::basic_header),
             AuthScheme::Bearer { realm, service } => self
-                .bearer_token(realm, service.as_deref(), scopes, secret)
+                .bearer_token(realm, service.as_deref(), scopes, secret, Duration::ZERO)
                 .await
                 .map(|t| t.header),
         }
     }
 
     /// A bearer token for `scopes` from the realm, cached per scope set.
+    /// `min_left`: a cached token with less life left is fetched anew.
     async fn bearer_token(
         &self,
         realm: &str,
         service: Option<&str>,
         scopes: &[Scope],
         secret: Option<&Secret>,
+        min_left: Duration,
     ) -> Option<token::Token> {
         let key = TokenCache::key(scopes);
-        if let Some(t) = self.tokens.get(&key) {
+        if let Some(t) = self.tokens.get(&key, min_left) {
             return Some(t);
         }
         let gate = self.tokens.flight(&key);
         let _turn = gate.lock().await;
         // Whoever held the gate before us may have fetched it already.
-        if let Some(t) = self.tokens.get(&key) {
+        if let Some(t) = self.tokens.get(&key, min_left) {
             return Some(t);
         }
         if let Ok(url) = url::Url::parse(realm)
@@ -380,6 +382,7 @@ impl Upstream {
     pub async fn bearer_for(
         &self,
         scopes: &[Scope],
+        min_left: Duration,
     ) -> Result<Option<token::Token>, UpstreamError> {
         let secret = self.secret().await?;
         let mut scheme = self.scheme();
@@ -389,7 +392,7 @@ impl Upstream {
         let AuthScheme::Bearer { realm, service } = &scheme else {
             return Ok(None);
         };
-        self.bearer_token(realm, service.as_deref(), scopes, secret.as_ref())
+        self.bearer_token(realm, service.as_deref(), scopes, secret.as_ref(), min_left)
             .await
             .map(Some)
             .ok_or_else(|| UpstreamError::TokenRefused {

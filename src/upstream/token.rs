@@ -100,10 +100,11 @@ impl TokenCache {
         s.join(" ")
     }
 
-    pub fn get(&self, key: &str) -> Option<Token> {
+    /// A cached token with at least `min_left` of its life left.
+    pub fn get(&self, key: &str, min_left: Duration) -> Option<Token> {
         let mut entries = self.entries.lock().ok()?;
         match entries.get(key) {
-            Some(t) if t.valid_until > Instant::now() => Some(t.clone()),
+            Some(t) if t.valid_until > Instant::now() + min_left => Some(t.clone()),
             Some(_) => {
                 entries.remove(key);
                 None
@@ -335,7 +336,7 @@ mod tests {
                 valid_until: Instant::now() - Duration::from_secs(1),
             },
         );
-        assert!(cache.get("k").is_none());
+        assert!(cache.get("k", Duration::ZERO).is_none());
         cache.put(
             "k".into(),
             Token {
@@ -343,6 +344,6 @@ mod tests {
                 valid_until: Instant::now() + Duration::from_secs(60),
             },
         );
-        assert_eq!(cache.get("k").unwrap().header, "Bearer y");
+        assert_eq!(cache.get("k", Duration::ZERO).unwrap().header, "Bearer y");
     }
 }
