@@ -8,8 +8,10 @@
 //! - Objects are stored once by digest ([`store`]), whatever repository, route or upstream
 //!   they came from, and only after their digest checked out ([`fill`]).
 //! - Nothing is served for a repository before the upstream has shown that the repository
-//!   has it (a manifest of it referenced the digest, or a GET/HEAD for it succeeded):
-//!   [`journal`] keeps that evidence.
+//!   has it (a GET/HEAD for it succeeded, or a manifest of it references it in a field the
+//!   registry verified: [`crate::oci::manifest::verified_references`]): [`journal`] keeps
+//!   that evidence per upstream, proves it again after `evidence_ttl`, and forgets it on a
+//!   `DELETE` through the proxy or an upstream `404`.
 //! - Tags are cached per representation (Accept) for `tag_ttl`, then revalidated with a HEAD;
 //!   with `serve_stale` a failing upstream gets the cached answer instead.
 //! - Offline (`cache.offline`), upstreams are never asked.
