@@ -644,6 +644,33 @@ fn deleted_content_is_not_served_from_the_cache() {
     );
 }
 
+/// Sends a GET on `s` and reads its answer's head (a 200), nothing of its body.
+fn stalled_get(mut s: std::net::TcpStream, path: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// Waits for `done`, for at most a minute and a half.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: never happened"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// The resident memory of a process, from `/proc`.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -659,7 +686,6 @@ fn rss_bytes(pid: u32) -> u64 {
 /// of it; pages the proxy cuts itself are small, whatever `n` asks.
 #[test]
 fn tags_lists_stream_and_slow_readers_hold_no_copies() {
-    use std::io::{Read, Write};
     let root = tempfile::tempdir().unwrap();
     let tags: Vec<String> = (0..300_000).map(|i| format!("v{i:07}")).collect();
     let list = serde_json::to_vec(&json!({"name": "team/app", "tags": tags})).unwrap();
@@ -696,21 +722,8 @@ fn tags_lists_stream_and_slow_readers_hold_no_copies() {
     let baseline = rss_bytes(gw.pid());
     let sockets: Vec<std::net::TcpStream> = (0..60)
         .map(|_| {
-            let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
-            s.write_all(b"GET /v2/m/app/tags/list HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
-            }
-            assert!(
-                head.starts_with(b"HTTP/1.1 200"),
-                "{}",
-                String::from_utf8_lossy(&head)
-            );
-            s
+            let s = std::net::TcpStream::connect(gw.addr).unwrap();
+            stalled_get(s, "/v2/m/app/tags/list")
         })
         .collect();
     let held = rss_bytes(gw.pid());
@@ -761,7 +774,7 @@ fn disk_use(dir: &std::path::Path, pid: u32) -> u64 {
 /// whose client accepts no bytes for `server.send_timeout` is closed.
 #[test]
 fn stalled_readers_keep_the_cache_within_max_size() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let reg = Registry::start("");
     let layers: Vec<(String, u64)> = (0..6)
         .map(|i| {
@@ -786,32 +799,13 @@ fn stalled_readers_keep_the_cache_within_max_size() {
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             socket.set_recv_buffer_size(64 << 10).unwrap();
             socket.connect(&gw.addr.into()).unwrap();
-            let mut s: std::net::TcpStream = socket.into();
-            write!(
-                s,
-                "GET /v2/c/app{i}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n"
-            )
-            .unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
-            }
-            assert!(
-                head.starts_with(b"HTTP/1.1 200"),
-                "{}",
-                String::from_utf8_lossy(&head)
-            );
-            s
+            stalled_get(socket.into(), &format!("/v2/c/app{i}/blobs/{digest}"))
         })
         .collect();
     // Once no fill is in progress, everything the cache keeps is on disk or held open.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_dir(dir.path().join("tmp")).unwrap().count() > 0 {
-        assert!(std::time::Instant::now() < deadline, "fills never ended");
-        std::thread::yield_now();
-    }
+    wait_until("fills ending", || {
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count() == 0
+    });
     let used = disk_use(dir.path(), gw.pid());
     assert!(
         used <= max_size,
@@ -819,14 +813,9 @@ fn stalled_readers_keep_the_cache_within_max_size() {
         used >> 20
     );
     // The server gives up on clients that accept nothing: their transfers end short.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while gw.logs().matches("\"outcome\":\"aborted\"").count() < stalled.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no stalled response was closed"
-        );
-        std::thread::yield_now();
-    }
+    wait_until("every stalled response closed", || {
+        gw.logs().matches("\"outcome\":\"aborted\"").count() >= stalled.len()
+    });
     for (s, (_, size)) in stalled.iter_mut().zip(&layers) {
         let mut received = Vec::new();
         let _ = s.read_to_end(&mut received);
