@@ -235,6 +235,9 @@ impl StaticServer {
     pub fn start(root: PathBuf) -> StaticServer {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
+        // Files are immutable here (blobs, fixtures): each is read once and shared by every
+        // response, so many concurrent downloads cost one copy.
+        let files: Arc<Mutex<std::collections::HashMap<PathBuf, Bytes>>> = Arc::default();
         let handler: Handler = Arc::new(move |req: Request<Incoming>| {
             let auth = req
                 .headers()
@@ -243,7 +246,13 @@ impl StaticServer {
             let path = req.uri().path().to_string();
             seen.lock().unwrap().push((path.clone(), auth));
             let file = root.join(path.trim_start_matches('/'));
-            let result = match std::fs::read(&file) {
+            let cached = files.lock().unwrap().get(&file).cloned();
+            let read = cached.map(Ok).unwrap_or_else(|| {
+                let data = Bytes::from(std::fs::read(&file)?);
+                files.lock().unwrap().insert(file.clone(), data.clone());
+                Ok::<_, std::io::Error>(data)
+            });
+            let result = match read {
                 Ok(data) if !path.contains("..") => {
                     let len = data.len();
                     let mut r = respond(StatusCode::OK, data);
