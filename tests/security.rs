@@ -144,6 +144,27 @@ fn unchecked_manifest_fields_are_no_cache_evidence() {
     assert_not_served(&r, &layer, "bob's layer through alice's bait");
     let r = http::bearer_get(&format!("{base}/manifests/{}", bob.digest), &alice);
     assert_not_served(&r, &bob.manifest, "bob's manifest through fsLayers");
+    // Go registries match keys case-insensitively, the last one winning: the registry checks
+    // `Layers` (alice's), while an exact-key reader would see `layers` (bob's).
+    let own: serde_json::Value = serde_json::from_slice(&alices.manifest).unwrap();
+    let bobs: serde_json::Value = serde_json::from_slice(&bob.manifest).unwrap();
+    let two_cases = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":{},"Layers":{}}}"#,
+        own["config"], bobs["layers"], own["layers"]
+    );
+    image::push_manifest(
+        &private.url(),
+        "team/alice/bait",
+        "cases",
+        OCI_MANIFEST,
+        two_cases.as_bytes(),
+    );
+    assert_eq!(
+        http::bearer_get(&format!("{base}/manifests/cases"), &alice).status,
+        200
+    );
+    let r = http::bearer_get(&format!("{base}/blobs/{}", bob.layer_digest), &alice);
+    assert_not_served(&r, &layer, "bob's layer through a key of another case");
     assert_eq!(
         private.count_requests(
             "GET",

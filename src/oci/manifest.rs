@@ -35,11 +35,15 @@ pub fn essence(content_type: &str) -> String {
 /// manifest, or the `manifests` of an index. Nothing for any other type, nor when the body's
 /// own `mediaType` contradicts the one served: the registry checked what *it* thought the
 /// manifest was. Never `blobs`, `subject`, `fsLayers` or unknown fields, which registries
-/// keep unchecked.
+/// keep unchecked. Nothing either when an object on the way is [`ambiguous`]: a registry
+/// written in Go may have read another field than ours.
 pub fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
+    if ambiguous(&v) {
+        return Vec::new();
+    }
     let served = content_type.map(essence);
     let declared = v.get("mediaType").map(|t| t.as_str().map(essence));
     let kind = match (served, declared) {
@@ -50,15 +54,59 @@ pub fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<Stri
     };
     match kind.as_str() {
         OCI_MANIFEST | DOCKER_MANIFEST => {
+            if v.get("config").is_some_and(ambiguous) || items(&v, "layers").any(ambiguous) {
+                return Vec::new();
+            }
             let config = v.pointer("/config/digest").into_iter();
             let layers = items(&v, "layers")
                 .filter(|layer| is_distributable(layer))
                 .filter_map(|layer| layer.get("digest"));
             valid(config.chain(layers))
         }
-        OCI_INDEX | DOCKER_LIST => valid(items(&v, "manifests").filter_map(|m| m.get("digest"))),
+        OCI_INDEX | DOCKER_LIST => {
+            if items(&v, "manifests").any(ambiguous) {
+                return Vec::new();
+            }
+            valid(items(&v, "manifests").filter_map(|m| m.get("digest")))
+        }
         _ => Vec::new(),
     }
+}
+
+/// The fields evidence is read from, spelled as the specs spell them.
+const READ_FIELDS: &[&str] = &[
+    "mediaType",
+    "config",
+    "layers",
+    "manifests",
+    "digest",
+    "urls",
+];
+
+/// Go's `encoding/json`, which distribution and most registries use, matches keys to fields
+/// case-insensitively (with Unicode folding: `ſ` is `s`, `K` is `k`), the last match
+/// winning. So `"layers": [victim], "Layers": [mine]` is verified as mine and read by
+/// `serde_json` as the victim's. An object is ambiguous when two of its keys fold alike, or a
+/// key folds to a field we read without being spelled so, or a key is not plain ASCII.
+fn ambiguous(v: &Value) -> bool {
+    let Some(object) = v.as_object() else {
+        return false;
+    };
+    let mut folded: Vec<String> = Vec::with_capacity(object.len());
+    for key in object.keys() {
+        if !key.is_ascii() {
+            return true;
+        }
+        let fold = key.to_ascii_lowercase();
+        let misspelt = READ_FIELDS
+            .iter()
+            .any(|f| f.to_ascii_lowercase() == fold && f != key);
+        if misspelt || folded.contains(&fold) {
+            return true;
+        }
+        folded.push(fold);
+    }
+    false
 }
 
 /// A layer the registry must hold: no external `urls`, and not of a foreign or
@@ -158,6 +206,50 @@ mod tests {
             blob_digests(m.to_string().as_bytes()),
             vec![d('a'), d('b'), d('c'), d('1'), d('d'), d('e')]
         );
+    }
+
+    #[test]
+    fn keys_a_go_registry_reads_otherwise_vouch_for_nothing() {
+        let base = || {
+            json!({
+                "mediaType": OCI_MANIFEST,
+                "config": {"digest": d('a')},
+                "layers": [{"digest": d('b')}],
+            })
+        };
+        assert_eq!(refs(Some(OCI_MANIFEST), &base()), vec![d('a'), d('b')]);
+        let mut variants = Vec::new();
+        let mut m = base();
+        m["Layers"] = json!([{"digest": d('c')}]);
+        variants.push(m);
+        let mut m = base();
+        m["Config"] = json!({"digest": d('c')});
+        variants.push(m);
+        let mut m = base();
+        m["layers"][0]["Digest"] = json!(d('c'));
+        variants.push(m);
+        let mut m = base();
+        m["layers"][0]["URLs"] = json!(["https://elsewhere.example/"]);
+        variants.push(m);
+        let mut m = base();
+        m["layerſ"] = json!([{"digest": d('c')}]);
+        variants.push(m);
+        let mut m = base();
+        m["config"]["DIGEST"] = json!(d('c'));
+        variants.push(m);
+        for m in &variants {
+            assert!(refs(Some(OCI_MANIFEST), m).is_empty(), "{m}");
+        }
+        let index = json!({
+            "mediaType": OCI_INDEX,
+            "manifests": [{"digest": d('a')}],
+            "Manifests": [{"digest": d('b')}],
+        });
+        assert!(refs(Some(OCI_INDEX), &index).is_empty());
+        // Other fields may be spelled as anyone likes.
+        let mut m = base();
+        m["Annotations"] = json!({"x": "y"});
+        assert_eq!(refs(Some(OCI_MANIFEST), &m), vec![d('a'), d('b')]);
     }
 
     #[test]
