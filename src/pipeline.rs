@@ -110,7 +110,14 @@ impl Gateway {
             config
                 .routes
                 .iter()
-                .map(|r| Route::new(r.clone(), config.upstreams[&r.upstream].is_docker_hub()))
+                .enumerate()
+                .map(|(i, r)| {
+                    Route::new(
+                        r.clone(),
+                        config.upstreams[&r.upstream].is_docker_hub(),
+                        i + 1,
+                    )
+                })
                 .collect(),
         );
         let auth = match &config.auth {
@@ -530,7 +537,7 @@ impl Gateway {
     }
 
     /// Maps `from=` of a cross-repository mount to its remote name. A `from` that is not routed
-    /// to the same upstream cannot be mounted there: the mount is dropped and the registry
+    /// to the same upstream, or is on a relay route, cannot be mounted there: the mount is dropped and the registry
     /// answers with a plain upload session, as the spec allows.
     fn rewrite_mount(
         &self,
@@ -542,8 +549,10 @@ impl Gateway {
         let Some(from) = query.from().map(str::to_string) else {
             return;
         };
+        // Never from a relay route: its repositories are opened only by relay tokens, which
+        // the auth stage does not check (`auth.anonymous` could cover the `from` there).
         match self.routes.resolve(&from) {
-            Some(m) if m.route.config.upstream == upstream => {
+            Some(m) if m.route.config.upstream == upstream && !m.route.config.relay => {
                 ctx.names.add(&m.remote, &from);
                 scopes.push(Scope::repository(&m.remote, &["pull"]));
                 query.set_from(Some(&m.remote));

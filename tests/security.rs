@@ -847,3 +847,45 @@ fn stalled_readers_keep_the_cache_within_max_size() {
         );
     }
 }
+
+/// A mount never copies from a relay route: its repository opens only to relay tokens, and
+/// `auth.anonymous` must not stand in for one.
+#[test]
+fn mounts_from_relay_routes_are_dropped() {
+    let reg = Registry::start("");
+    let secret = image::push_blob(&reg.url(), "team/capsecret", b"behind a capability\n");
+    let files = TokenServerFiles::new(&[("eve", "hunter2")]);
+    const CAPABILITY: &str = "8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app";
+    let auth = token_server_yaml(
+        &files,
+        &["{account: eve, repository: \"c/eve/*\", actions: [pull, push]}"],
+    )
+    .replacen(
+        "issuer: https://s.test}\n",
+        "issuer: https://s.test}\n  anonymous: [pull]\n",
+        1,
+    );
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\"}}\n  - {{prefix: \"{CAPABILITY}\", upstream: reg, remote: team/capsecret, relay: true}}\nrelay:\n  secret_key: \"796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\"\n{auth}",
+        reg.url(),
+    );
+    let gw = Ocigate::start(&yaml);
+    let eve = token(&gw, Some("eve:hunter2"), "repository:c/eve/x:pull,push");
+    let r = http::request(
+        "POST",
+        &format!(
+            "{}/v2/c/eve/x/blobs/uploads/?mount={secret}&from={CAPABILITY}",
+            gw.url()
+        ),
+        &[("authorization", &format!("Bearer {eve}"))],
+        Bytes::new(),
+    );
+    assert_eq!(
+        r.status,
+        202,
+        "a plain upload session, no mount: {}",
+        r.text()
+    );
+    let mounted = format!("{}/v2/team/eve/x/blobs/{secret}", reg.url());
+    assert_eq!(http::head(&mounted, &[]).status, 404);
+}

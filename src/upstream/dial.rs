@@ -31,7 +31,7 @@ pub enum Reach {
 
 pub fn reach(ip: IpAddr) -> Reach {
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
         v4 => v4,
     };
     match ip {
@@ -54,7 +54,8 @@ pub fn reach(ip: IpAddr) -> Reach {
                 Reach::Loopback
             } else if v6.is_unicast_link_local() {
                 Reach::LinkLocal
-            } else if v6.is_unique_local() {
+            } else if v6.is_unique_local() || (v6.segments()[0] & 0xffc0) == 0xfec0 {
+                // Unique-local, and the deprecated site-local fec0::/10.
                 Reach::Private
             } else if v6.is_multicast() || v6.is_unspecified() {
                 Reach::Never
@@ -62,6 +63,24 @@ pub fn reach(ip: IpAddr) -> Reach {
                 Reach::Public
             }
         }
+    }
+}
+
+/// The IPv4 address an IPv6 one stands for, where it carries one that routers or the host
+/// translate to: mapped (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`)
+/// and 6to4 (`2002:AABB:CCDD::/48`).
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let tail = || std::net::Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    match s {
+        // `::` and `::1` are IPv6's own unspecified and loopback addresses.
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
+        [0, 0, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail()),
+        [0x2002, hi, lo, ..] => Some(std::net::Ipv4Addr::from(((hi as u32) << 16) | lo as u32)),
+        _ => None,
     }
 }
 
@@ -222,6 +241,10 @@ mod tests {
         ] {
             assert_eq!(reach(ip(never)), Reach::Never, "{never}");
         }
+        assert_eq!(reach(ip("::127.0.0.1")), Reach::Loopback);
+        assert_eq!(reach(ip("64:ff9b::a9fe:a9fe")), Reach::LinkLocal);
+        assert_eq!(reach(ip("2002:0a00:0001::1")), Reach::Private);
+        assert_eq!(reach(ip("fec0::1")), Reach::Private);
         assert_eq!(reach(ip("8.8.8.8")), Reach::Public);
         assert_eq!(reach(ip("2001:4860::8888")), Reach::Public);
     }
