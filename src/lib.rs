@@ -28,7 +28,7 @@
 //! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
 //! - [`relay`]: the PASETO relay of upstream tokens (relay routes, its token endpoint).
 //! - [`import`]: converting other tools' configs (`ocigate import backplane`).
-//! - [`server`]: sockets, TLS and graceful shutdown.
+//! - [`server`]: sockets, TLS and graceful shutdown; [`stall`]: closing stalled responses.
 //! - [`body`], [`flight`], [`metrics`], [`error`]: shared plumbing.
 
 pub mod auth;
@@ -46,5 +46,6 @@ pub mod pipeline;
 pub mod relay;
 pub mod rewrite;
 pub mod server;
+pub mod stall;
 pub mod token;
 pub mod upstream;

@@ -20,98 +20,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{ConnInfo, Gateway};
 
-/// A socket whose peer must keep accepting bytes: a write that makes no progress for
-/// `timeout` fails, and the connection with it. A client that stops reading would otherwise
-/// hold its response (an open cache object, an upstream connection) forever.
-struct SendDeadline<T> {
-    inner: T,
-    timeout: Duration,
-    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<T> SendDeadline<T> {
-    fn new(inner: T, timeout: Duration) -> SendDeadline<T> {
-        SendDeadline {
-            inner,
-            timeout,
-            stalled: None,
-        }
-    }
-
-    /// Turns a pending write into an error once it has been pending for `timeout`.
-    fn check<R>(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        polled: std::task::Poll<std::io::Result<R>>,
-    ) -> std::task::Poll<std::io::Result<R>> {
-        use std::task::Poll;
-        if polled.is_ready() {
-            self.stalled = None;
-            return polled;
-        }
-        let timeout = self.timeout;
-        let sleep = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client accepted no bytes for {timeout:?}"),
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendDeadline<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendDeadline<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.check(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.check(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
-        self.check(cx, polled)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 clients are pinged this often and dropped when a ping goes unanswered this long.
@@ -242,7 +150,8 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let stream = SendDeadline::new(stream, gateway.config.server.send_timeout);
+        let watch = crate::stall::Watch::new(gateway.config.server.send_timeout);
+        let stream = crate::stall::Guarded::new(stream, watch.clone());
         let conn = ConnInfo {
             peer,
             tls: tls.is_some(),
@@ -253,7 +162,11 @@ async fn accept_loop(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(req, conn).await) }
+                let watch = watch.clone();
+                async move {
+                    let response = gateway.handle(req, conn).await;
+                    Ok::<_, Infallible>(response.map(|body| watch.body(body)))
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

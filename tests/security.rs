@@ -889,3 +889,47 @@ fn mounts_from_relay_routes_are_dropped() {
     let mounted = format!("{}/v2/team/eve/x/blobs/{secret}", reg.url());
     assert_eq!(http::head(&mounted, &[]).status, 404);
 }
+
+/// Review finding: an HTTP/2 client that grants no flow-control window never makes a write
+/// stall, so only watching whether responses are asked for bytes finds it. The connection is
+/// closed after `send_timeout`, which lets the cached object it held go.
+#[test]
+fn http2_clients_granting_no_window_are_dropped() {
+    let reg = Registry::start("");
+    let img = image::image(&[("w", &[7u8; 300_000])], "amd64");
+    image::push_image(&reg.url(), "team/app", "v1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Ocigate::start(&format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n  send_timeout: 2s\ncache:\n  dir: {}\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\", cache: true}}\n",
+        dir.path().display(),
+        reg.url()
+    ));
+    let blob = format!("/v2/c/app/blobs/{}", img.layer_digest);
+    assert_eq!(
+        http::get(&format!("{}{blob}", gw.url())).status,
+        200,
+        "cached"
+    );
+    let addr = gw.addr;
+    let closed = common::http::rt().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .adaptive_window(false)
+                .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(conn);
+        let request = ::http::Request::get(format!("http://{addr}{blob}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // The body is never read, and no window is ever granted.
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), connection).await;
+        drop(response);
+        outcome.is_ok()
+    });
+    assert!(closed, "the stalled HTTP/2 connection was never closed");
+}

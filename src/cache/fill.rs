@@ -363,9 +363,14 @@ pub fn object(
     // SAFETY: objects are immutable: written under tmp/, renamed in once verified, never
     // written again, and only ever unlinked (which keeps a mapping valid). The mapping is
     // read-only and lives no longer than the `Reader` kept beside it.
-    let mapped = Arc::new(unsafe { memmap2::Mmap::map(&reader.file) }?);
-    let _ = mapped.advise(memmap2::Advice::Sequential);
-    let verify = (!reader.verified && range.is_none()).then(|| Verify {
+    let map = unsafe { memmap2::Mmap::map(&reader.file) }?;
+    let verified = reader.verified;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let mapped = Arc::new(Mapping {
+        map,
+        _reader: reader,
+    });
+    let verify = (!verified && range.is_none()).then(|| Verify {
         store: store.clone(),
         digest: digest.to_string(),
         hasher: Sha256::new(),
@@ -376,28 +381,33 @@ pub fn object(
         pos: start as usize,
         end: end as usize,
         verify,
-        _reader: reader,
     }))
 }
 
+/// An object's mapping with its `Reader`: whoever holds a slice of the mapping (the body, or
+/// a frame a connection has not sent yet) keeps the object pinned, so that its blocks are
+/// never both allocated and uncounted.
+struct Mapping {
+    map: memmap2::Mmap,
+    _reader: Reader,
+}
+
 /// A mapping that frames (`Bytes` slices) and the body can both hold.
-struct SharedMap(Arc<memmap2::Mmap>);
+struct SharedMap(Arc<Mapping>);
 
 impl AsRef<[u8]> for SharedMap {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.0.map
     }
 }
 
 /// A committed object's bytes, handed out in slices of its mapping.
 struct MappedBody {
     data: Bytes,
-    map: Arc<memmap2::Mmap>,
+    map: Arc<Mapping>,
     pos: usize,
     end: usize,
     verify: Option<Verify>,
-    /// Keeps the object from eviction while it is read.
-    _reader: Reader,
 }
 
 impl http_body::Body for MappedBody {
@@ -419,6 +429,7 @@ impl http_body::Body for MappedBody {
         if next < self.end {
             let ahead = MAPPED_CHUNK.min(self.end - next);
             let _ = self
+                .map
                 .map
                 .advise_range(memmap2::Advice::WillNeed, next, ahead);
         }
