@@ -668,7 +668,10 @@ impl Cache {
         }
         let temp = self.store.temp_path();
         std::fs::write(&temp, bytes)?;
-        self.store.commit(&temp, digest, bytes.len() as u64, None)
+        self.store.commit(&temp, digest, bytes.len() as u64, None)?;
+        // Manifests take no fill reservation: what they add is evicted like anything else.
+        self.store.evict_in_background();
+        Ok(())
     }
 
     /// Fetches a blob into the cache and waits for it (for `ocigate cache warm`). `true`
