@@ -183,8 +183,8 @@ pub struct ServerConfig {
     /// Default: on unless `auth` or `relay` is configured (a page names what a route hides).
     pub browser_redirects: bool,
     pub shutdown_grace: Duration,
-    /// A response whose client accepts no bytes for this long is closed (HTTP/1.1 and TLS
-    /// sockets: the writes that stall).
+    /// A connection with a response its client takes no bytes of for this long is closed
+    /// (HTTP/1.1 and HTTP/2: see [`crate::stall`]).
     pub send_timeout: Duration,
     /// `server.metrics.listen`: `/metrics` on a listener of its own instead of the public ones.
     pub metrics_listen: Option<SocketAddr>,
