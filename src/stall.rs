@@ -8,7 +8,9 @@
 //! records when its body was last asked, and whether the body is the one keeping the client
 //! waiting (an upstream slower than the client is no stall). The clock lives as long as the
 //! body or any frame it produced, and the connection's socket wrapper ([`Guarded`]) checks its
-//! clocks periodically and fails the connection when one has stood still too long.
+//! clocks periodically and fails the connection when one has stood still too long while the
+//! socket took less than [`MIN_PROGRESS`] bytes: a slow client that keeps reading is no
+//! stall, even while one large frame (2 MiB of a cached object) is being written.
 //!
 //! Knows nothing of the protocol: frames are bytes, connections are sockets.
 
@@ -33,11 +35,18 @@ struct Clock {
     ours: AtomicBool,
 }
 
+/// Bytes a connection must write per `send_timeout` to count as progressing.
+pub const MIN_PROGRESS: u64 = 64 << 10;
+
 /// The clocks of one connection's responses.
 pub struct Watch {
     start: Instant,
     timeout: Duration,
     clocks: Mutex<Vec<Weak<Clock>>>,
+    /// Bytes the socket has taken.
+    written: AtomicU64,
+    /// When the connection last made [`MIN_PROGRESS`], and its byte count then.
+    progressed: Mutex<(u64, u64)>,
 }
 
 impl Watch {
@@ -46,7 +55,13 @@ impl Watch {
             start: Instant::now(),
             timeout,
             clocks: Mutex::default(),
+            written: AtomicU64::new(0),
+            progressed: Mutex::new((0, 0)),
         })
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn now(&self) -> u64 {
@@ -70,10 +85,20 @@ impl Watch {
         })
     }
 
-    /// Whether a response has waited on its client longer than the timeout.
+    /// Whether a response has waited on its client longer than the timeout, with the
+    /// connection making no progress meanwhile.
     fn stalled(&self) -> bool {
         let now = self.now();
         let limit = self.timeout.as_millis() as u64;
+        let written = self.written.load(Ordering::Relaxed);
+        if let Ok(mut progressed) = self.progressed.lock() {
+            if written.saturating_sub(progressed.1) >= MIN_PROGRESS {
+                *progressed = (now, written);
+            }
+            if now.saturating_sub(progressed.0) <= limit {
+                return false;
+            }
+        }
         let Ok(clocks) = self.clocks.lock() else {
             return false;
         };
@@ -197,6 +222,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.watch.wrote(n);
+        }
         self.check(cx, polled)
     }
 
@@ -206,6 +234,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.watch.wrote(n);
+        }
         self.check(cx, polled)
     }
 
@@ -259,6 +290,12 @@ mod tests {
         // is gone while the frame is still held.
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         let frame = body.frame().await.unwrap().unwrap();
+        // Slow but steady writes are progress.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(9)).await;
+            watch.wrote(MIN_PROGRESS as usize);
+            assert!(!watch.stalled(), "the client is still reading");
+        }
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(watch.stalled());
         drop(body);

@@ -77,7 +77,9 @@ fn assert_not_served(r: &Resp, secret: &[u8], what: &str) {
 /// pull hit.
 #[test]
 fn unchecked_manifest_fields_are_no_cache_evidence() {
-    let private = Registry::start("");
+    // Layers with external URLs allowed, as registries serving Windows images configure.
+    let private =
+        Registry::start("validation:\n  manifests:\n    urls:\n      allow: ['^https?://']\n");
     let public = Registry::start("");
     let bob = image::image(&[("secret", b"only bob may pull this\n")], "amd64");
     image::push_image(&private.url(), "team/bob/app", "v1", &bob);
@@ -165,6 +167,28 @@ fn unchecked_manifest_fields_are_no_cache_evidence() {
     );
     let r = http::bearer_get(&format!("{base}/blobs/{}", bob.layer_digest), &alice);
     assert_not_served(&r, &layer, "bob's layer through a key of another case");
+    // A repeated key: Go merges the two `layers` arrays into one layer with `urls`, which
+    // it does not check; the last array alone names bob's layer as a plain one.
+    let bob_layer = &bobs["layers"][0];
+    let mut external = bob_layer.clone();
+    external["urls"] = json!(["https://elsewhere.example/layer"]);
+    let repeated = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{external}],"layers":[{bob_layer}]}}"#,
+        own["config"]
+    );
+    image::push_manifest(
+        &private.url(),
+        "team/alice/bait",
+        "repeated",
+        OCI_MANIFEST,
+        repeated.as_bytes(),
+    );
+    assert_eq!(
+        http::bearer_get(&format!("{base}/manifests/repeated"), &alice).status,
+        200
+    );
+    let r = http::bearer_get(&format!("{base}/blobs/{}", bob.layer_digest), &alice);
+    assert_not_served(&r, &layer, "bob's layer through a repeated key");
     assert_eq!(
         private.count_requests(
             "GET",

@@ -41,7 +41,7 @@ pub fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<Stri
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
-    if ambiguous(&v) {
+    if ambiguous(&v) || repeats_keys(bytes) {
         return Vec::new();
     }
     let served = content_type.map(essence);
@@ -107,6 +107,62 @@ fn ambiguous(v: &Value) -> bool {
         folded.push(fold);
     }
     false
+}
+
+/// Whether any object in the document repeats a key, or it cannot be read through.
+/// `serde_json` keeps the last of two equal keys; Go decodes both into the same field, a
+/// repeated array reusing the elements decoded before: `"layers": [{…, "urls": […]}],
+/// "layers": [{…}]` is a layer with `urls` to the registry (which then does not check it)
+/// and one without to us.
+fn repeats_keys(bytes: &[u8]) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Walk;
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut keys = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if !keys.insert(key) {
+                    return Err(A::Error::custom("a repeated key"));
+                }
+                map.next_value_seed(Walk)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    Walk.deserialize(&mut serde_json::Deserializer::from_slice(bytes))
+        .is_err()
 }
 
 /// A layer the registry must hold: no external `urls`, and not of a foreign or
@@ -246,6 +302,18 @@ mod tests {
             "Manifests": [{"digest": d('b')}],
         });
         assert!(refs(Some(OCI_INDEX), &index).is_empty());
+        // A repeated key, anywhere: Go merges what serde_json overwrites.
+        let b = base();
+        let repeated = format!(
+            r#"{{"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{{"digest":"{}","urls":["https://x.example/"]}}],"layers":{}}}"#,
+            b["config"],
+            d('c'),
+            b["layers"]
+        );
+        assert!(verified_references(Some(OCI_MANIFEST), repeated.as_bytes()).is_empty());
+        let nested = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"x","digest":"y"},"layers":[]}"#;
+        assert!(repeats_keys(nested.as_bytes()));
+        assert!(!repeats_keys(base().to_string().as_bytes()));
         // Other fields may be spelled as anyone likes.
         let mut m = base();
         m["Annotations"] = json!({"x": "y"});
