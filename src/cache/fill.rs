@@ -202,7 +202,7 @@ impl Fills {
                 }
             };
         if !committed {
-            let _ = std::fs::remove_file(temp);
+            self.store.discard(temp, fill.pin.get().map(|p| &**p));
         }
         inflight.remove(digest);
         drop(inflight);

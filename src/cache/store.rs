@@ -172,6 +172,15 @@ impl Store {
         })
     }
 
+    /// A fill's file is thrown away: its readers may still hold it open, so its bytes count
+    /// as held until they let go.
+    pub fn discard(&self, temp: &Path, pin: Option<&ObjectPin>) {
+        if let Some(pin) = pin {
+            pin.unlink(self);
+        }
+        let _ = std::fs::remove_file(temp);
+    }
+
     /// Bytes on disk that count against `max_size`: committed objects and unlinked ones
     /// still open.
     pub fn used(&self) -> u64 {
@@ -496,6 +505,15 @@ mod tests {
         assert!(store.contains(&c), "pinned by the fill's readers");
         drop(pin);
         assert!(store.make_room(25));
+        // A failed fill's file still open by a reader counts until the reader lets go.
+        let pin = store.pin(10);
+        let temp = store.temp_path();
+        std::fs::write(&temp, [b'x'; 10]).unwrap();
+        store.discard(&temp, Some(&pin));
+        assert!(!temp.exists());
+        assert_eq!(store.used(), store.total() + 10);
+        drop(pin);
+        assert_eq!(store.used(), store.total());
     }
 
     #[test]
