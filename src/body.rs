@@ -10,22 +10,22 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A streamed body from anywhere: a client, an upstream, or a small local answer.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
 
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
-pub fn boxed<B>(body: B) -> Body
+pub(crate) fn boxed<B>(body: B) -> Body
 where
     B: HttpBody<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
@@ -33,13 +33,29 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// Reads a small body whole (a JSON answer to be rewritten, a form), refusing one over
+/// `limit` as soon as it is.
+pub(crate) async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else {
+            continue;
+        };
+        if whole.len() + data.len() > limit {
+            return Err(format!("longer than {limit} bytes"));
+        }
+        whole.extend_from_slice(&data);
+    }
+    Ok(whole.freeze())
+}
+
 /// Called exactly once when an observed body ends, errs, or is dropped unfinished.
-pub trait Finish: Send + Sync + 'static {
+pub(crate) trait Finish: Send + Sync + 'static {
     fn finish(self: Box<Self>, bytes: u64, outcome: Outcome);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Complete,
     Failed,
     /// The peer went away before the end.
@@ -47,7 +63,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Complete => "complete",
             Outcome::Failed => "failed",
@@ -58,7 +74,7 @@ impl Outcome {
 
 pin_project_lite::pin_project! {
     /// Counts the bytes of an inner body and reports them once, however the body ends.
-    pub struct Observed {
+    pub(crate) struct Observed {
         #[pin]
         inner: Body,
         bytes: u64,
@@ -76,7 +92,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Observed {
-    pub fn new(inner: Body, on_finish: Box<dyn Finish>) -> Observed {
+    pub(crate) fn new(inner: Body, on_finish: Box<dyn Finish>) -> Observed {
         let mut observed = Observed {
             inner,
             bytes: 0,
@@ -173,6 +189,16 @@ mod tests {
         assert!(log.lock().unwrap().is_empty());
         drop(body);
         assert_eq!(*log.lock().unwrap(), vec![(3, Outcome::Aborted)]);
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_read_whole_and_large_ones_refused() {
+        assert_eq!(
+            &read_to_limit(full("12345"), 5).await.unwrap()[..],
+            b"12345"
+        );
+        assert!(read_to_limit(full("123456"), 5).await.is_err());
+        assert!(read_to_limit(empty(), 0).await.unwrap().is_empty());
     }
 
     #[test]

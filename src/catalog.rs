@@ -6,52 +6,53 @@
 //! upstreams one listing per upstream per [`LIST_TTL`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::oci::{ErrorCode, OciError, Scope};
-use crate::pipeline::{Gateway, RequestContext, read_json_body};
-use crate::rewrite;
-use crate::upstream::{Upstream, UpstreamRequest};
+use crate::rewrite::response::MAX_REWRITTEN_BODY;
+use crate::rewrite::{self, LocalName, RemoteName, RouteTable};
+use crate::upstream::{Authorization, Redirects, Upstream, UpstreamRequest};
 
 /// Upstream pages read per upstream and listing, so a huge registry cannot pin the gateway.
 const MAX_PAGES: usize = 50;
 const PAGE_SIZE: usize = 1000;
 /// How long an upstream's listing is reused.
-pub const LIST_TTL: Duration = Duration::from_secs(30);
+pub(crate) const LIST_TTL: Duration = Duration::from_secs(30);
 
 /// One upstream's repository names, and when they were read.
-type Listing = (Instant, Arc<Vec<String>>);
+type Listing = (Instant, Arc<Vec<RemoteName>>);
 
-/// The upstreams' recent listings, by upstream name.
-pub struct Listings {
+/// `_catalog`, with the upstreams' recent listings by upstream name.
+pub(crate) struct Catalog {
     lists: Mutex<HashMap<String, Listing>>,
     gates: crate::flight::Gates,
 }
 
-impl Default for Listings {
-    fn default() -> Listings {
-        Listings {
+impl Default for Catalog {
+    fn default() -> Catalog {
+        Catalog {
             lists: Mutex::default(),
             gates: crate::flight::Gates::new(64),
         }
     }
 }
 
-impl Listings {
-    fn fresh(&self, upstream: &str) -> Option<Arc<Vec<String>>> {
-        let lists = self.lists.lock().ok()?;
+impl Catalog {
+    fn fresh(&self, upstream: &str) -> Option<Arc<Vec<RemoteName>>> {
+        let lists = self.lists.lock();
         let (at, list) = lists.get(upstream)?;
         (at.elapsed() < LIST_TTL).then(|| list.clone())
     }
 
     /// `upstream`'s repository names: recent ones, or fetched once for all who ask now.
-    async fn list(&self, upstream: &Upstream) -> Result<Arc<Vec<String>>, GatewayError> {
+    async fn list(&self, upstream: &Upstream) -> Result<Arc<Vec<RemoteName>>, GatewayError> {
         if let Some(list) = self.fresh(upstream.name()) {
             return Ok(list);
         }
@@ -61,9 +62,9 @@ impl Listings {
             return Ok(list);
         }
         let list = Arc::new(list_upstream(upstream).await?);
-        if let Ok(mut lists) = self.lists.lock() {
-            lists.insert(upstream.name().to_string(), (Instant::now(), list.clone()));
-        }
+        self.lists
+            .lock()
+            .insert(upstream.name().to_string(), (Instant::now(), list.clone()));
         Ok(list)
     }
 }
@@ -74,59 +75,76 @@ struct CatalogPage {
     repositories: Vec<String>,
 }
 
-pub async fn serve(gw: &Gateway, ctx: &mut RequestContext) -> Result<Response<Body>, GatewayError> {
-    if ctx.method != Method::GET && ctx.method != Method::HEAD {
-        return Err(OciError::new(ErrorCode::Unsupported, "catalog is read-only").into());
+impl Catalog {
+    /// `GET /v2/_catalog?n&last`, over every upstream a namespace route leads to.
+    pub(crate) async fn serve(
+        &self,
+        routes: &RouteTable,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+        method: &Method,
+        query: &str,
+    ) -> Result<Response<Body>, GatewayError> {
+        if method != Method::GET && method != Method::HEAD {
+            return Err(OciError::new(ErrorCode::Unsupported, "catalog is read-only").into());
+        }
+        let names = self.local_names(routes, upstreams).await?;
+        page(&names, query)
     }
-    let query = ctx.query.clone().unwrap_or_default();
-    let n = match rewrite::query_param(&query, "n") {
+
+    /// The local names of every upstream's repositories that a namespace route reaches.
+    async fn local_names(
+        &self,
+        routes: &RouteTable,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+    ) -> Result<BTreeSet<LocalName>, GatewayError> {
+        let mut upstream_names: Vec<&str> = routes
+            .routes()
+            .iter()
+            .filter(|r| r.config.is_namespace())
+            .map(|r| r.config.upstream.as_str())
+            .collect();
+        upstream_names.sort_unstable();
+        upstream_names.dedup();
+        let mut names = BTreeSet::new();
+        let mut failures = Vec::new();
+        for name in &upstream_names {
+            let Some(upstream) = upstreams.get(*name) else {
+                continue;
+            };
+            match self.list(upstream).await {
+                Ok(remote_names) => names.extend(
+                    remote_names
+                        .iter()
+                        // What a capability URL opens stays unlisted, whatever route covers it.
+                        .filter(|r| !routes.is_exact_target(name, r))
+                        .filter_map(|r| routes.to_local(name, r)),
+                ),
+                Err(e) => failures.push(e),
+            }
+        }
+        match failures.into_iter().next() {
+            Some(e) if names.is_empty() && upstream_names.len() == 1 => Err(e),
+            _ => Ok(names),
+        }
+    }
+}
+
+/// One page of the sorted local names, as `n` and `last` ask.
+fn page(names: &BTreeSet<LocalName>, query: &str) -> Result<Response<Body>, GatewayError> {
+    let n = match rewrite::query_param(query, "n") {
         None => None,
         Some(v) => Some(v.parse::<usize>().map_err(|_| {
             OciError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
                 .with_status(StatusCode::BAD_REQUEST)
         })?),
     };
-    let last = rewrite::query_param(&query, "last");
-
-    let mut upstream_names: Vec<&str> = gw
-        .routes
-        .routes()
+    let last = rewrite::query_param(query, "last");
+    let after: Vec<&str> = names
         .iter()
-        .filter(|r| r.config.is_namespace())
-        .map(|r| r.config.upstream.as_str())
+        .map(LocalName::as_str)
+        .filter(|n| last.as_deref().is_none_or(|l| *n > l))
         .collect();
-    upstream_names.sort_unstable();
-    upstream_names.dedup();
-
-    let mut names = BTreeSet::new();
-    let mut failures = Vec::new();
-    for name in &upstream_names {
-        let Some(upstream) = gw.upstreams.get(*name) else {
-            continue;
-        };
-        match gw.listings.list(upstream).await {
-            Ok(remote_names) => names.extend(
-                remote_names
-                    .iter()
-                    // What a capability URL opens stays unlisted, whatever route covers it.
-                    .filter(|r| !gw.routes.is_exact_target(name, r))
-                    .filter_map(|r| gw.routes.to_local(name, r)),
-            ),
-            Err(e) => failures.push(e),
-        }
-    }
-    if names.is_empty()
-        && let Some(e) = failures.into_iter().next()
-        && upstream_names.len() == 1
-    {
-        return Err(e);
-    }
-
-    let after: Vec<&String> = names
-        .iter()
-        .filter(|n| last.as_ref().is_none_or(|l| n.as_str() > l.as_str()))
-        .collect();
-    let page: Vec<&String> = match n {
+    let page: Vec<&str> = match n {
         Some(n) => after.iter().take(n).copied().collect(),
         None => after.clone(),
     };
@@ -152,25 +170,22 @@ pub async fn serve(gw: &Gateway, ctx: &mut RequestContext) -> Result<Response<Bo
 
 /// Every repository name one upstream lists, following its `Link` pages. An upstream that
 /// refuses the catalog (Docker Hub does) contributes nothing.
-async fn list_upstream(upstream: &Upstream) -> Result<Vec<String>, GatewayError> {
+async fn list_upstream(upstream: &Upstream) -> Result<Vec<RemoteName>, GatewayError> {
     let mut out = Vec::new();
     let mut next = Some(format!("/v2/_catalog?n={PAGE_SIZE}"));
     for _ in 0..MAX_PAGES {
         let Some(path_and_query) = next.take() else {
             break;
         };
+        let request = UpstreamRequest {
+            method: Method::GET,
+            path_and_query,
+            headers: HeaderMap::new(),
+            body: None,
+            scopes: vec![Scope::catalog()],
+        };
         let response = upstream
-            .send(UpstreamRequest {
-                method: Method::GET,
-                path_and_query,
-                headers: HeaderMap::new(),
-                body: None,
-                scopes: vec![Scope {
-                    kind: "registry".into(),
-                    name: "catalog".into(),
-                    actions: vec!["*".into()],
-                }],
-            })
+            .send(request, &Authorization::Proxy, Redirects::PassOn)
             .await?;
         if !response.status().is_success() {
             tracing::debug!(upstream = upstream.name(), status = %response.status(), "catalog refused");
@@ -181,14 +196,16 @@ async fn list_upstream(upstream: &Upstream) -> Result<Vec<String>, GatewayError>
             .get(header::LINK)
             .and_then(|v| v.to_str().ok())
             .and_then(next_link);
-        let bytes = read_json_body(upstream, response.into_body(), "catalog").await?;
-        let page: CatalogPage =
-            serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadUpstreamAnswer {
-                upstream: upstream.name().to_string(),
-                what: "catalog",
-                reason: e.to_string(),
-            })?;
-        out.extend(page.repositories);
+        let bad = |reason: String| GatewayError::BadUpstreamAnswer {
+            upstream: upstream.name().to_string(),
+            what: "catalog",
+            reason,
+        };
+        let bytes = body::read_to_limit(response.into_body(), MAX_REWRITTEN_BODY)
+            .await
+            .map_err(bad)?;
+        let page: CatalogPage = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        out.extend(page.repositories.into_iter().map(RemoteName::new));
     }
     Ok(out)
 }

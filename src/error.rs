@@ -42,7 +42,7 @@ impl From<OciError> for GatewayError {
 }
 
 impl GatewayError {
-    pub fn to_oci(&self) -> OciError {
+    pub(crate) fn to_oci(&self) -> OciError {
         match self {
             GatewayError::Oci(e) => e.clone(),
             GatewayError::Denied(d) => d.error.clone(),
@@ -66,7 +66,7 @@ impl GatewayError {
         }
     }
 
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let mut response = oci_response(&self.to_oci());
         let challenge = match &self {
             GatewayError::Denied(d) => HeaderValue::from_str(&d.challenge.to_string()).ok(),
@@ -88,12 +88,12 @@ impl GatewayError {
 }
 
 /// An OCI error as an HTTP answer.
-pub fn oci_response(e: &OciError) -> Response<Body> {
+pub(crate) fn oci_response(e: &OciError) -> Response<Body> {
     registry_json(e.status, e.body())
 }
 
 /// A JSON answer of the registry API, with its version header.
-pub fn registry_json(status: StatusCode, json: String) -> Response<Body> {
+pub(crate) fn registry_json(status: StatusCode, json: String) -> Response<Body> {
     let mut response = Response::new(body::full(json));
     *response.status_mut() = status;
     let h = response.headers_mut();
@@ -106,4 +106,162 @@ pub fn registry_json(status: StatusCode, json: String) -> Response<Body> {
         HeaderValue::from_static(API_VERSION),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::{Challenge, Scope};
+    use std::time::Duration;
+
+    fn upstream(e: UpstreamError) -> GatewayError {
+        GatewayError::Upstream(e)
+    }
+
+    #[test]
+    fn every_error_has_its_status_code_and_headers() {
+        let name = || "reg".to_string();
+        let denied = crate::auth::Denied::bearer(
+            "https://r.test/token",
+            "r.test",
+            &[Scope::repository("a", &["pull"])],
+            None,
+            OciError::new(ErrorCode::Unauthorized, "authentication required"),
+        );
+        let table: Vec<(GatewayError, StatusCode, &str, Option<&str>)> = vec![
+            (
+                OciError::new(ErrorCode::NameUnknown, "x").into(),
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                None,
+            ),
+            (
+                OciError::new(ErrorCode::ManifestUnknown, "x").into(),
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                None,
+            ),
+            (
+                OciError::new(ErrorCode::NameInvalid, "x").into(),
+                StatusCode::BAD_REQUEST,
+                "NAME_INVALID",
+                None,
+            ),
+            (
+                OciError::new(ErrorCode::Denied, "x").into(),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                None,
+            ),
+            (
+                GatewayError::Denied(denied),
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                Some(
+                    r#"Bearer realm="https://r.test/token",service="r.test",scope="repository:a:pull""#,
+                ),
+            ),
+            (
+                GatewayError::Login(OciError::new(ErrorCode::Unauthorized, "bad password")),
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                Some("Basic realm=\"ocigate token server\""),
+            ),
+            (
+                GatewayError::TooMany {
+                    error: OciError::new(ErrorCode::TooManyRequests, "slow down"),
+                    retry_after: Duration::from_millis(1500),
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                None,
+            ),
+            (
+                upstream(UpstreamError::Unreachable {
+                    upstream: name(),
+                    reason: "refused".into(),
+                }),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                None,
+            ),
+            (
+                upstream(UpstreamError::Timeout { upstream: name() }),
+                StatusCode::GATEWAY_TIMEOUT,
+                "UNAVAILABLE",
+                None,
+            ),
+            (
+                upstream(UpstreamError::Offline { upstream: name() }),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                None,
+            ),
+            (
+                upstream(UpstreamError::TokenRefused { upstream: name() }),
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                None,
+            ),
+            (
+                upstream(UpstreamError::Redirect {
+                    upstream: name(),
+                    reason: "loop".into(),
+                }),
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                None,
+            ),
+            (
+                GatewayError::BadUpstreamAnswer {
+                    upstream: name(),
+                    what: "tags list",
+                    reason: "not JSON".into(),
+                },
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                None,
+            ),
+        ];
+        for (error, status, code, challenge) in table {
+            let what = error.to_string();
+            let retry = matches!(error, GatewayError::TooMany { .. });
+            let response = error.into_response();
+            assert_eq!(response.status(), status, "{what}");
+            let h = response.headers();
+            assert_eq!(h["content-type"], "application/json", "{what}");
+            assert_eq!(h["docker-distribution-api-version"], API_VERSION);
+            assert_eq!(
+                h.get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap()),
+                challenge,
+                "{what}"
+            );
+            if let Some(c) = challenge
+                .and_then(Challenge::parse)
+                .filter(Challenge::is_bearer)
+            {
+                assert!(c.param("error").is_none());
+            }
+            // Retry-After in whole seconds, rounded up.
+            assert_eq!(
+                h.get(header::RETRY_AFTER).is_some_and(|v| v == "2"),
+                retry,
+                "{what}"
+            );
+            let body = body_bytes(response);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["errors"][0]["code"], code, "{what}");
+        }
+    }
+
+    fn body_bytes(response: Response<Body>) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(response.into_body().collect())
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
 }

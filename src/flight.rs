@@ -3,18 +3,20 @@
 //! are held weakly and pruned, so keys cost nothing once nobody waits on them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
-pub type Gate = Arc<tokio::sync::Mutex<()>>;
+use parking_lot::Mutex;
 
-pub struct Gates {
+pub(crate) type Gate = Arc<tokio::sync::Mutex<()>>;
+
+pub(crate) struct Gates {
     gates: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     /// Dead entries are swept once the map holds this many.
     prune_at: usize,
 }
 
 impl Gates {
-    pub fn new(prune_at: usize) -> Gates {
+    pub(crate) fn new(prune_at: usize) -> Gates {
         Gates {
             gates: Mutex::new(HashMap::new()),
             prune_at,
@@ -23,10 +25,8 @@ impl Gates {
 
     /// The gate for `key`; hold its lock while fetching, then look again for what the holder
     /// before you fetched.
-    pub fn gate(&self, key: &str) -> Gate {
-        let Ok(mut gates) = self.gates.lock() else {
-            return Arc::default();
-        };
+    pub(crate) fn gate(&self, key: &str) -> Gate {
+        let mut gates = self.gates.lock();
         if let Some(gate) = gates.get(key).and_then(Weak::upgrade) {
             return gate;
         }

@@ -32,8 +32,8 @@ struct Proxy {
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {message}")]
 pub struct ImportError {
-    pub file: String,
-    pub message: String,
+    pub(crate) file: String,
+    pub(crate) message: String,
 }
 
 /// A YAML double-quoted scalar (JSON string syntax is valid YAML).

@@ -1,32 +1,42 @@
 //! ocigate: one binary in front of container registries.
 //!
-//! The life of a request:
+//! The life of a request: [`server`] accepts it (TLS, HTTP/1.1 + HTTP/2) and hands it to
+//! [`pipeline::Gateway::handle`], which runs these phases over one
+//! [`pipeline::RequestContext`]. This list is the order; each phase is a method of the
+//! gateway, and only the first three write the context.
 //!
 //! ```text
-//! server (accept, TLS, HTTP/1.1 + HTTP/2)
-//!   → pipeline::Gateway::handle
-//!       token      token::TokenServer       `token_server.path`: logins, tokens
-//!       parse      oci::ApiPath             /v2/<name>/<endpoint>, validated
-//!       auth       auth::ClientAuth         the client's bearer token covers the request
-//!       local      local, catalog           /v2/, /healthz, /metrics, browser redirects, _catalog
-//!       rewrite    rewrite::RouteTable      local name → route → remote name (+ mount `from`)
-//!       cache      cache::Cache             cache routes: blobs and manifests from disk, fills
-//!       upstream   upstream::Upstream       credentials, token dance, pooled client, redirects
-//!       response   pipeline (rewrite_*)     Location, Link, tags/list name; upstream 401 → ours
-//!       observe    body::Observed           access log + metrics when the body ends
-//!   ← error::GatewayError::into_response    the one place errors become answers
+//! token     token::TokenServer, relay::endpoint   the token path: logins, relay tokens
+//! parse     oci::ApiPath, rewrite::UploadQuery    /v2/<name>/<endpoint>, an upload's query,
+//!                                                 the scopes it needs (local names)
+//!           local (non-API)                       /healthz, /metrics, browser redirects
+//! route     rewrite::RouteTable                   the one place an upstream is chosen:
+//!                                                 route, remote name, mount `from`, URL
+//! admit     auth::ClientAuth, relay::Relay        auth::Admission, decided once: open,
+//!                                                 anonymous, client token, relay token
+//! local     local, catalog                        /v2/ and _catalog, once admitted
+//! cache     cache::Cache                          cache routes: reads from disk, fills
+//! send      upstream::Upstream::send              the one road upstream: credentials or
+//!                                                 relayed token, token dance, redirects
+//! learn     cache::Cache::deleted                 a DELETE's success forgets evidence
+//! respond   rewrite::response                     upstream 401 → our challenge; Location,
+//!                                                 Link, tags/list become local
+//! observe   pipeline::context                     access log + metrics when the body ends
 //! ```
+//! Errors become answers in one place: [`error::GatewayError::into_response`].
 //!
 //! Modules:
 //! - [`config`]: the YAML schema, `${VAR}` expansion, `file:line:column` errors.
-//! - [`oci`]: protocol grammar without I/O (paths, names, errors, challenges, scopes).
-//! - [`auth`]: client authentication (distribution token auth: JWT, x5c, JWKS).
+//! - [`oci`]: protocol grammar without I/O (paths, names, errors, challenges, scopes and
+//!   grants, manifests, Accept, Range).
+//! - [`auth`]: client admission (distribution token auth: JWT, x5c, JWKS).
 //! - [`token`]: the built-in token server (htpasswd, OIDC federation, ACL).
-//! - [`rewrite`]: routes and name mapping both ways.
-//! - [`upstream`]: everything that talks to registries.
-//! - [`cache`]: the pull-through cache (content-addressed store, single-flight fills).
-//! - [`pipeline`], [`catalog`], [`local`]: the request driver and its local answers.
 //! - [`relay`]: the PASETO relay of upstream tokens (relay routes, its token endpoint).
+//! - [`rewrite`]: routes and name mapping both ways, in requests and in answers.
+//! - [`upstream`]: everything that talks to registries.
+//! - [`cache`]: the pull-through cache (content-addressed store, single-flight fills, warm).
+//! - [`pipeline`]: the driver and its request context; [`catalog`], [`local`]: local answers.
+//! - [`headers`]: header hygiene at both edges, and the public URL.
 //! - [`import`]: converting other tools' configs (`ocigate import backplane`).
 //! - [`server`]: sockets, TLS and graceful shutdown; [`stall`]: closing stalled responses.
 //! - [`body`], [`flight`], [`metrics`], [`error`]: shared plumbing.
@@ -38,6 +48,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod headers;
 pub mod import;
 pub mod local;
 pub mod metrics;

@@ -5,20 +5,20 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 
 use crate::body::{self, Body};
 use crate::oci::{ErrorCode, OciError};
-use crate::rewrite::RouteTable;
+use crate::rewrite::{LocalName, RouteTable};
 
-pub fn api_base() -> Response<Body> {
+pub(crate) fn api_base() -> Response<Body> {
     crate::error::registry_json(StatusCode::OK, "{}".into())
 }
 
-pub fn healthz() -> Response<Body> {
+pub(crate) fn healthz() -> Response<Body> {
     let mut r = Response::new(body::full("ok\n"));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
-pub fn metrics() -> Response<Body> {
+pub(crate) fn metrics() -> Response<Body> {
     let mut r = Response::new(body::full(crate::metrics::render()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -27,13 +27,13 @@ pub fn metrics() -> Response<Body> {
     r
 }
 
-pub fn not_found(path: &str) -> OciError {
+pub(crate) fn not_found(path: &str) -> OciError {
     OciError::new(ErrorCode::NameUnknown, "not found")
         .with_detail(serde_json::json!({ "path": path }))
 }
 
 /// Whether a request looks like a person's browser rather than a registry client.
-pub fn is_browser(method: &Method, headers: &HeaderMap) -> bool {
+pub(crate) fn is_browser(method: &Method, headers: &HeaderMap) -> bool {
     (method == Method::GET || method == Method::HEAD)
         && headers
             .get(header::ACCEPT)
@@ -43,7 +43,7 @@ pub fn is_browser(method: &Method, headers: &HeaderMap) -> bool {
 
 /// Where a browser visiting `path` should go: the upstream's page for the mapped repository.
 /// Never for an exact route: its page would tell anyone what the capability URL opens.
-pub fn browser_target(
+pub(crate) fn browser_target(
     routes: &RouteTable,
     upstream_host: impl Fn(&str) -> Option<String>,
     path: &str,
@@ -57,9 +57,9 @@ pub fn browser_target(
         (route, route.config.remote.trim_end_matches('/').to_string())
     } else {
         let m = routes
-            .resolve(local)
+            .resolve(&LocalName::new(local))
             .filter(|m| m.route.config.is_namespace())?;
-        (m.route, m.remote)
+        (m.route, m.remote.as_str().to_string())
     };
     let host = upstream_host(&route.config.upstream)?;
     if route.docker_hub {
@@ -72,7 +72,7 @@ pub fn browser_target(
     Some(format!("https://{host}/{remote}"))
 }
 
-pub fn redirect(target: &str) -> Response<Body> {
+pub(crate) fn redirect(target: &str) -> Response<Body> {
     let mut r = Response::new(body::empty());
     *r.status_mut() = StatusCode::FOUND;
     if let Ok(v) = HeaderValue::from_str(target) {

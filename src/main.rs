@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use ocigate::cache::Ownership;
 use ocigate::config::{self, Config, Credentials, RouteConfig, UpstreamConfig};
 use ocigate::pipeline::Gateway;
 use tokio::net::TcpListener;
@@ -229,7 +230,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
             cache: None,
             ..config.clone()
         },
-        false,
+        Ownership::Guest,
     )?;
     print!("{}", config.summary());
     for warning in gateway.routes.warnings() {
@@ -268,7 +269,7 @@ fn cache_command(file: &std::path::Path, action: CacheAction) -> Result<()> {
     let Some(cache_config) = config.cache.clone() else {
         bail!("{}: no cache section", file.display());
     };
-    let open = || ocigate::cache::Cache::open(&cache_config, false);
+    let open = || ocigate::cache::Cache::open(&cache_config, Ownership::Guest);
     match action {
         CacheAction::Ls => {
             let cache = open()?;
@@ -284,10 +285,14 @@ fn cache_command(file: &std::path::Path, action: CacheAction) -> Result<()> {
                     humantime::format_rfc3339_seconds(o.last_access)
                 );
             }
-            for (upstream, repo, tag, digest, checked) in cache.journal().tags() {
+            for t in cache.journal().tags() {
                 println!(
-                    "tag {upstream}/{repo}:{tag} -> {digest} (checked {})",
-                    humantime::format_rfc3339_seconds(checked)
+                    "tag {}/{}:{} -> {} (checked {})",
+                    t.upstream,
+                    t.repo,
+                    t.tag,
+                    t.digest,
+                    humantime::format_rfc3339_seconds(t.checked)
                 );
             }
         }
@@ -326,14 +331,25 @@ fn cache_command(file: &std::path::Path, action: CacheAction) -> Result<()> {
             install_crypto();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let gateway = Gateway::build(config, false)?;
+                let gateway = Gateway::build(config, Ownership::Guest)?;
                 gateway.start().await?;
+                let cache = gateway
+                    .cache
+                    .as_ref()
+                    .context("the config has no cache section")?;
                 for image in &images {
-                    let (manifests, blobs) = gateway
-                        .warm(image)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{image}: {e}"))?;
-                    println!("{image}: {manifests} manifests, {blobs} blobs cached");
+                    let warmed = ocigate::cache::warm::image(
+                        cache,
+                        &gateway.routes,
+                        &gateway.upstreams,
+                        image,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{image}: {e}"))?;
+                    println!(
+                        "{image}: {} manifests, {} blobs cached",
+                        warmed.manifests, warmed.blobs
+                    );
                 }
                 Ok::<(), anyhow::Error>(())
             })?;
@@ -435,9 +451,12 @@ async fn run(config: Config) -> Result<()> {
     for warning in gateway.routes.warnings() {
         tracing::warn!("{warning}");
     }
-    let grace = config.server.shutdown_grace;
+    let options = ocigate::server::Options {
+        grace: config.server.shutdown_grace,
+        send_timeout: config.server.send_timeout,
+    };
     tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));
-    ocigate::server::run(gateway, listeners, tls, shutdown_signal(), grace).await;
+    ocigate::server::run(gateway, listeners, tls, shutdown_signal(), options).await;
     Ok(())
 }
 

@@ -6,17 +6,18 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub const REQUESTS: &str = "ocigate_requests_total";
-pub const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
-pub const BYTES: &str = "ocigate_bytes_streamed_total";
-pub const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
-pub const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
-pub const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
-pub const CACHE_REQUESTS: &str = "ocigate_cache_requests_total";
-pub const CACHE_BYTES: &str = "ocigate_cache_bytes_total";
-pub const CACHE_EVICTIONS: &str = "ocigate_cache_evictions_total";
-pub const CACHE_COALESCED: &str = "ocigate_cache_coalesced_total";
-pub const CACHE_REJECTED: &str = "ocigate_cache_rejected_total";
+pub(crate) const REQUESTS: &str = "ocigate_requests_total";
+pub(crate) const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
+pub(crate) const BYTES: &str = "ocigate_bytes_streamed_total";
+pub(crate) const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
+pub(crate) const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
+#[cfg(feature = "ecr")]
+pub(crate) const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
+pub(crate) const CACHE_REQUESTS: &str = "ocigate_cache_requests_total";
+pub(crate) const CACHE_BYTES: &str = "ocigate_cache_bytes_total";
+pub(crate) const CACHE_EVICTIONS: &str = "ocigate_cache_evictions_total";
+pub(crate) const CACHE_COALESCED: &str = "ocigate_cache_coalesced_total";
+pub(crate) const CACHE_REJECTED: &str = "ocigate_cache_rejected_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -38,42 +39,43 @@ pub fn install() {
 }
 
 /// The Prometheus text exposition of everything recorded so far.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     match HANDLE.get() {
         Some(Some(h)) => h.render(),
         _ => String::new(),
     }
 }
 
-pub fn request(route: &str, method: &str, status: u16) {
+pub(crate) fn request(route: &str, method: &str, status: u16) {
     metrics::counter!(REQUESTS, "route" => route.to_string(), "method" => method.to_string(), "status" => status.to_string())
         .increment(1);
 }
 
-pub fn upstream_latency(upstream: &str, elapsed: Duration) {
+pub(crate) fn upstream_latency(upstream: &str, elapsed: Duration) {
     metrics::histogram!(UPSTREAM_LATENCY, "upstream" => upstream.to_string())
         .record(elapsed.as_secs_f64());
 }
 
 /// `direction` is `download` (to clients) or `upload` (from clients).
-pub fn bytes(direction: &'static str, n: u64) {
+pub(crate) fn bytes(direction: &'static str, n: u64) {
     metrics::counter!(BYTES, "direction" => direction).increment(n);
 }
 
 /// A token-server answer: a token issued, or a login refused.
-pub fn token_issued(ok: bool) {
+pub(crate) fn token_issued(ok: bool) {
     let result = if ok { "issued" } else { "refused" };
     metrics::counter!(TOKENS_ISSUED, "result" => result).increment(1);
 }
 
-pub fn token_fetch(upstream: &str, ok: bool) {
+pub(crate) fn token_fetch(upstream: &str, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(TOKEN_FETCHES, "upstream" => upstream.to_string(), "result" => result)
         .increment(1);
 }
 
 /// A cloud provider's credentials refreshed (or not) for an upstream.
-pub fn credential_refresh(provider: &'static str, upstream: &str, ok: bool) {
+#[cfg(feature = "ecr")]
+pub(crate) fn credential_refresh(provider: &'static str, upstream: &str, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(CREDENTIAL_REFRESHES, "provider" => provider, "upstream" => upstream.to_string(), "result" => result)
         .increment(1);
@@ -81,25 +83,25 @@ pub fn credential_refresh(provider: &'static str, upstream: &str, ok: bool) {
 
 /// A cache-route request for a blob or manifest: `hit`, `miss`, `revalidated` (a tag
 /// checked with a HEAD and still the same) or `stale` (served while the upstream failed).
-pub fn cache_request(kind: &'static str, result: &'static str) {
+pub(crate) fn cache_request(kind: &'static str, result: &'static str) {
     metrics::counter!(CACHE_REQUESTS, "kind" => kind, "result" => result).increment(1);
 }
 
 /// Bytes the cache streamed to clients from disk (`cache`) or fetched into fills (`upstream`).
-pub fn cache_bytes(source: &'static str, n: u64) {
+pub(crate) fn cache_bytes(source: &'static str, n: u64) {
     metrics::counter!(CACHE_BYTES, "source" => source).increment(n);
 }
 
-pub fn cache_eviction() {
+pub(crate) fn cache_eviction() {
     metrics::counter!(CACHE_EVICTIONS).increment(1);
 }
 
 /// A request that attached to a fill already in progress instead of fetching.
-pub fn cache_coalesced() {
+pub(crate) fn cache_coalesced() {
     metrics::counter!(CACHE_COALESCED).increment(1);
 }
 
 /// Bytes refused by the cache: `digest_mismatch`, `fill_failed`, `corrupt`.
-pub fn cache_rejected(reason: &'static str) {
+pub(crate) fn cache_rejected(reason: &'static str) {
     metrics::counter!(CACHE_REJECTED, "reason" => reason).increment(1);
 }

@@ -1,12 +1,17 @@
 //! Listeners: accept loops for plain and TLS sockets (HTTP/1.1 and HTTP/2, by ALPN on TLS
 //! and by preface on plain TCP), and graceful shutdown that lets in-flight transfers finish
-//! within the grace period. Owns sockets and connections; knows nothing of the protocol.
+//! within the grace period. Owns sockets and connections; serves whatever [`Service`] it is
+//! given and knows nothing of the protocol.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,7 +23,32 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::pipeline::{ConnInfo, Gateway};
+use crate::body::Body;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+}
+
+/// What listeners serve: one answer for every request, never an error.
+pub trait Service: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// How connections are served.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// How long open connections may finish after shutdown begins.
+    pub grace: Duration,
+    /// A response body that takes nothing for this long is dropped (`server.send_timeout`).
+    pub send_timeout: Duration,
+}
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,23 +95,25 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
 
 /// Serves until `shutdown` resolves, then stops accepting and gives open connections up to
 /// `grace` to finish what they are sending.
-pub async fn run(
-    gateway: Arc<Gateway>,
+pub async fn run<S: Service>(
+    service: Arc<S>,
     listeners: Vec<TcpListener>,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    options: Options,
 ) {
+    let grace = options.grace;
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
-            gateway.clone(),
+            service.clone(),
             tls.clone(),
             graceful.clone(),
             stop_rx.clone(),
+            options.send_timeout,
         )));
     }
     shutdown.await;
@@ -113,7 +145,7 @@ pub async fn serve_metrics(listener: TcpListener) {
             }
         };
         tokio::spawn(async move {
-            let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let service = service_fn(|req: Request<Incoming>| async move {
                 Ok::<_, Infallible>(match req.uri().path() {
                     "/metrics" => crate::local::metrics(),
                     "/healthz" => crate::local::healthz(),
@@ -129,12 +161,13 @@ pub async fn serve_metrics(listener: TcpListener) {
     }
 }
 
-async fn accept_loop(
+async fn accept_loop<S: Service>(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    service: Arc<S>,
     tls: Option<TlsAcceptor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
+    send_timeout: Duration,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -150,21 +183,21 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let watch = crate::stall::Watch::new(gateway.config.server.send_timeout);
+        let watch = crate::stall::Watch::new(send_timeout);
         let stream = crate::stall::Guarded::new(stream, watch.clone());
         let conn = ConnInfo {
             peer,
             tls: tls.is_some(),
         };
-        let gateway = gateway.clone();
+        let service = service.clone();
         let tls = tls.clone();
         let graceful: Watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let gateway = gateway.clone();
+                let service = service.clone();
                 let watch = watch.clone();
                 async move {
-                    let response = gateway.handle(req, conn).await;
+                    let response = service.call(req, conn).await;
                     Ok::<_, Infallible>(response.map(|body| watch.body(body)))
                 }
             });

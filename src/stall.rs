@@ -17,12 +17,13 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
@@ -36,10 +37,10 @@ struct Clock {
 }
 
 /// Bytes a connection must write per `send_timeout` to count as progressing.
-pub const MIN_PROGRESS: u64 = 64 << 10;
+pub(crate) const MIN_PROGRESS: u64 = 64 << 10;
 
 /// The clocks of one connection's responses.
-pub struct Watch {
+pub(crate) struct Watch {
     start: Instant,
     timeout: Duration,
     clocks: Mutex<Vec<Weak<Clock>>>,
@@ -50,7 +51,7 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(timeout: Duration) -> Arc<Watch> {
+    pub(crate) fn new(timeout: Duration) -> Arc<Watch> {
         Arc::new(Watch {
             start: Instant::now(),
             timeout,
@@ -69,12 +70,13 @@ impl Watch {
     }
 
     /// Wraps a response body so that this connection watches it.
-    pub fn body(&self, inner: Body) -> Body {
+    pub(crate) fn body(&self, inner: Body) -> Body {
         let clock = Arc::new(Clock {
             asked: AtomicU64::new(self.now()),
             ours: AtomicBool::new(false),
         });
-        if let Ok(mut clocks) = self.clocks.lock() {
+        {
+            let mut clocks = self.clocks.lock();
             clocks.retain(|c| c.strong_count() > 0);
             clocks.push(Arc::downgrade(&clock));
         }
@@ -91,7 +93,8 @@ impl Watch {
         let now = self.now();
         let limit = self.timeout.as_millis() as u64;
         let written = self.written.load(Ordering::Relaxed);
-        if let Ok(mut progressed) = self.progressed.lock() {
+        {
+            let mut progressed = self.progressed.lock();
             if written.saturating_sub(progressed.1) >= MIN_PROGRESS {
                 *progressed = (now, written);
             }
@@ -99,9 +102,7 @@ impl Watch {
                 return false;
             }
         }
-        let Ok(clocks) = self.clocks.lock() else {
-            return false;
-        };
+        let clocks = self.clocks.lock();
         clocks.iter().filter_map(Weak::upgrade).any(|c| {
             !c.ours.load(Ordering::Acquire)
                 && now.saturating_sub(c.asked.load(Ordering::Acquire)) > limit
@@ -165,14 +166,14 @@ impl http_body::Body for Watched {
 }
 
 /// A connection's socket, failed (read and write) once one of its responses stalls.
-pub struct Guarded<T> {
+pub(crate) struct Guarded<T> {
     inner: T,
     watch: Arc<Watch>,
     checks: tokio::time::Interval,
 }
 
 impl<T> Guarded<T> {
-    pub fn new(inner: T, watch: Arc<Watch>) -> Guarded<T> {
+    pub(crate) fn new(inner: T, watch: Arc<Watch>) -> Guarded<T> {
         let period = (watch.timeout / 4).max(Duration::from_millis(100));
         let mut checks = tokio::time::interval(period);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,8 @@
 //! End-to-end: the pull-through cache in front of the real `docker-registry`, with skopeo and
 //! podman as clients. Upstream requests are counted from the registry's own access log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;
@@ -178,6 +180,15 @@ fn sixteen_cold_pulls_of_a_200_mib_layer_make_one_upstream_get() {
     assert_eq!(
         r.header("content-range").unwrap(),
         format!("bytes 512-1023/{}", big.size)
+    );
+    // A last byte past the end is the rest of the blob (RFC 9110 §14.1.2), however large.
+    let (status, headers, n, _) =
+        get_streamed(&url, &[("range", "bytes=1000-18446744073709551615")]);
+    assert_eq!(status, 206);
+    assert_eq!(n, big.size - 1000);
+    assert_eq!(
+        headers["content-range"],
+        format!("bytes 1000-{}/{}", big.size - 1, big.size).as_str()
     );
     assert_eq!(
         reg.count_requests("GET", &format!("/v2/team/big/blobs/{}", big.digest)),

@@ -3,6 +3,8 @@
 //! tokens each answered 401 with the right challenge, and a real client (skopeo) logging in
 //! at a token realm.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{Resp, bearer_get, request};

@@ -3,6 +3,8 @@
 //! emulator hands out; Google service-account keys sent as `_json_key` to a token realm;
 //! `auto` choosing by host name; and a build without the `ecr` feature refusing ECR configs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use base64::Engine as _;

@@ -1,6 +1,8 @@
 //! The CLI contract: `check-config` accepts good files with a summary and rejects bad ones
 //! with `file:line:column: what is wrong`; `--version` prints the version.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

@@ -4,6 +4,8 @@
 //! The engine here cannot pull the Rust build image, so the test builds the static musl
 //! binary itself and feeds the Dockerfile's own runtime stage from a local directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -1,6 +1,8 @@
 //! End-to-end operations: local endpoints, errors, logs and metrics, browser redirects,
 //! TLS with HTTP/2, quick mode, graceful shutdown with a transfer in flight.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{self, get, get_with, head};
@@ -31,6 +33,22 @@ fn local_endpoints_and_protocol_errors() {
     let invalid = get(&format!("{}/v2/mirror/Bad/manifests/v1", gw.url()));
     assert_eq!(invalid.status, 400);
     assert_eq!(invalid.error_code(), "NAME_INVALID");
+    // No manifest has an invalid name: reads are 404s, as the registry answers; writes 400s.
+    let bad_reference = format!(
+        "{}/v2/mirror/app/manifests/.INVALID_MANIFEST_NAME",
+        gw.url()
+    );
+    let read = get(&bad_reference);
+    assert_eq!(
+        (read.status, read.error_code().as_str()),
+        (404, "MANIFEST_UNKNOWN")
+    );
+    assert_eq!(head(&bad_reference, &[]).status, 404);
+    let write = http::request("PUT", &bad_reference, &[], "{}");
+    assert_eq!(
+        (write.status, write.error_code().as_str()),
+        (400, "NAME_INVALID")
+    );
     let digest = get(&format!("{}/v2/mirror/app/blobs/sha256:xyz", gw.url()));
     assert_eq!(
         (digest.status, digest.error_code().as_str()),
@@ -105,6 +123,8 @@ fn access_log_metrics_and_no_secrets() {
         ],
     );
     assert_eq!(r.status, 200);
+    let unknown = head(&format!("{}/v2/mirror/app/manifests/nope", gw.url()), &[]);
+    assert_eq!(unknown.status, 404);
     let layer = image::digest(&img.layers[0]);
     assert_eq!(
         get(&format!("{}/v2/mirror/app/blobs/{layer}", gw.url())).status,
@@ -142,6 +162,29 @@ fn access_log_metrics_and_no_secrets() {
     assert_eq!(manifest_line["bytes"], img.manifest.len());
     assert_eq!(manifest_line["outcome"], "complete");
     assert_eq!(manifest_line["upstream"], "reg");
+    // A HEAD is answered once its headers are out, error answers too.
+    let head_line = access
+        .iter()
+        .find(|v| v["path"] == "/v2/mirror/app/manifests/nope" && v["method"] == "HEAD")
+        .expect("an access line for the HEAD");
+    assert_eq!(head_line["status"], 404);
+    assert_eq!(head_line["outcome"], "complete");
+    assert_eq!(head_line["bytes"], 0);
+    for line in logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"ocigate::access\""))
+    {
+        let ms = line
+            .split("\"duration_ms\":")
+            .nth(1)
+            .and_then(|rest| rest.split([',', '}']).next())
+            .expect("duration_ms in every access line");
+        let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(
+            decimals <= 3,
+            "duration_ms {ms} is not rounded to microseconds"
+        );
+    }
     assert_eq!(
         access
             .iter()

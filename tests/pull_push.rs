@@ -2,6 +2,8 @@
 //! Pull and push through a rewritten prefix, uploads, mounts, tags paging, a 200 MiB layer,
 //! an HTTPS upstream (HTTP/2, private CA).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{self, get, head, request};

@@ -1,6 +1,8 @@
 //! End-to-end: an upstream whose blobs redirect to object storage (distribution's `redirect`
 //! storage middleware, storage served by the tests' static server), with `pass` and `follow`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{get, head};

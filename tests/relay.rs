@@ -2,6 +2,8 @@
 //! realm demanding credentials) exposed through relay routes; anonymous real clients pull;
 //! relay tokens are sealed, bound to their route, expire, and survive key rotation.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{Resp, bearer_get, get, get_with};

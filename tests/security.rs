@@ -2,6 +2,8 @@
 //! `docker-registry`: cache evidence forged from manifest bodies, mounts smuggled past the
 //! auth stage, a write-capable relay, capability URLs in `/metrics` and browser redirects.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use bytes::Bytes;

@@ -2,6 +2,8 @@
 //! (skopeo, podman), tokens accepted by ocigate itself and by the real `docker-registry`,
 //! the OAuth2 and refresh-token protocol, and `ocigate token`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

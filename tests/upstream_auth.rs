@@ -1,6 +1,8 @@
 //! End-to-end: upstream credentials and the token dance against the real registry with
 //! token auth (realm served by the tests' token server) and with htpasswd (Basic).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::http::{self, head};

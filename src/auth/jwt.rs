@@ -7,42 +7,32 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use super::keys::{KeyStore, TrustedKey};
+use crate::oci::Scope;
 
-pub const LEEWAY_SECS: u64 = 60;
+pub(crate) const LEEWAY_SECS: u64 = 60;
 
 /// What a verified token grants.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     #[serde(default)]
-    pub sub: Option<String>,
-    pub exp: u64,
+    pub(crate) sub: Option<String>,
+    pub(crate) exp: u64,
     #[serde(default)]
-    pub nbf: Option<u64>,
+    pub(crate) nbf: Option<u64>,
     #[serde(default)]
-    pub access: Vec<AccessEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
-pub struct AccessEntry {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub name: String,
-    #[serde(default)]
-    pub actions: Vec<String>,
+    pub(crate) access: Vec<Scope>,
 }
 
 impl Claims {
     /// Whether the token grants `action` on `kind:name`.
-    pub fn grants(&self, kind: &str, name: &str, action: &str) -> bool {
-        self.access.iter().any(|a| {
-            a.kind == kind && a.name == name && a.actions.iter().any(|x| x == action || x == "*")
-        })
+    pub(crate) fn grants(&self, kind: &str, name: &str, action: &str) -> bool {
+        crate::oci::challenge::allows(&self.access, kind, name, action)
     }
 }
 
 /// Why a token was refused. Never includes the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejected {
+pub(crate) enum Rejected {
     #[error("malformed token: {0}")]
     Malformed(String),
     #[error("algorithm {0} is not allowed")]
@@ -60,14 +50,14 @@ pub enum Rejected {
 }
 
 /// The issuer, audience and algorithms tokens must have.
-pub struct Policy {
-    pub issuer: String,
-    pub service: String,
-    pub algorithms: Vec<Algorithm>,
+pub(crate) struct Policy {
+    pub(crate) issuer: String,
+    pub(crate) service: String,
+    pub(crate) algorithms: Vec<Algorithm>,
 }
 
 /// Verifies `token` with the keys of `stores` (the configured ones, then fetched ones).
-pub fn verify(
+pub(crate) fn verify(
     token: &str,
     stores: &[&KeyStore],
     policy: &Policy,
@@ -191,12 +181,8 @@ mod tests {
             exp: 0,
             nbf: None,
             access: vec![
-                AccessEntry {
-                    kind: "repository".into(),
-                    name: "a/b".into(),
-                    actions: vec!["pull".into()],
-                },
-                AccessEntry {
+                Scope::repository("a/b", &["pull"]),
+                Scope {
                     kind: "registry".into(),
                     name: "catalog".into(),
                     actions: vec!["*".into()],

@@ -34,7 +34,7 @@ pub enum KeyError {
 
 /// The key types a JWT algorithm may be bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyFamily {
+pub(crate) enum KeyFamily {
     Rsa,
     EcP256,
     EcP384,
@@ -43,7 +43,7 @@ pub enum KeyFamily {
 
 impl KeyFamily {
     /// Whether `alg` is allowed with this key type (never HMAC, never a mismatched curve).
-    pub fn allows(self, alg: Algorithm) -> bool {
+    pub(crate) fn allows(self, alg: Algorithm) -> bool {
         use Algorithm::*;
         matches!(
             (self, alg),
@@ -57,16 +57,16 @@ impl KeyFamily {
     }
 }
 
-pub struct TrustedKey {
-    pub family: KeyFamily,
-    pub decoding: DecodingKey,
+pub(crate) struct TrustedKey {
+    pub(crate) family: KeyFamily,
+    pub(crate) decoding: DecodingKey,
     /// RFC 7638 SHA-256 thumbprint, base64url.
-    pub thumbprint: String,
+    pub(crate) thumbprint: String,
 }
 
 impl TrustedKey {
     /// From a DER SubjectPublicKeyInfo (a certificate's key).
-    pub fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<TrustedKey, KeyError> {
+    pub(crate) fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<TrustedKey, KeyError> {
         let raw = &spki.subject_public_key.data;
         let oid = &spki.algorithm.algorithm;
         let (family, decoding) = if *oid == OID_PKCS1_RSAENCRYPTION {
@@ -101,7 +101,7 @@ impl TrustedKey {
         })
     }
 
-    pub fn from_jwk(jwk: &Jwk) -> Result<TrustedKey, KeyError> {
+    pub(crate) fn from_jwk(jwk: &Jwk) -> Result<TrustedKey, KeyError> {
         let family = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
             AlgorithmParameters::EllipticCurve(p) => match p.curve {
@@ -151,7 +151,7 @@ impl webpki::ExtendedKeyUsageValidator for AnyUsage {
 
 /// Every key a token may be signed with, and the roots `x5c` chains must reach.
 #[derive(Default)]
-pub struct KeyStore {
+pub(crate) struct KeyStore {
     anchors: Vec<TrustAnchor<'static>>,
     /// The bundle's certificates themselves: an `x5c` leaf equal to one is trusted as is.
     bundle: Vec<CertificateDer<'static>>,
@@ -160,7 +160,7 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    pub fn has_roots(&self) -> bool {
+    pub(crate) fn has_roots(&self) -> bool {
         !self.anchors.is_empty()
     }
 
@@ -175,7 +175,7 @@ impl KeyStore {
     }
 
     /// Adds the certificates of a PEM bundle as trust anchors and their keys as trusted keys.
-    pub fn add_bundle(&mut self, path: &Path) -> Result<(), KeyError> {
+    pub(crate) fn add_bundle(&mut self, path: &Path) -> Result<(), KeyError> {
         let err = |reason: String| KeyError::File {
             path: path.display().to_string(),
             reason,
@@ -201,7 +201,7 @@ impl KeyStore {
     }
 
     /// Adds the keys of a JWKS document, by their `kid` and thumbprint.
-    pub fn add_jwks(&mut self, json: &[u8], source: &str) -> Result<usize, KeyError> {
+    pub(crate) fn add_jwks(&mut self, json: &[u8], source: &str) -> Result<usize, KeyError> {
         let set: JwkSet = serde_json::from_slice(json).map_err(|e| KeyError::File {
             path: source.to_string(),
             reason: format!("not a JWKS: {e}"),
@@ -218,18 +218,18 @@ impl KeyStore {
         Ok(added)
     }
 
-    pub fn by_kid(&self, kid: &str) -> Option<Arc<TrustedKey>> {
+    pub(crate) fn by_kid(&self, kid: &str) -> Option<Arc<TrustedKey>> {
         self.by_kid.get(kid).cloned()
     }
 
     /// A `jwk` header counts only as a reference to a key we already trust.
-    pub fn matching_jwk(&self, jwk: &Jwk) -> Option<Arc<TrustedKey>> {
+    pub(crate) fn matching_jwk(&self, jwk: &Jwk) -> Option<Arc<TrustedKey>> {
         let thumbprint = jwk.thumbprint(ThumbprintHash::SHA256).ok()?;
         self.by_thumbprint.get(&thumbprint).cloned()
     }
 
     /// Verifies an `x5c` chain (base64 DER, leaf first) to the root bundle; the leaf's key.
-    pub fn verify_chain(&self, x5c: &[String]) -> Result<TrustedKey, KeyError> {
+    pub(crate) fn verify_chain(&self, x5c: &[String]) -> Result<TrustedKey, KeyError> {
         let ders: Vec<CertificateDer<'static>> = x5c
             .iter()
             .map(|c| {

@@ -1,21 +1,27 @@
-//! The client-authentication stage: distribution token auth in front of any upstream.
+//! Client admission: distribution token auth in front of any upstream, and the
+//! [`Admission`] value every phase after `admit` reads.
 //!
 //! Reads the client's `Authorization: Bearer` token and the scopes the request needs (in
 //! local names); verifies the token as distribution does ([`jwt`], [`keys`]), caching
 //! verified tokens until they expire; answers with a 401 challenge when the token is missing,
-//! invalid or too weak. Must not touch upstreams: the client's token never goes further.
+//! invalid or too weak. Owns the one bearer-token parser and the one challenge builder
+//! ([`Denied::bearer`]) that the relay uses too. Must not touch upstreams: the client's token
+//! never goes further.
 
-pub mod jwt;
+pub(crate) mod jwt;
 pub mod keys;
-pub mod remote;
+pub(crate) mod remote;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method};
 
 use crate::config::{JwksSource, TokenAuthConfig, UpstreamConfig};
+use crate::oci::challenge::BearerError;
 use crate::oci::{ApiPath, Challenge, Endpoint, ErrorCode, OciError, Scope};
 use jwt::{Claims, Policy};
 use keys::{KeyError, KeyStore};
@@ -24,14 +30,69 @@ use remote::RemoteKeys;
 /// Verified tokens kept at most; beyond it expired ones are dropped, then all.
 const CACHE_LIMIT: usize = 10_000;
 
+/// Who a request acts for: decided once, by the admit phase, and read by every later one
+/// (what the upstream is sent, how an upstream refusal is answered, the access log).
+#[derive(Debug, Clone)]
+pub(crate) enum Admission {
+    /// No client authentication is configured: anyone may ask.
+    Open,
+    /// Client authentication is configured, and `auth.anonymous` covers the request.
+    Anonymous,
+    /// A verified client token: its subject and grants.
+    Client(Arc<Claims>),
+    /// A relay token (on a relay route, or at `/v2/`): the upstream token it sealed, `None`
+    /// when the upstream takes no bearer tokens.
+    Relay { upstream_token: Option<HeaderValue> },
+}
+
+impl Admission {
+    /// The verified client token's subject, for logs.
+    pub(crate) fn subject(&self) -> Option<&str> {
+        match self {
+            Admission::Client(claims) => claims.sub.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 /// A refusal: the challenge to send and the OCI error body.
 #[derive(Debug, Clone)]
 pub struct Denied {
-    pub challenge: Challenge,
-    pub error: OciError,
+    pub(crate) challenge: Challenge,
+    pub(crate) error: OciError,
 }
 
-pub struct ClientAuth {
+impl Denied {
+    /// A 401 with a Bearer challenge for `required` at `realm`, saying why the token shown
+    /// (if any) was refused.
+    pub(crate) fn bearer(
+        realm: &str,
+        service: &str,
+        required: &[Scope],
+        why: Option<BearerError>,
+        body: OciError,
+    ) -> Denied {
+        let challenge = Challenge::bearer(realm, service, required);
+        Denied {
+            challenge: match why {
+                Some(why) => challenge.with_error(why),
+                None => challenge,
+            },
+            error: body.with_status(http::StatusCode::UNAUTHORIZED),
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer_token(authorization: Option<&HeaderValue>) -> Option<&str> {
+    authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+}
+
+pub(crate) struct ClientAuth {
     realm: Option<String>,
     realm_path: String,
     service: String,
@@ -44,7 +105,10 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    pub fn new(config: &TokenAuthConfig, anonymous: &[String]) -> Result<ClientAuth, KeyError> {
+    pub(crate) fn new(
+        config: &TokenAuthConfig,
+        anonymous: &[String],
+    ) -> Result<ClientAuth, KeyError> {
         let mut keys = KeyStore::default();
         for bundle in &config.rootcertbundles {
             keys.add_bundle(bundle)?;
@@ -93,22 +157,17 @@ impl ClientAuth {
         })
     }
 
-    /// Checks the request's token against the scopes it needs. `Ok` carries the token's
-    /// subject (for logs), `None` for an anonymous request.
-    pub async fn check(
+    /// Checks the request's token against the scopes it needs: a verified client, or an
+    /// anonymous request that `auth.anonymous` covers.
+    pub(crate) async fn check(
         &self,
         authorization: Option<&HeaderValue>,
         required: &[Scope],
         public_base: &str,
-    ) -> Result<Option<String>, Denied> {
-        let token = authorization
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim());
-        let Some(token) = token else {
+    ) -> Result<Admission, Denied> {
+        let Some(token) = bearer_token(authorization) else {
             if !required.is_empty() && required.iter().all(|s| self.anonymous_covers(s)) {
-                return Ok(None);
+                return Ok(Admission::Anonymous);
             }
             return Err(self.refusal(
                 required,
@@ -122,7 +181,7 @@ impl ClientAuth {
             self.refusal(
                 required,
                 public_base,
-                Some("invalid_token"),
+                Some(BearerError::InvalidToken),
                 OciError::new(ErrorCode::Unauthorized, format!("invalid token: {reason}")),
             )
         })?;
@@ -134,7 +193,7 @@ impl ClientAuth {
                     return Err(self.refusal(
                         required,
                         public_base,
-                        Some("insufficient_scope"),
+                        Some(BearerError::InsufficientScope),
                         OciError::new(
                             ErrorCode::Denied,
                             "requested access to the resource is denied",
@@ -146,7 +205,7 @@ impl ClientAuth {
                 }
             }
         }
-        Ok(claims.sub.clone())
+        Ok(Admission::Client(claims))
     }
 
     /// Verifies against the configured keys and the JWKS URL's, fetching those again once
@@ -178,14 +237,14 @@ impl ClientAuth {
     /// A verified token from the cache, or verified now and cached until it expires.
     async fn verified(&self, token: &str) -> Result<Arc<Claims>, jwt::Rejected> {
         let now = unix_now();
-        if let Ok(cache) = self.verified.lock()
-            && let Some(claims) = cache.get(token)
+        if let Some(claims) = self.verified.lock().get(token)
             && now <= claims.exp.saturating_add(jwt::LEEWAY_SECS)
         {
             return Ok(claims.clone());
         }
         let claims = Arc::new(self.verify(token, now).await?);
-        if let Ok(mut cache) = self.verified.lock() {
+        {
+            let mut cache = self.verified.lock();
             if cache.len() >= CACHE_LIMIT {
                 cache.retain(|_, c| now <= c.exp.saturating_add(jwt::LEEWAY_SECS));
                 if cache.len() >= CACHE_LIMIT {
@@ -198,28 +257,21 @@ impl ClientAuth {
     }
 
     /// The realm clients are sent to: configured, or (autoredirect) our own token path.
-    pub fn realm(&self, public_base: &str) -> String {
+    pub(crate) fn realm(&self, public_base: &str) -> String {
         self.realm
             .clone()
             .unwrap_or_else(|| format!("{public_base}{}", self.realm_path))
     }
 
     /// A 401 with our challenge for `required` (local names) and this body.
-    pub fn refusal(
+    pub(crate) fn refusal(
         &self,
         required: &[Scope],
         public_base: &str,
-        error: Option<&str>,
+        why: Option<BearerError>,
         body: OciError,
     ) -> Denied {
-        let mut challenge = Challenge::bearer(&self.realm(public_base), &self.service, required);
-        if let Some(e) = error {
-            challenge.set_param("error", e.to_string());
-        }
-        Denied {
-            challenge,
-            error: body.with_status(http::StatusCode::UNAUTHORIZED),
-        }
+        Denied::bearer(&self.realm(public_base), &self.service, required, why, body)
     }
 }
 
@@ -232,14 +284,14 @@ fn unix_now() -> u64 {
 
 /// The access a request needs, in local names: pull for reads, pull+push for writes,
 /// delete for DELETE, `registry:catalog:*` for the catalog, and pull on a mount's `from`.
-pub fn required_scopes(method: &Method, api: &ApiPath, mount_from: Option<&str>) -> Vec<Scope> {
+pub(crate) fn required_scopes(
+    method: &Method,
+    api: &ApiPath,
+    mount_from: Option<&str>,
+) -> Vec<Scope> {
     let Some(name) = &api.name else {
         return match api.endpoint {
-            Endpoint::Catalog => vec![Scope {
-                kind: "registry".into(),
-                name: "catalog".into(),
-                actions: vec!["*".into()],
-            }],
+            Endpoint::Catalog => vec![Scope::catalog()],
             _ => Vec::new(),
         };
     };

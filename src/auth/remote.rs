@@ -4,11 +4,12 @@
 //! while, so random kids cannot make us hammer the publisher, while a real key rotation is
 //! picked up at once).
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, Request};
 use http_body_util::{BodyExt, Limited};
+use parking_lot::RwLock;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
@@ -24,9 +25,9 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{url}: {reason}")]
-pub struct RemoteError {
-    pub url: String,
-    pub reason: String,
+pub(crate) struct RemoteError {
+    pub(crate) url: String,
+    pub(crate) reason: String,
 }
 
 enum Source {
@@ -41,7 +42,7 @@ struct State {
     fruitless: Option<Instant>,
 }
 
-pub struct RemoteKeys {
+pub(crate) struct RemoteKeys {
     source: Source,
     client: HttpClient,
     state: RwLock<State>,
@@ -55,11 +56,11 @@ struct Discovery {
 }
 
 impl RemoteKeys {
-    pub fn jwks(url: &str, client: HttpClient) -> RemoteKeys {
+    pub(crate) fn jwks(url: &str, client: HttpClient) -> RemoteKeys {
         RemoteKeys::new(Source::Jwks(url.to_string()), client)
     }
 
-    pub fn discovery(issuer: &str, client: HttpClient) -> RemoteKeys {
+    pub(crate) fn discovery(issuer: &str, client: HttpClient) -> RemoteKeys {
         RemoteKeys::new(
             Source::Discovery(issuer.trim_end_matches('/').to_string()),
             client,
@@ -80,27 +81,24 @@ impl RemoteKeys {
     }
 
     /// The keys as last fetched.
-    pub fn current(&self) -> Arc<KeyStore> {
-        self.state
-            .read()
-            .map(|s| s.keys.clone())
-            .unwrap_or_default()
+    pub(crate) fn current(&self) -> Arc<KeyStore> {
+        self.state.read().keys.clone()
     }
 
     /// Fetches again when the keys are missing, old, or lack `kid`.
-    pub async fn refresh_if_needed(&self, kid: &str) -> Result<(), RemoteError> {
+    pub(crate) async fn refresh_if_needed(&self, kid: &str) -> Result<(), RemoteError> {
         let needed = |s: &State| {
             let backing_off = s.fruitless.is_some_and(|t| t.elapsed() < FRUITLESS_BACKOFF);
             let old = s.fetched.is_none_or(|t| t.elapsed() > MAX_AGE);
             let unknown = s.keys.by_kid(kid).is_none();
             !backing_off && (old || unknown)
         };
-        if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
+        if !needed(&self.state.read()) {
             return Ok(());
         }
         let _one_at_a_time = self.refreshing.lock().await;
         // Another request may have refreshed while this one waited.
-        if !self.state.read().map(|s| needed(&s)).unwrap_or(true) {
+        if !needed(&self.state.read()) {
             return Ok(());
         }
         let fetched = async {
@@ -128,13 +126,11 @@ impl RemoteKeys {
         };
         let now = Instant::now();
         let fruitless = keys.by_kid(kid).is_none().then_some(now);
-        if let Ok(mut s) = self.state.write() {
-            *s = State {
-                keys: Arc::new(keys),
-                fetched: Some(now),
-                fruitless,
-            };
-        }
+        *self.state.write() = State {
+            keys: Arc::new(keys),
+            fetched: Some(now),
+            fruitless,
+        };
         tracing::info!(url = %jwks_url, "signing keys fetched");
         Ok(())
     }
@@ -142,9 +138,7 @@ impl RemoteKeys {
     /// A failed fetch backs off like a fruitless one: a publisher that is down is not asked
     /// again by every request.
     fn note_failure(&self) {
-        if let Ok(mut s) = self.state.write() {
-            s.fruitless = Some(Instant::now());
-        }
+        self.state.write().fruitless = Some(Instant::now());
     }
 
     fn source_url(&self) -> String {

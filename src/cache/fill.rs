@@ -17,14 +17,14 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
@@ -40,7 +40,7 @@ const MAPPED_CHUNK: usize = 2 << 20;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// The leader is still waiting for the upstream's answer.
     Starting,
     /// The upstream said 200 with this length; this many bytes are on disk.
@@ -53,7 +53,7 @@ pub enum Progress {
     Abandoned,
 }
 
-pub struct Fill {
+pub(crate) struct Fill {
     temp: PathBuf,
     progress: watch::Receiver<Progress>,
     /// Set when bytes start coming: held by the fill's readers and its writer, and handed to
@@ -63,7 +63,7 @@ pub struct Fill {
 
 impl Fill {
     /// Waits until the upstream has answered: `Some(size)` when bytes are coming.
-    pub async fn size(&self) -> Option<u64> {
+    pub(crate) async fn size(&self) -> Option<u64> {
         let mut rx = self.progress.clone();
         loop {
             match *rx.borrow_and_update() {
@@ -79,7 +79,7 @@ impl Fill {
 }
 
 /// The fill this request must make: dropping it before [`FillWriter::start`] abandons it.
-pub struct FillWriter {
+pub(crate) struct FillWriter {
     fills: Arc<Fills>,
     digest: String,
     file: Option<tokio::fs::File>,
@@ -100,7 +100,7 @@ impl Drop for FillWriter {
     }
 }
 
-pub enum Join {
+pub(crate) enum Join {
     /// Nobody is fetching it: this request does.
     Leader(FillWriter),
     /// A fill is in progress: stream from it.
@@ -109,7 +109,7 @@ pub enum Join {
     Stored,
 }
 
-pub struct Fills {
+pub(crate) struct Fills {
     store: Arc<Store>,
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
     /// Bytes that fills in progress will write. With the committed objects and the unlinked
@@ -119,7 +119,7 @@ pub struct Fills {
 }
 
 impl Fills {
-    pub fn new(store: Arc<Store>) -> Arc<Fills> {
+    pub(crate) fn new(store: Arc<Store>) -> Arc<Fills> {
         Arc::new(Fills {
             store,
             inflight: Mutex::new(HashMap::new()),
@@ -130,37 +130,32 @@ impl Fills {
     /// Reserves room for `size` bytes of fills in progress, evicting what nobody reads to
     /// make it; `false` when it does not fit.
     fn reserve(&self, size: u64) -> bool {
-        self.reserved.lock().is_ok_and(|mut r| {
-            let fits = self.store.make_room(*r + size);
-            if fits {
-                *r += size;
-            }
-            fits
-        })
+        let mut reserved = self.reserved.lock();
+        let fits = self.store.make_room(*reserved + size);
+        if fits {
+            *reserved += size;
+        }
+        fits
     }
 
     fn release(&self, size: u64) {
-        if let Ok(mut r) = self.reserved.lock() {
-            *r = r.saturating_sub(size);
-        }
+        let mut reserved = self.reserved.lock();
+        *reserved = reserved.saturating_sub(size);
     }
 
-    /// Attaches to the fill of `digest`, or reserves it for this request.
-    pub fn join(self: &Arc<Self>, digest: &str) -> std::io::Result<Join> {
-        let mut inflight = self
-            .inflight
-            .lock()
-            .map_err(|_| std::io::Error::other("fills poisoned"))?;
+    /// Attaches to the fill of `digest`, or reserves it for this request (which then
+    /// creates its file: [`FillWriter::create`]).
+    pub(crate) fn join(self: &Arc<Self>, digest: &str) -> Join {
+        let mut inflight = self.inflight.lock();
         if let Some(fill) = inflight.get(digest) {
-            return Ok(Join::Follower(fill.clone()));
+            return Join::Follower(fill.clone());
         }
         // Commits happen under this lock: looking again here closes the window in which a
         // request missed just before a commit and would fetch the object a second time.
         if self.store.contains(digest) {
-            return Ok(Join::Stored);
+            return Join::Stored;
         }
         let temp = self.store.temp_path();
-        let file = std::fs::File::create(&temp)?;
         let (tx, rx) = watch::channel(Progress::Starting);
         inflight.insert(
             digest.to_string(),
@@ -170,29 +165,25 @@ impl Fills {
                 pin: std::sync::OnceLock::new(),
             }),
         );
-        Ok(Join::Leader(FillWriter {
+        Join::Leader(FillWriter {
             fills: self.clone(),
             digest: digest.to_string(),
-            file: Some(tokio::fs::File::from_std(file)),
+            file: None,
             temp,
             tx: Some(tx),
             reserved: 0,
-        }))
+        })
     }
 
     fn forget(&self, digest: &str) {
-        if let Ok(mut inflight) = self.inflight.lock() {
-            inflight.remove(digest);
-        }
+        self.inflight.lock().remove(digest);
     }
 
     /// Ends a fill: commits a verified object (under the lock, so that a request either
     /// attaches to the fill or finds the object), or throws the temp file away.
     fn finish(&self, digest: &str, fill: &Fill, size: u64, verified: bool) -> bool {
         let temp = &fill.temp;
-        let Ok(mut inflight) = self.inflight.lock() else {
-            return false;
-        };
+        let mut inflight = self.inflight.lock();
         let committed = verified
             && match self.store.commit(temp, digest, size, fill.pin.get()) {
                 Ok(()) => true,
@@ -214,8 +205,8 @@ impl Fills {
 
     /// A reader of the fill (its file opened under the lock, so a commit's rename cannot
     /// race it); `None` once the fill has ended and its file has moved.
-    pub fn reader(&self, fill: &Arc<Fill>, size: u64) -> Option<Body> {
-        let _inflight = self.inflight.lock().ok()?;
+    pub(crate) fn reader(&self, fill: &Arc<Fill>, size: u64) -> Option<Body> {
+        let _inflight = self.inflight.lock();
         let file = std::fs::File::open(&fill.temp).ok()?;
         Some(stream(
             file,
@@ -227,9 +218,16 @@ impl Fills {
 }
 
 impl FillWriter {
+    /// Creates the fill's file, off the async workers and outside the fills' lock. Followers
+    /// open it only once writing has started.
+    pub(crate) async fn create(&mut self) -> std::io::Result<()> {
+        self.file = Some(tokio::fs::File::create(&self.temp).await?);
+        Ok(())
+    }
+
     /// Reserves disk room for `size` bytes; without it the object is not worth a fill now
     /// (the caller passes the upstream's answer through instead).
-    pub fn reserve(&mut self, size: u64) -> bool {
+    pub(crate) fn reserve(&mut self, size: u64) -> bool {
         let ok = self.fills.reserve(size);
         if ok {
             self.reserved += size;
@@ -240,15 +238,9 @@ impl FillWriter {
     /// Starts writing `body` (`size` bytes that must hash to the digest) in its own task, and
     /// returns the fill and this request's reader of it, opened before the writing starts
     /// (a small object could otherwise be committed and moved before the reader opens it).
-    pub fn start(mut self, body: Incoming, size: u64) -> Option<(Arc<Fill>, Body)> {
+    pub(crate) fn start(mut self, body: Body, size: u64) -> Option<(Arc<Fill>, Body)> {
         // Looked up first: on failure, dropping `self` abandons the fill cleanly.
-        let fill = self
-            .fills
-            .inflight
-            .lock()
-            .ok()?
-            .get(&self.digest)
-            .cloned()?;
+        let fill = self.fills.inflight.lock().get(&self.digest).cloned()?;
         let reader = std::fs::File::open(&self.temp).ok()?;
         let _ = fill.pin.set(self.fills.store.pin(size));
         let tx = self.tx.take()?;
@@ -292,7 +284,7 @@ impl FillWriter {
 /// then can other file descriptors see the bytes). The hex SHA-256 of exactly `size` bytes.
 async fn write(
     mut file: tokio::fs::File,
-    mut body: Incoming,
+    mut body: Body,
     size: u64,
     tx: &watch::Sender<Progress>,
 ) -> Result<String, String> {
@@ -349,15 +341,15 @@ struct Verify {
 /// the bytes go from the page cache to the socket with one copy (as `sendfile` would) and
 /// memory use is the kernel's cache, not ours. A full read of an object this process has
 /// not yet verified checks its digest before the last chunk goes out.
-pub fn object(
+pub(crate) fn object(
     store: &Arc<Store>,
     digest: &str,
     reader: Reader,
     range: Option<(u64, u64)>,
-    head: bool,
+    read: super::Read,
 ) -> std::io::Result<Body> {
     let (start, end) = range.unwrap_or((0, reader.size));
-    if head || start >= end {
+    if read == super::Read::Head || start >= end {
         return Ok(crate::body::empty());
     }
     // SAFETY: objects are immutable: written under tmp/, renamed in once verified, never
@@ -582,16 +574,22 @@ impl http_body::Body for ChannelBody {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fills_in_progress_reserve_at_most_max_size() {
+    #[tokio::test]
+    async fn fills_in_progress_reserve_at_most_max_size() {
         let dir = tempfile::tempdir().unwrap();
-        let fills = Fills::new(Store::open(dir.path(), 100, true).unwrap());
-        let Ok(Join::Leader(mut a)) = fills.join("sha256:aa") else {
+        let fills =
+            Fills::new(Store::open(dir.path(), 100, crate::cache::Ownership::Owner).unwrap());
+        let Join::Leader(mut a) = fills.join("sha256:aa") else {
             panic!("the first request leads");
         };
-        assert!(matches!(fills.join("sha256:aa"), Ok(Join::Follower(_))));
+        assert!(matches!(fills.join("sha256:aa"), Join::Follower(_)));
+        a.create().await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            1
+        );
         assert!(a.reserve(60));
-        let Ok(Join::Leader(mut b)) = fills.join("sha256:bb") else {
+        let Join::Leader(mut b) = fills.join("sha256:bb") else {
             panic!("another digest, another leader");
         };
         assert!(!b.reserve(41), "60 + 41 bytes of fills exceed max_size");
@@ -604,6 +602,6 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
-        assert!(matches!(fills.join("sha256:aa"), Ok(Join::Leader(_))));
+        assert!(matches!(fills.join("sha256:aa"), Join::Leader(_)));
     }
 }

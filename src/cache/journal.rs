@@ -7,15 +7,20 @@
 //! - **media types** of manifests, by digest.
 //!
 //! Replayed at start (the last record wins) and rewritten compactly, dropping what refers
-//! to objects no longer stored. Must not read or write objects.
+//! to objects no longer stored. What changes is known in memory at once; the file is
+//! written by a thread of its own, in order, so requests never wait on the disk. Must not
+//! read or write objects.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use super::Ownership;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -58,14 +63,14 @@ enum Record {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagEntry {
-    pub digest: String,
-    pub checked: SystemTime,
+pub(crate) struct TagEntry {
+    pub(crate) digest: String,
+    pub(crate) checked: SystemTime,
 }
 
 /// How fresh a repository's evidence for a digest is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Evidence {
+pub(crate) enum Evidence {
     /// Proven within `evidence_ttl`.
     Fresh,
     /// Proven once, longer ago: to be proven again.
@@ -81,13 +86,92 @@ struct State {
 }
 
 pub struct Journal {
-    path: PathBuf,
     state: Mutex<State>,
-    file: Mutex<Option<std::fs::File>>,
+    writer: Writer,
     /// Records appended since the file was last written whole (only the owner compacts).
     appended: std::sync::atomic::AtomicUsize,
     owner: bool,
     evidence_ttl: Duration,
+}
+
+/// What the journal's thread is asked to write.
+enum Job {
+    Append(Record),
+    /// The whole journal anew (temp file + rename).
+    Rewrite(Vec<Record>),
+}
+
+/// The thread that owns the journal file. Dropping it waits for what was sent to be written
+/// (`ocigate cache warm` exits right after its last record).
+struct Writer {
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(path: PathBuf, file: std::fs::File) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("cache-journal".into())
+            .spawn(move || write_all(&path, file, rx))?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(tx) = &self.tx
+            && tx.send(job).is_err()
+        {
+            tracing::warn!(
+                "the cache journal's writer has stopped: this knowledge will not survive a restart"
+            );
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread: appends records as they come, and rewrites the file when asked.
+fn write_all(path: &Path, mut file: std::fs::File, rx: mpsc::Receiver<Job>) {
+    for job in rx {
+        let written = match job {
+            Job::Append(record) => write_record(&mut file, &record),
+            Job::Rewrite(records) => rewrite(path, &records).map(|f| file = f),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot write the cache journal: this knowledge will not survive a restart");
+        }
+    }
+}
+
+/// Writes `records` as the whole journal (temp file + rename) and opens it for appending.
+fn rewrite(path: &Path, records: &[Record]) -> std::io::Result<std::fs::File> {
+    let temp = path.with_extension("jsonl.tmp");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&temp)?);
+        for record in records {
+            write_record(&mut out, record)?;
+        }
+        out.flush()?;
+    }
+    std::fs::rename(&temp, path)?;
+    open_for_append(path)
+}
+
+fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// Records appended before the owner rewrites the journal (besides twice the live ones).
@@ -109,12 +193,13 @@ impl Journal {
     /// Replays `dir/journal.jsonl` and keeps what `present` says is still stored. The
     /// `owner` (the server) rewrites the file with just that; others only append, as a
     /// running server holds the file open. A torn last line (a crash mid-append) is skipped.
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         present: impl Fn(&str) -> bool,
-        owner: bool,
+        ownership: Ownership,
         evidence_ttl: Duration,
     ) -> std::io::Result<Journal> {
+        let owner = ownership == Ownership::Owner;
         let path = dir.join("journal.jsonl");
         let mut state = State::default();
         if let Ok(file) = std::fs::File::open(&path) {
@@ -168,121 +253,42 @@ impl Journal {
             }
         }
         state.tags.retain(|_, t| present(&t.digest));
-        let journal = Journal {
-            path,
+        // The owner starts from a compact file; others append to what a server writes.
+        let file = match owner {
+            true => rewrite(&path, &state.records())?,
+            false => open_for_append(&path)?,
+        };
+        Ok(Journal {
             state: Mutex::new(state),
-            file: Mutex::new(None),
+            writer: Writer::start(path, file)?,
             appended: Default::default(),
             owner,
             evidence_ttl,
-        };
-        if owner {
-            journal.compact()?;
-        } else {
-            journal.open_for_append()?;
-        }
-        Ok(journal)
+        })
     }
 
-    /// Rewrites the journal from memory (temp file + rename), then appends to it.
-    fn compact(&self) -> std::io::Result<()> {
-        let temp = self.path.with_extension("jsonl.tmp");
-        {
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&temp)?);
-            let state = self
-                .state
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?;
-            for (key, proven) in &state.links {
-                let mut parts = key.split('\0');
-                if let (Some(upstream), Some(repo), Some(digest)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
-                    write_record(
-                        &mut out,
-                        &Record::Link {
-                            upstream: upstream.into(),
-                            repo: repo.into(),
-                            digest: digest.into(),
-                            proven: secs(*proven),
-                        },
-                    )?;
-                }
-            }
-            for (key, entry) in &state.tags {
-                let mut parts = key.split('\0');
-                if let (Some(upstream), Some(repo), Some(tag), Some(accept)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                {
-                    write_record(
-                        &mut out,
-                        &Record::Tag {
-                            upstream: upstream.into(),
-                            repo: repo.into(),
-                            tag: tag.into(),
-                            accept: accept.into(),
-                            digest: entry.digest.clone(),
-                            checked: secs(entry.checked),
-                        },
-                    )?;
-                }
-            }
-            for (digest, media_type) in &state.types {
-                write_record(
-                    &mut out,
-                    &Record::Type {
-                        digest: digest.clone(),
-                        media_type: media_type.clone(),
-                    },
-                )?;
-            }
-            out.flush()?;
-        }
-        std::fs::rename(&temp, &self.path)?;
-        self.open_for_append()
-    }
-
-    fn open_for_append(&self) -> std::io::Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        if let Ok(mut f) = self.file.lock() {
-            *f = Some(file);
-        }
-        Ok(())
-    }
-
-    fn append(&self, record: &Record) {
-        if let Ok(mut file) = self.file.lock()
-            && let Some(f) = file.as_mut()
-            && let Err(e) = write_record(f, record)
-        {
-            tracing::warn!(error = %e, "cannot append to the cache journal: this knowledge will not survive a restart");
-        }
+    fn append(&self, record: Record) {
+        self.writer.send(Job::Append(record));
         let appended = self
             .appended
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.owner && appended >= COMPACT_AFTER.max(2 * self.live()) {
             self.appended.store(0, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) = self.compact() {
-                tracing::warn!(error = %e, "cannot compact the cache journal");
-            }
+            let records = self.state.lock().records();
+            self.writer.send(Job::Rewrite(records));
         }
     }
 
     fn live(&self) -> usize {
-        self.state
-            .lock()
-            .map_or(0, |s| s.links.len() + s.tags.len() + s.types.len())
+        let s = self.state.lock();
+        s.links.len() + s.tags.len() + s.types.len()
     }
 
     /// The evidence that `repo` on `upstream` has `digest`, if any.
-    pub fn link(&self, upstream: &str, repo: &str, digest: &str) -> Option<Evidence> {
+    pub(crate) fn link(&self, upstream: &str, repo: &str, digest: &str) -> Option<Evidence> {
         let proven = *self
             .state
             .lock()
-            .ok()?
             .links
             .get(&link_key(upstream, repo, digest))?;
         let age = SystemTime::now()
@@ -296,21 +302,23 @@ impl Journal {
     }
 
     /// Whether `repo` on `upstream` has `digest` by fresh evidence.
-    pub fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
+    pub(crate) fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
         self.link(upstream, repo, digest) == Some(Evidence::Fresh)
     }
 
     /// Records the upstream's word, just given, that `repo` has `digest`. Written to the
     /// journal when new, or when it renews evidence older than a tenth of `evidence_ttl`.
-    pub fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
+    pub(crate) fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
         let now = SystemTime::now();
         let renew_after = self.evidence_ttl / 10;
-        let write = self.state.lock().is_ok_and(|mut s| {
-            let old = s.links.insert(link_key(upstream, repo, digest), now);
-            old.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= renew_after))
-        });
+        let old = self
+            .state
+            .lock()
+            .links
+            .insert(link_key(upstream, repo, digest), now);
+        let write = old.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= renew_after));
         if write {
-            self.append(&Record::Link {
+            self.append(Record::Link {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 digest: digest.into(),
@@ -321,14 +329,15 @@ impl Journal {
 
     /// `repo` on `upstream` no longer has `digest`: its evidence and the repository's tags
     /// pointing at it are dropped.
-    pub fn forget(&self, upstream: &str, repo: &str, digest: &str) {
-        let known = self.state.lock().is_ok_and(|mut s| {
+    pub(crate) fn forget(&self, upstream: &str, repo: &str, digest: &str) {
+        let known = {
+            let mut s = self.state.lock();
             let before = s.links.len() + s.tags.len();
             s.forget(upstream, repo, digest);
             before != s.links.len() + s.tags.len()
-        });
+        };
         if known {
-            self.append(&Record::Forget {
+            self.append(Record::Forget {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 digest: digest.into(),
@@ -337,14 +346,15 @@ impl Journal {
     }
 
     /// A tag is gone from `repo`: every cached representation of it is dropped.
-    pub fn forget_tag(&self, upstream: &str, repo: &str, tag: &str) {
-        let known = self.state.lock().is_ok_and(|mut s| {
+    pub(crate) fn forget_tag(&self, upstream: &str, repo: &str, tag: &str) {
+        let known = {
+            let mut s = self.state.lock();
             let before = s.tags.len();
             s.forget_tag(upstream, repo, tag);
             before != s.tags.len()
-        });
+        };
         if known {
-            self.append(&Record::ForgetTag {
+            self.append(Record::ForgetTag {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 tag: tag.into(),
@@ -352,10 +362,15 @@ impl Journal {
         }
     }
 
-    pub fn tag(&self, upstream: &str, repo: &str, tag: &str, accept: &str) -> Option<TagEntry> {
+    pub(crate) fn tag(
+        &self,
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+        accept: &str,
+    ) -> Option<TagEntry> {
         self.state
             .lock()
-            .ok()?
             .tags
             .get(&tag_key(upstream, repo, tag, accept))
             .cloned()
@@ -363,22 +378,27 @@ impl Journal {
 
     /// Records that a tag points at `digest` as of now. Only a change is written to the
     /// journal: after a restart an unchanged tag is merely revalidated once more.
-    pub fn set_tag(&self, upstream: &str, repo: &str, tag: &str, accept: &str, digest: &str) {
+    pub(crate) fn set_tag(
+        &self,
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+        accept: &str,
+        digest: &str,
+    ) {
         let now = SystemTime::now();
-        let changed = self.state.lock().is_ok_and(|mut s| {
-            let old = s.tags.insert(
-                tag_key(upstream, repo, tag, accept),
-                TagEntry {
-                    digest: digest.into(),
-                    checked: now,
-                },
-            );
-            old.is_none_or(|o| o.digest != digest)
-        });
+        let old = self.state.lock().tags.insert(
+            tag_key(upstream, repo, tag, accept),
+            TagEntry {
+                digest: digest.into(),
+                checked: now,
+            },
+        );
+        let changed = old.is_none_or(|o| o.digest != digest);
         if !changed {
             return;
         }
-        self.append(&Record::Tag {
+        self.append(Record::Tag {
             upstream: upstream.into(),
             repo: repo.into(),
             tag: tag.into(),
@@ -389,59 +409,117 @@ impl Journal {
     }
 
     /// The digests of every cached representation (Accept) of a tag.
-    pub fn tag_representations(&self, upstream: &str, repo: &str, tag: &str) -> Vec<String> {
+    pub(crate) fn tag_representations(&self, upstream: &str, repo: &str, tag: &str) -> Vec<String> {
         let prefix = format!("{upstream}\0{repo}\0{tag}\0");
-        self.state.lock().map_or(Vec::new(), |s| {
-            s.tags
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(_, e)| e.digest.clone())
-                .collect()
-        })
+        self.state
+            .lock()
+            .tags
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e.digest.clone())
+            .collect()
     }
 
     pub fn media_type(&self, digest: &str) -> Option<String> {
-        self.state.lock().ok()?.types.get(digest).cloned()
+        self.state.lock().types.get(digest).cloned()
     }
 
-    pub fn set_media_type(&self, digest: &str, media_type: &str) {
-        let changed = self.state.lock().is_ok_and(|mut s| {
-            s.types.insert(digest.into(), media_type.into()).as_deref() != Some(media_type)
-        });
+    pub(crate) fn set_media_type(&self, digest: &str, media_type: &str) {
+        let old = self
+            .state
+            .lock()
+            .types
+            .insert(digest.into(), media_type.into());
+        let changed = old.as_deref() != Some(media_type);
         if changed {
-            self.append(&Record::Type {
+            self.append(Record::Type {
                 digest: digest.into(),
                 media_type: media_type.into(),
             });
         }
     }
 
-    /// Tags as `(upstream, repo, tag, digest, checked)`, for `ocigate cache ls`.
-    pub fn tags(&self) -> Vec<(String, String, String, String, SystemTime)> {
-        let Ok(s) = self.state.lock() else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = s
+    /// Every cached tag (once per digest, whatever the representations), for
+    /// `ocigate cache ls`.
+    pub fn tags(&self) -> Vec<TagRecord> {
+        let s = self.state.lock();
+        let mut out: Vec<TagRecord> = s
             .tags
             .iter()
             .filter_map(|(key, e)| {
                 let mut parts = key.split('\0');
-                Some((
-                    parts.next()?.to_string(),
-                    parts.next()?.to_string(),
-                    parts.next()?.to_string(),
-                    e.digest.clone(),
-                    e.checked,
-                ))
+                Some(TagRecord {
+                    upstream: parts.next()?.to_string(),
+                    repo: parts.next()?.to_string(),
+                    tag: parts.next()?.to_string(),
+                    digest: e.digest.clone(),
+                    checked: e.checked,
+                })
             })
             .collect();
-        out.sort();
-        out.dedup_by(|a, b| (&a.0, &a.1, &a.2, &a.3) == (&b.0, &b.1, &b.2, &b.3));
+        out.sort_by(|a, b| a.key().cmp(&b.key()).then(a.checked.cmp(&b.checked)));
+        out.dedup_by(|a, b| a.key() == b.key());
         out
     }
 }
 
+/// A cached tag: which digest it pointed at when last checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    pub upstream: String,
+    pub repo: String,
+    pub tag: String,
+    pub digest: String,
+    pub checked: SystemTime,
+}
+
+impl TagRecord {
+    fn key(&self) -> (&str, &str, &str, &str) {
+        (&self.upstream, &self.repo, &self.tag, &self.digest)
+    }
+}
+
 impl State {
+    /// Everything known, as the records of a compact journal.
+    fn records(&self) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.links.len() + self.tags.len() + self.types.len());
+        for (key, proven) in &self.links {
+            let mut parts = key.split('\0');
+            if let (Some(upstream), Some(repo), Some(digest)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                out.push(Record::Link {
+                    upstream: upstream.into(),
+                    repo: repo.into(),
+                    digest: digest.into(),
+                    proven: secs(*proven),
+                });
+            }
+        }
+        for (key, entry) in &self.tags {
+            let mut parts = key.split('\0');
+            if let (Some(upstream), Some(repo), Some(tag), Some(accept)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            {
+                out.push(Record::Tag {
+                    upstream: upstream.into(),
+                    repo: repo.into(),
+                    tag: tag.into(),
+                    accept: accept.into(),
+                    digest: entry.digest.clone(),
+                    checked: secs(entry.checked),
+                });
+            }
+        }
+        for (digest, media_type) in &self.types {
+            out.push(Record::Type {
+                digest: digest.clone(),
+                media_type: media_type.clone(),
+            });
+        }
+        out
+    }
+
     fn forget(&mut self, upstream: &str, repo: &str, digest: &str) {
         self.links.remove(&link_key(upstream, repo, digest));
         let prefix = format!("{upstream}\0{repo}\0");
@@ -469,7 +547,7 @@ mod tests {
     fn survives_a_restart_and_forgets_what_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let day = Duration::from_secs(86400);
-        let j = Journal::open(dir.path(), |_| true, true, day).unwrap();
+        let j = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
         j.add_link("hub", "library/alpine", "sha256:aa");
         j.add_link("hub", "library/alpine", "sha256:bb");
         j.set_tag("hub", "library/alpine", "3", "x", "sha256:aa");
@@ -483,7 +561,7 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"link\":{\"upstr").unwrap();
         drop(f);
-        let j = Journal::open(dir.path(), |d| d == "sha256:bb", true, day).unwrap();
+        let j = Journal::open(dir.path(), |d| d == "sha256:bb", Ownership::Owner, day).unwrap();
         assert!(j.has_link("hub", "library/alpine", "sha256:bb"));
         assert!(
             !j.has_link("hub", "library/alpine", "sha256:aa"),
@@ -507,7 +585,7 @@ mod tests {
     fn forgotten_evidence_and_tags_stay_forgotten_and_old_evidence_is_stale() {
         let dir = tempfile::tempdir().unwrap();
         let day = Duration::from_secs(86400);
-        let j = Journal::open(dir.path(), |_| true, true, day).unwrap();
+        let j = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
         j.add_link("hub", "team/app", "sha256:aa");
         j.add_link("hub", "team/other", "sha256:aa");
         j.set_tag("hub", "team/app", "v1", "x", "sha256:aa");
@@ -534,10 +612,10 @@ mod tests {
         };
         check(&j);
         drop(j);
-        check(&Journal::open(dir.path(), |_| true, false, day).unwrap());
+        check(&Journal::open(dir.path(), |_| true, Ownership::Guest, day).unwrap());
         // Evidence older than the bound is stale, and links of journals without proof
         // times were never proven.
-        let zero = Journal::open(dir.path(), |_| true, false, Duration::ZERO).unwrap();
+        let zero = Journal::open(dir.path(), |_| true, Ownership::Guest, Duration::ZERO).unwrap();
         assert_eq!(
             zero.link("hub", "team/other", "sha256:aa"),
             Some(Evidence::Stale)
@@ -547,7 +625,7 @@ mod tests {
             "{\"link\":{\"upstream\":\"hub\",\"repo\":\"r\",\"digest\":\"sha256:dd\"}}\n",
         )
         .unwrap();
-        let old = Journal::open(dir.path(), |_| true, true, day).unwrap();
+        let old = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
         assert_eq!(old.link("hub", "r", "sha256:dd"), Some(Evidence::Stale));
     }
 }

@@ -18,91 +18,96 @@
 //!
 //! Talks to upstreams only through [`Fetch`], never sees local names.
 
-pub mod fill;
-pub mod journal;
-pub mod store;
+pub(crate) mod fill;
+pub(crate) mod journal;
+pub(crate) mod store;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 
 use crate::body::{self, Body};
 use crate::config::CacheConfig;
 use crate::error::GatewayError;
 use crate::flight::Gates;
+use crate::oci::range::ByteRange;
 use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope, manifest};
-use crate::upstream::{Upstream, UpstreamError, UpstreamRequest};
+use crate::rewrite::RemoteName;
+use crate::upstream::{Authorization, Redirects, Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
 use journal::{Evidence, Journal};
 use store::Store;
 
 /// Manifests larger than this are passed through, not cached (distribution refuses to store
 /// them too).
-pub const MAX_MANIFEST: usize = 4 << 20;
+pub(crate) const MAX_MANIFEST: usize = 4 << 20;
 
-/// Every manifest media type, for fetches of the cache's own (`ocigate cache warm`).
-pub const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+/// What a read asks for: the object, or only its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Read {
+    Get,
+    Head,
+}
+
+/// Who opens the cache directory: the server tidies it up; a CLI command that may run
+/// beside a server (`ocigate cache warm`) leaves it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    Owner,
+    Guest,
+}
 
 /// What the cache stage did with a request.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Answered by the cache.
     Served(Response<Body>),
     /// The upstream's answer, to be passed on as any other (refusals, `404`s, …).
-    Upstream(Response<Incoming>),
+    Upstream(Response<Body>),
     /// Not for the cache: the pipeline sends the request as usual.
     Pass,
 }
 
 /// How the cache asks the upstream on behalf of one request.
-pub struct Fetch<'a> {
-    pub upstream: &'a Upstream,
+pub(crate) struct Fetch<'a> {
+    pub(crate) upstream: &'a Upstream,
     /// The remote repository name.
-    pub remote: &'a str,
+    pub(crate) remote: &'a RemoteName,
     /// The scopes the request needs, in remote names.
-    pub scopes: Vec<Scope>,
-    /// The upstream token a relay route's client showed.
-    pub relayed: Option<HeaderValue>,
+    pub(crate) scopes: Vec<Scope>,
+    /// Whose authority the request goes upstream with.
+    pub(crate) authorization: Authorization,
     /// The client's headers as the upstream may see them.
-    pub headers: &'a HeaderMap,
+    pub(crate) headers: &'a HeaderMap,
 }
 
 impl Fetch<'_> {
-    async fn send(
-        &self,
-        method: Method,
-        suffix: &str,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send(&self, method: Method, suffix: &str) -> Result<Response<Body>, UpstreamError> {
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
             for v in self.headers.get_all(&name) {
                 headers.append(name.clone(), v.clone());
             }
         }
-        let path_and_query = format!("/v2/{}/{suffix}", self.remote);
+        // A GET needs the bytes, whatever the route's redirect policy says to clients. A HEAD
+        // is not followed: object stores presign URLs for GET only.
+        let redirects = match method {
+            Method::GET => Redirects::Follow,
+            _ => Redirects::PassOn,
+        };
         let request = UpstreamRequest {
-            method: method.clone(),
-            path_and_query: path_and_query.clone(),
-            headers: headers.clone(),
+            method,
+            path_and_query: format!("/v2/{}/{suffix}", self.remote),
+            headers,
             body: None,
             scopes: self.scopes.clone(),
         };
-        let response = match &self.relayed {
-            Some(token) => self.upstream.send_as(request, token.clone()).await?,
-            None => self.upstream.send(request).await?,
-        };
-        // A GET needs the bytes, whatever the route's redirect policy says to clients. A HEAD
-        // is not followed: object stores presign URLs for GET only.
-        if method != Method::GET || !response.status().is_redirection() {
-            return Ok(response);
-        }
-        let from = self.upstream.url(&path_and_query)?;
         self.upstream
-            .follow_redirects(response, &method, from, &headers)
+            .send(request, &self.authorization, redirects)
             .await
     }
 }
@@ -123,25 +128,25 @@ pub struct CacheOpenError {
 }
 
 /// A manifest from the cache: its digest, media type and bytes.
-pub struct Manifest {
-    pub digest: String,
-    pub media_type: String,
-    pub bytes: Bytes,
+pub(crate) struct Manifest {
+    pub(crate) digest: String,
+    pub(crate) media_type: String,
+    pub(crate) bytes: Bytes,
 }
 
 impl Cache {
     /// Opens the cache directory, rebuilding the index and the journal from it. Only the
-    /// `owner` (the server) tidies up: the CLI may run beside a server on the same directory.
-    pub fn open(config: &CacheConfig, owner: bool) -> Result<Cache, CacheOpenError> {
+    /// owner (the server) tidies up: the CLI may run beside a server on the same directory.
+    pub fn open(config: &CacheConfig, ownership: Ownership) -> Result<Cache, CacheOpenError> {
         let err = |error| CacheOpenError {
             dir: config.dir.display().to_string(),
             error,
         };
-        let store = Store::open(&config.dir, config.max_size, owner).map_err(err)?;
+        let store = Store::open(&config.dir, config.max_size, ownership).map_err(err)?;
         let journal = Journal::open(
             &config.dir,
             |d| store.contains(d),
-            owner,
+            ownership,
             config.evidence_ttl,
         )
         .map_err(err)?;
@@ -163,23 +168,23 @@ impl Cache {
     }
 
     /// The stage: a blob or manifest GET/HEAD of a cache route.
-    pub async fn serve(
+    pub(crate) async fn serve(
         &self,
         method: &Method,
         endpoint: &Endpoint,
         fetch: &Fetch<'_>,
     ) -> Result<Outcome, GatewayError> {
-        let head = match *method {
-            Method::GET => false,
-            Method::HEAD => true,
+        let read = match *method {
+            Method::GET => Read::Get,
+            Method::HEAD => Read::Head,
             _ => return Ok(Outcome::Pass),
         };
         match endpoint {
-            Endpoint::Blob(d) if d.starts_with("sha256:") => self.blob(head, d, fetch).await,
+            Endpoint::Blob(d) if d.starts_with("sha256:") => self.blob(read, d, fetch).await,
             Endpoint::Manifest(r) if !r.as_str().starts_with("sha512:") => {
-                let accept = accept_key(fetch.headers);
-                Ok(match self.manifest(r, &accept, head, fetch).await? {
-                    ManifestAnswer::Cached(m) => Outcome::Served(manifest_response(m, head)),
+                let accept = manifest::accept_key(fetch.headers);
+                Ok(match self.manifest(r, &accept, read, fetch).await? {
+                    ManifestAnswer::Cached(m) => Outcome::Served(manifest_response(m, read)),
                     ManifestAnswer::Upstream(r) => Outcome::Upstream(r),
                     ManifestAnswer::NotCached => {
                         Outcome::Served(not_cached(ErrorCode::ManifestUnknown, r.as_str()))
@@ -192,7 +197,7 @@ impl Cache {
 
     async fn blob(
         &self,
-        head: bool,
+        read: Read,
         digest: &str,
         fetch: &Fetch<'_>,
     ) -> Result<Outcome, GatewayError> {
@@ -202,7 +207,7 @@ impl Cache {
             .headers
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_range);
+            .and_then(ByteRange::parse);
         let suffix = format!("blobs/{digest}");
         if self.store.contains(digest) {
             if !self.linked(digest, &suffix, fetch).await? {
@@ -220,7 +225,7 @@ impl Cache {
                     None => None,
                 };
                 return Ok(
-                    match fill::object(&self.store, digest, reader, range, head) {
+                    match fill::object(&self.store, digest, reader, range, read) {
                         Ok(body) => {
                             crate::metrics::cache_request("blob", "hit");
                             Outcome::Served(blob_response(digest, size, range, body))
@@ -236,7 +241,7 @@ impl Cache {
         if self.config.offline {
             return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
         }
-        if head {
+        if read == Read::Head {
             // A HEAD of an uncached blob goes upstream; a yes is evidence for later GETs.
             let response = fetch.send(Method::HEAD, &suffix).await?;
             self.learn_presence(response.status(), digest, fetch);
@@ -249,7 +254,7 @@ impl Cache {
             Filled::Reading(size, body) => {
                 Ok(Outcome::Served(blob_response(digest, size, None, body)))
             }
-            Filled::Stored => Box::pin(self.blob(head, digest, fetch)).await,
+            Filled::Stored => Box::pin(self.blob(read, digest, fetch)).await,
             Filled::Upstream(response) => Ok(Outcome::Upstream(response)),
             Filled::Nothing => Ok(Outcome::Pass),
         }
@@ -259,14 +264,7 @@ impl Cache {
     /// reader that streams it as it arrives.
     async fn fill(&self, digest: &str, fetch: &Fetch<'_>) -> Result<Filled, GatewayError> {
         let suffix = format!("blobs/{digest}");
-        let join = match self.fills.join(digest) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!(error = %e, "cache: cannot start a fill; passing through");
-                return Ok(Filled::Nothing);
-            }
-        };
-        match join {
+        match self.fills.join(digest) {
             Join::Stored => Ok(Filled::Stored),
             Join::Follower(fill) => {
                 crate::metrics::cache_coalesced();
@@ -283,6 +281,10 @@ impl Cache {
                 })
             }
             Join::Leader(mut writer) => {
+                if let Err(e) = writer.create().await {
+                    tracing::warn!(error = %e, "cache: cannot start a fill; passing through");
+                    return Ok(Filled::Nothing);
+                }
                 crate::metrics::cache_request("blob", "miss");
                 let response = fetch.send(Method::GET, &suffix).await?;
                 let size = content_length(response.headers());
@@ -314,13 +316,13 @@ impl Cache {
     ) -> Result<bool, GatewayError> {
         let evidence = self
             .journal
-            .link(fetch.upstream.name(), fetch.remote, digest);
+            .link(fetch.upstream.name(), fetch.remote.as_str(), digest);
         match evidence {
             Some(Evidence::Fresh) => Ok(true),
             _ if self.config.offline => Ok(evidence.is_some()),
             Some(Evidence::Stale) => match self.prove_link(digest, suffix, fetch).await {
                 Err(e) if self.config.serve_stale => {
-                    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote, %digest, error = %e, "upstream failing: serving on old evidence");
+                    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote.as_str(), %digest, error = %e, "upstream failing: serving on old evidence");
                     Ok(true)
                 }
                 proven => proven,
@@ -347,9 +349,10 @@ impl Cache {
     fn learn_presence(&self, status: StatusCode, digest: &str, fetch: &Fetch<'_>) {
         let upstream = fetch.upstream.name();
         if is_evidence(status) {
-            self.journal.add_link(upstream, fetch.remote, digest);
+            self.journal
+                .add_link(upstream, fetch.remote.as_str(), digest);
         } else if status == StatusCode::NOT_FOUND {
-            self.journal.forget(upstream, fetch.remote, digest);
+            self.journal.forget(upstream, fetch.remote.as_str(), digest);
         }
     }
 
@@ -360,15 +363,16 @@ impl Cache {
         }
         let upstream = fetch.upstream.name();
         match reference {
-            Reference::Digest(d) => self.journal.forget(upstream, fetch.remote, d),
-            Reference::Tag(t) => self.journal.forget_tag(upstream, fetch.remote, t),
+            Reference::Digest(d) => self.journal.forget(upstream, fetch.remote.as_str(), d),
+            Reference::Tag(t) => self.journal.forget_tag(upstream, fetch.remote.as_str(), t),
         }
     }
 
     /// A `DELETE` through the proxy succeeded: the cache forgets that the repository has
     /// the manifest or blob (and, for a manifest, its tags pointing at it), so deleted
     /// content is not served from the cache.
-    pub fn deleted(&self, upstream: &str, remote: &str, endpoint: &Endpoint) {
+    pub(crate) fn deleted(&self, upstream: &str, remote: &RemoteName, endpoint: &Endpoint) {
+        let remote = remote.as_str();
         match endpoint {
             Endpoint::Blob(digest) | Endpoint::Manifest(Reference::Digest(digest)) => {
                 self.journal.forget(upstream, remote, digest);
@@ -381,13 +385,13 @@ impl Cache {
     }
 
     /// A manifest by tag or digest: from the cache when it may be, else fetched, verified
-    /// and stored. A `head` that misses is passed upstream as a HEAD (free on Docker Hub),
+    /// and stored. A HEAD that misses is passed upstream as a HEAD (free on Docker Hub),
     /// not turned into a GET.
-    pub async fn manifest(
+    pub(crate) async fn manifest(
         &self,
         reference: &Reference,
         accept: &str,
-        head: bool,
+        read: Read,
         fetch: &Fetch<'_>,
     ) -> Result<ManifestAnswer, GatewayError> {
         match reference {
@@ -396,7 +400,7 @@ impl Cache {
                     let linked = self
                         .linked(digest, &format!("manifests/{digest}"), fetch)
                         .await?;
-                    if linked && let Some(m) = self.cached_manifest(digest) {
+                    if linked && let Some(m) = self.cached_manifest(digest).await {
                         crate::metrics::cache_request("manifest", "hit");
                         return Ok(ManifestAnswer::Cached(m));
                     }
@@ -411,7 +415,7 @@ impl Cache {
         if self.config.offline {
             return Ok(ManifestAnswer::NotCached);
         }
-        let fetched = if head {
+        let fetched = if read == Read::Head {
             let suffix = format!("manifests/{}", reference.as_str());
             match fetch.send(Method::HEAD, &suffix).await {
                 Ok(r) => {
@@ -430,7 +434,7 @@ impl Cache {
                 Ok(ManifestAnswer::Upstream(r)) => is_upstream_trouble(r.status()),
                 _ => false,
             };
-            if trouble && let Some(m) = self.any_representation(tag, accept, fetch) {
+            if trouble && let Some(m) = self.any_representation(tag, accept, fetch).await {
                 return Ok(stale(m, fetch, tag, "no answer for this representation"));
             }
         }
@@ -442,7 +446,7 @@ impl Cache {
     /// containerd) find the tag cached next time, even with the upstream down.
     fn learn_from_head(
         &self,
-        response: &Response<Incoming>,
+        response: &Response<Body>,
         reference: &Reference,
         accept: &str,
         fetch: &Fetch<'_>,
@@ -457,10 +461,11 @@ impl Cache {
             return;
         };
         let upstream = fetch.upstream.name();
-        self.journal.add_link(upstream, fetch.remote, digest);
+        self.journal
+            .add_link(upstream, fetch.remote.as_str(), digest);
         if let Reference::Tag(tag) = reference {
             self.journal
-                .set_tag(upstream, fetch.remote, tag, accept, digest);
+                .set_tag(upstream, fetch.remote.as_str(), tag, accept, digest);
         }
     }
 
@@ -472,13 +477,19 @@ impl Cache {
         fetch: &Fetch<'_>,
     ) -> Result<Option<ManifestAnswer>, GatewayError> {
         let upstream = fetch.upstream.name();
-        let entry = self.journal.tag(upstream, fetch.remote, tag, accept);
-        let cached = entry.as_ref().and_then(|e| self.cached_manifest(&e.digest));
+        let entry = self
+            .journal
+            .tag(upstream, fetch.remote.as_str(), tag, accept);
+        let cached = match &entry {
+            Some(e) => self.cached_manifest(&e.digest).await,
+            None => None,
+        };
         let (Some(entry), Some(cached)) = (entry, cached) else {
             // Offline, any cached representation the client accepts beats a 404.
             if self.config.offline {
                 return Ok(self
                     .any_representation(tag, accept, fetch)
+                    .await
                     .map(ManifestAnswer::Cached));
             }
             return Ok(None);
@@ -499,8 +510,13 @@ impl Cache {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 if now.as_deref() == Some(cached.digest.as_str()) {
-                    self.journal
-                        .set_tag(upstream, fetch.remote, tag, accept, &cached.digest);
+                    self.journal.set_tag(
+                        upstream,
+                        fetch.remote.as_str(),
+                        tag,
+                        accept,
+                        &cached.digest,
+                    );
                     crate::metrics::cache_request("manifest", "revalidated");
                     return Ok(Some(ManifestAnswer::Cached(cached)));
                 }
@@ -521,40 +537,42 @@ impl Cache {
     }
 
     /// Any cached representation of a tag whose media type the client accepts.
-    fn any_representation(&self, tag: &str, accept: &str, fetch: &Fetch<'_>) -> Option<Manifest> {
+    async fn any_representation(
+        &self,
+        tag: &str,
+        accept: &str,
+        fetch: &Fetch<'_>,
+    ) -> Option<Manifest> {
         let accepted: Vec<&str> = accept.split(',').filter(|a| !a.is_empty()).collect();
-        self.journal
-            .tag_representations(fetch.upstream.name(), fetch.remote, tag)
-            .into_iter()
-            .filter_map(|digest| self.cached_manifest(&digest))
-            .find(|m| {
-                accepted.is_empty()
-                    || accepted.contains(&"*/*")
-                    || accepted.contains(&m.media_type.as_str())
-            })
+        let digests =
+            self.journal
+                .tag_representations(fetch.upstream.name(), fetch.remote.as_str(), tag);
+        for digest in digests {
+            let Some(m) = self.cached_manifest(&digest).await else {
+                continue;
+            };
+            if accepted.is_empty()
+                || accepted.contains(&"*/*")
+                || accepted.contains(&m.media_type.as_str())
+            {
+                return Some(m);
+            }
+        }
+        None
     }
 
-    /// A stored manifest, read whole (it is small) and checked if this process has not yet.
-    fn cached_manifest(&self, digest: &str) -> Option<Manifest> {
+    /// A stored manifest, read whole (it is small) off the async workers, and checked if
+    /// this process has not yet.
+    async fn cached_manifest(&self, digest: &str) -> Option<Manifest> {
         let media_type = self.journal.media_type(digest)?;
-        let reader = self.store.open_object(digest)?;
-        let verified = reader.verified;
-        let mut bytes = Vec::with_capacity(reader.size as usize);
-        std::io::Read::read_to_end(&mut &reader.file, &mut bytes).ok()?;
-        if !verified || bytes.len() as u64 != reader.size {
-            if sha256_digest(&bytes) != digest {
-                tracing::warn!(%digest, "cached manifest is corrupt: dropped");
-                crate::metrics::cache_rejected("corrupt");
-                drop(reader);
-                self.store.remove(digest);
-                return None;
-            }
-            self.store.mark_verified(digest);
-        }
+        let (store, owned) = (self.store.clone(), digest.to_string());
+        let bytes = tokio::task::spawn_blocking(move || read_manifest(&store, &owned))
+            .await
+            .ok()??;
         Some(Manifest {
             digest: digest.to_string(),
             media_type,
-            bytes: bytes.into(),
+            bytes,
         })
     }
 
@@ -569,23 +587,25 @@ impl Cache {
         let upstream = fetch.upstream.name();
         let key = format!(
             "{upstream}\0{}\0{}\0{accept}",
-            fetch.remote,
+            fetch.remote.as_str(),
             reference.as_str()
         );
         let gate = self.manifest_gates.gate(&key);
         let _turn = gate.lock().await;
         // Whoever held the gate may have fetched it just now.
         let fresh = match reference {
-            Reference::Digest(d) => self
+            Reference::Digest(d) if self.journal.has_link(upstream, fetch.remote.as_str(), d) => {
+                self.cached_manifest(d).await
+            }
+            Reference::Digest(_) => None,
+            Reference::Tag(t) => match self
                 .journal
-                .has_link(upstream, fetch.remote, d)
-                .then(|| self.cached_manifest(d))
-                .flatten(),
-            Reference::Tag(t) => self
-                .journal
-                .tag(upstream, fetch.remote, t, accept)
+                .tag(upstream, fetch.remote.as_str(), t, accept)
                 .filter(|e| e.checked.elapsed().is_ok_and(|a| a < self.config.tag_ttl))
-                .and_then(|e| self.cached_manifest(&e.digest)),
+            {
+                Some(e) => self.cached_manifest(&e.digest).await,
+                None => None,
+            },
         };
         if let Some(m) = fresh {
             crate::metrics::cache_coalesced();
@@ -612,11 +632,9 @@ impl Cache {
             reason,
         };
         let (parts, incoming) = response.into_parts();
-        let bytes = Limited::new(incoming, MAX_MANIFEST)
-            .collect()
+        let bytes = body::read_to_limit(incoming, MAX_MANIFEST)
             .await
-            .map_err(|e| bad(e.to_string()))?
-            .to_bytes();
+            .map_err(bad)?;
         let digest = sha256_digest(&bytes);
         let said = parts
             .headers
@@ -643,17 +661,20 @@ impl Cache {
             .or_else(|| manifest::media_type(&bytes))
             .unwrap_or_else(|| manifest::OCI_MANIFEST.into());
         self.store_manifest(&digest, &bytes)
+            .await
             .map_err(|e| bad(format!("cannot store it: {e}")))?;
         self.journal.set_media_type(&digest, &media_type);
-        self.journal.add_link(upstream, fetch.remote, &digest);
+        self.journal
+            .add_link(upstream, fetch.remote.as_str(), &digest);
         // Only what the upstream checked before it took the manifest: anything else a body
         // names is proven with a HEAD when asked for.
         for referenced in manifest::verified_references(served_type, &bytes) {
-            self.journal.add_link(upstream, fetch.remote, &referenced);
+            self.journal
+                .add_link(upstream, fetch.remote.as_str(), &referenced);
         }
         if let Reference::Tag(tag) = reference {
             self.journal
-                .set_tag(upstream, fetch.remote, tag, accept, &digest);
+                .set_tag(upstream, fetch.remote.as_str(), tag, accept, &digest);
         }
         Ok(ManifestAnswer::Cached(Manifest {
             digest,
@@ -662,13 +683,19 @@ impl Cache {
         }))
     }
 
-    fn store_manifest(&self, digest: &str, bytes: &[u8]) -> std::io::Result<()> {
+    /// Stores a verified manifest, off the async workers.
+    async fn store_manifest(&self, digest: &str, bytes: &Bytes) -> std::io::Result<()> {
         if self.store.contains(digest) {
             return Ok(());
         }
-        let temp = self.store.temp_path();
-        std::fs::write(&temp, bytes)?;
-        self.store.commit(&temp, digest, bytes.len() as u64, None)?;
+        let (store, digest, bytes) = (self.store.clone(), digest.to_string(), bytes.clone());
+        tokio::task::spawn_blocking(move || {
+            let temp = store.temp_path();
+            std::fs::write(&temp, &bytes)?;
+            store.commit(&temp, &digest, bytes.len() as u64, None)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         // Manifests take no fill reservation: what they add is evicted like anything else.
         self.store.evict_in_background();
         Ok(())
@@ -676,11 +703,15 @@ impl Cache {
 
     /// Fetches a blob into the cache and waits for it (for `ocigate cache warm`). `true`
     /// when it is cached for this repository afterwards.
-    pub async fn warm_blob(&self, digest: &str, fetch: &Fetch<'_>) -> Result<bool, GatewayError> {
+    pub(crate) async fn warm_blob(
+        &self,
+        digest: &str,
+        fetch: &Fetch<'_>,
+    ) -> Result<bool, GatewayError> {
         let linked = |c: &Cache| {
             c.store.contains(digest)
                 && c.journal
-                    .has_link(fetch.upstream.name(), fetch.remote, digest)
+                    .has_link(fetch.upstream.name(), fetch.remote.as_str(), digest)
         };
         if linked(self) {
             return Ok(true);
@@ -702,6 +733,26 @@ impl Cache {
     }
 }
 
+/// A stored manifest's bytes, checked against its digest unless this process already did;
+/// a corrupt one is dropped from the store. Blocking: file I/O.
+fn read_manifest(store: &Arc<Store>, digest: &str) -> Option<Bytes> {
+    let reader = store.open_object(digest)?;
+    let verified = reader.verified;
+    let mut bytes = Vec::with_capacity(reader.size as usize);
+    std::io::Read::read_to_end(&mut &reader.file, &mut bytes).ok()?;
+    if !verified || bytes.len() as u64 != reader.size {
+        if sha256_digest(&bytes) != digest {
+            tracing::warn!(%digest, "cached manifest is corrupt: dropped");
+            crate::metrics::cache_rejected("corrupt");
+            drop(reader);
+            store.remove(digest);
+            return None;
+        }
+        store.mark_verified(digest);
+    }
+    Some(bytes.into())
+}
+
 /// What [`Cache::fill`] got.
 enum Filled {
     /// Bytes are coming: the size and this request's reader.
@@ -709,94 +760,17 @@ enum Filled {
     /// The object is in the store now.
     Stored,
     /// The upstream's answer, not for the cache.
-    Upstream(Response<Incoming>),
+    Upstream(Response<Body>),
     /// No fill (local trouble, or the other fill failed): go upstream as usual.
     Nothing,
 }
 
-pub enum ManifestAnswer {
+pub(crate) enum ManifestAnswer {
     Cached(Manifest),
     /// The upstream's answer, to pass on.
-    Upstream(Response<Incoming>),
+    Upstream(Response<Body>),
     /// Offline and not cached.
     NotCached,
-}
-
-/// Media types that can select a manifest representation; others in an Accept header are
-/// ignored, so clients cannot mint unlimited cache keys.
-const MANIFEST_TYPES: &[&str] = &[
-    "*/*",
-    "application/json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.artifact.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-];
-
-/// The Accept header as a cache key: its manifest media types, without parameters, sorted.
-pub fn accept_key(headers: &HeaderMap) -> String {
-    let mut types: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| {
-            t.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .filter(|t| MANIFEST_TYPES.contains(&t.as_str()))
-        .collect();
-    types.sort();
-    types.dedup();
-    types.join(",")
-}
-
-/// A single `Range: bytes=…` request; multiple ranges are left to the upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RangeSpec {
-    From(u64, Option<u64>),
-    Suffix(u64),
-}
-
-fn parse_range(v: &str) -> Option<RangeSpec> {
-    let spec = v.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (a, b) = (a.trim(), b.trim());
-    if a.is_empty() {
-        return b.parse().ok().map(RangeSpec::Suffix);
-    }
-    let start = a.parse().ok()?;
-    let end = if b.is_empty() {
-        None
-    } else {
-        Some(b.parse().ok()?)
-    };
-    if end.is_some_and(|e| e < start) {
-        return None;
-    }
-    Some(RangeSpec::From(start, end))
-}
-
-impl RangeSpec {
-    /// `[start, end)` within an object of `size` bytes; `None` when unsatisfiable.
-    fn resolve(self, size: u64) -> Option<(u64, u64)> {
-        match self {
-            _ if size == 0 => None,
-            RangeSpec::From(start, _) if start >= size => None,
-            RangeSpec::From(start, end) => Some((start, end.map_or(size, |e| (e + 1).min(size)))),
-            RangeSpec::Suffix(0) => None,
-            RangeSpec::Suffix(n) => Some((size.saturating_sub(n), size)),
-        }
-    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -842,12 +816,11 @@ fn blob_response(digest: &str, size: u64, range: Option<(u64, u64)>, body: Body)
     response
 }
 
-fn manifest_response(m: Manifest, head: bool) -> Response<Body> {
+fn manifest_response(m: Manifest, read: Read) -> Response<Body> {
     let len = m.bytes.len() as u64;
-    let body = if head {
-        body::empty()
-    } else {
-        body::full(m.bytes)
+    let body = match read {
+        Read::Head => body::empty(),
+        Read::Get => body::full(m.bytes),
     };
     let mut response = Response::new(body);
     registry_headers(&mut response, &m.digest, &m.media_type, len);
@@ -874,7 +847,7 @@ fn not_cached(code: ErrorCode, reference: &str) -> Response<Body> {
 
 /// A stale cached answer while the upstream fails, logged and counted.
 fn stale(m: Manifest, fetch: &Fetch<'_>, tag: &str, why: impl std::fmt::Display) -> ManifestAnswer {
-    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote, tag, %why, "upstream failing: serving a stale tag");
+    tracing::warn!(upstream = fetch.upstream.name(), repo = fetch.remote.as_str(), tag, %why, "upstream failing: serving a stale tag");
     crate::metrics::cache_request("manifest", "stale");
     ManifestAnswer::Cached(m)
 }
@@ -890,51 +863,6 @@ fn is_upstream_trouble(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
-pub fn sha256_digest(bytes: &[u8]) -> String {
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_keys_ignore_order_case_and_parameters() {
-        let mut a = HeaderMap::new();
-        a.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json; q=0.9, application/vnd.docker.distribution.manifest.v2+json"));
-        let mut b = HeaderMap::new();
-        b.append(
-            header::ACCEPT,
-            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
-        );
-        b.append(
-            header::ACCEPT,
-            HeaderValue::from_static("Application/vnd.oci.image.index.v1+json"),
-        );
-        assert_eq!(accept_key(&a), accept_key(&b));
-        assert_eq!(accept_key(&HeaderMap::new()), "");
-        let mut c = HeaderMap::new();
-        c.append(
-            header::ACCEPT,
-            HeaderValue::from_static(
-                "application/x-made-up-1, application/vnd.oci.image.index.v1+json",
-            ),
-        );
-        assert_eq!(accept_key(&c), "application/vnd.oci.image.index.v1+json");
-    }
-
-    #[test]
-    fn ranges() {
-        let r = |v: &str, size: u64| parse_range(v).and_then(|r| r.resolve(size));
-        assert_eq!(r("bytes=0-9", 100), Some((0, 10)));
-        assert_eq!(r("bytes=90-", 100), Some((90, 100)));
-        assert_eq!(r("bytes=90-1000", 100), Some((90, 100)));
-        assert_eq!(r("bytes=-10", 100), Some((90, 100)));
-        assert_eq!(r("bytes=100-", 100), None);
-        assert_eq!(r("bytes=-5", 0), None, "nothing to give of an empty blob");
-        assert_eq!(r("bytes=0-", 0), None);
-        assert_eq!(parse_range("bytes=0-1,5-6"), None);
-        assert_eq!(parse_range("bytes=9-1"), None);
-        assert_eq!(parse_range("items=0-1"), None);
-    }
 }

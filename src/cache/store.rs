@@ -13,8 +13,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+
+use super::Ownership;
 
 /// How stale a file's modification time (our record of its last access) may get before a
 /// hit refreshes it: often enough for LRU across restarts, rarely enough to cost nothing.
@@ -44,7 +48,7 @@ impl Entry {
 
 /// Held by everyone who has an object's file open: readers, mappings, the readers and the
 /// writer of the fill that becomes it.
-pub struct ObjectPin {
+pub(crate) struct ObjectPin {
     size: u64,
     /// Its file was unlinked while it was open: its bytes are counted in `held`.
     unlinked: AtomicBool,
@@ -93,11 +97,11 @@ pub struct Store {
 }
 
 /// An object opened for reading; it cannot be evicted while this lives.
-pub struct Reader {
-    pub file: std::fs::File,
-    pub size: u64,
+pub(crate) struct Reader {
+    pub(crate) file: std::fs::File,
+    pub(crate) size: u64,
     /// False after a restart until one full read has checked the digest.
-    pub verified: bool,
+    pub(crate) verified: bool,
     _pin: Arc<ObjectPin>,
 }
 
@@ -105,7 +109,12 @@ impl Store {
     /// Opens (creating) the store at `root` and indexes `objects/` from file sizes and
     /// modification times. The `owner` (the server) also removes fills a crash left in
     /// `tmp/`; the CLI must not, as a running server may be writing there.
-    pub fn open(root: &Path, max_size: u64, owner: bool) -> std::io::Result<Arc<Store>> {
+    pub(crate) fn open(
+        root: &Path,
+        max_size: u64,
+        ownership: Ownership,
+    ) -> std::io::Result<Arc<Store>> {
+        let owner = ownership == Ownership::Owner;
         let tmp = root.join("tmp");
         if owner && tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -164,7 +173,7 @@ impl Store {
 
     /// A pin for an object of `size` bytes about to be written (a fill): its readers hold it,
     /// and [`Store::commit`] hands it to the committed object.
-    pub fn pin(self: &Arc<Self>, size: u64) -> Arc<ObjectPin> {
+    pub(crate) fn pin(self: &Arc<Self>, size: u64) -> Arc<ObjectPin> {
         Arc::new(ObjectPin {
             size,
             unlinked: AtomicBool::new(false),
@@ -174,7 +183,7 @@ impl Store {
 
     /// A fill's file is thrown away: its readers may still hold it open, so its bytes count
     /// as held until they let go.
-    pub fn discard(&self, temp: &Path, pin: Option<&ObjectPin>) {
+    pub(crate) fn discard(&self, temp: &Path, pin: Option<&ObjectPin>) {
         if let Some(pin) = pin {
             pin.unlink(self);
         }
@@ -183,7 +192,7 @@ impl Store {
 
     /// Bytes on disk that count against `max_size`: committed objects and unlinked ones
     /// still open.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.total() + self.held.load(Ordering::Acquire)
     }
 
@@ -193,7 +202,7 @@ impl Store {
 
     /// Evicts until `extra` more bytes (fills about to be written) fit beside what is used;
     /// whether they do. Only the owner evicts: for others, only `extra` itself must fit.
-    pub fn make_room(&self, extra: u64) -> bool {
+    pub(crate) fn make_room(&self, extra: u64) -> bool {
         if !self.owner {
             return extra <= self.max_size;
         }
@@ -208,24 +217,22 @@ impl Store {
     }
 
     /// A fresh path under `tmp/` for a fill.
-    pub fn temp_path(&self) -> PathBuf {
+    pub(crate) fn temp_path(&self) -> PathBuf {
         let n = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         self.root
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()))
     }
 
-    pub fn contains(&self, digest: &str) -> bool {
-        self.index
-            .lock()
-            .is_ok_and(|i| i.entries.contains_key(digest))
+    pub(crate) fn contains(&self, digest: &str) -> bool {
+        self.index.lock().entries.contains_key(digest)
     }
 
     /// Opens an object for reading and records the access. `None` when it is not cached (or
     /// its file went away, say by `ocigate cache prune` on a running server).
-    pub fn open_object(self: &Arc<Self>, digest: &str) -> Option<Reader> {
+    pub(crate) fn open_object(self: &Arc<Self>, digest: &str) -> Option<Reader> {
         let path = self.object_path(digest)?;
-        let mut index = self.index.lock().ok()?;
+        let mut index = self.index.lock();
         let entry = index.entries.get_mut(digest)?;
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
@@ -262,7 +269,7 @@ impl Store {
 
     /// Eviction unlinks files, which can take a while for large ones: not on a request's
     /// thread when there is a runtime to hand it to.
-    pub fn evict_in_background(self: &Arc<Self>) {
+    pub(crate) fn evict_in_background(self: &Arc<Self>) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let store = self.clone();
@@ -275,7 +282,7 @@ impl Store {
     /// Moves a verified fill into place (the caller then evicts, outside its own locks). An
     /// object larger than the whole cache is not kept. `pin` is the fill's: whoever reads the
     /// fill holds the committed object too.
-    pub fn commit(
+    pub(crate) fn commit(
         &self,
         temp: &Path,
         digest: &str,
@@ -292,7 +299,8 @@ impl Store {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::rename(temp, &path)?;
-        if let Ok(mut index) = self.index.lock() {
+        {
+            let mut index = self.index.lock();
             let old = index.entries.remove(digest);
             // Readers of the file this one replaced still hold it open.
             if let Some(old_pin) = old.as_ref().and_then(|e| e.pin.upgrade()) {
@@ -312,10 +320,9 @@ impl Store {
         Ok(())
     }
 
-    pub fn mark_verified(&self, digest: &str) {
-        if let Ok(mut index) = self.index.lock()
-            && let Some(e) = index.entries.get_mut(digest)
-        {
+    pub(crate) fn mark_verified(&self, digest: &str) {
+        let mut index = self.index.lock();
+        if let Some(e) = index.entries.get_mut(digest) {
             e.verified = true;
         }
     }
@@ -323,9 +330,8 @@ impl Store {
     /// Drops an object whose bytes turned out wrong. Readers that still have it open keep
     /// their file descriptor; the next request fetches it again.
     pub fn remove(&self, digest: &str) {
-        if let Ok(mut index) = self.index.lock()
-            && let Some(e) = index.entries.remove(digest)
-        {
+        let mut index = self.index.lock();
+        if let Some(e) = index.entries.remove(digest) {
             index.total -= e.size;
             if let Some(pin) = e.pin.upgrade() {
                 pin.unlink(self);
@@ -337,7 +343,7 @@ impl Store {
     }
 
     /// Evicts least recently used objects that nobody has open until what is used fits.
-    pub fn evict(&self) {
+    pub(crate) fn evict(&self) {
         self.evict_to(self.max_size);
     }
 
@@ -347,9 +353,7 @@ impl Store {
         if !self.owner {
             return;
         }
-        let Ok(mut index) = self.index.lock() else {
-            return;
-        };
+        let mut index = self.index.lock();
         let held = self.held.load(Ordering::Acquire);
         if index.total + held <= limit {
             return;
@@ -377,24 +381,23 @@ impl Store {
 
     /// Every object, least recently used first.
     pub fn objects(&self) -> Vec<ObjectInfo> {
-        let mut all: Vec<ObjectInfo> = match self.index.lock() {
-            Ok(index) => index
-                .entries
-                .iter()
-                .map(|(d, e)| ObjectInfo {
-                    digest: d.clone(),
-                    size: e.size,
-                    last_access: e.last_access,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let mut all: Vec<ObjectInfo> = self
+            .index
+            .lock()
+            .entries
+            .iter()
+            .map(|(d, e)| ObjectInfo {
+                digest: d.clone(),
+                size: e.size,
+                last_access: e.last_access,
+            })
+            .collect();
         all.sort_by(|a, b| (a.last_access, &a.digest).cmp(&(b.last_access, &b.digest)));
         all
     }
 
     pub fn total(&self) -> u64 {
-        self.index.lock().map_or(0, |i| i.total)
+        self.index.lock().total
     }
 }
 
@@ -417,7 +420,7 @@ mod tests {
     #[test]
     fn lru_eviction_spares_objects_being_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 25, true).unwrap();
+        let store = Store::open(dir.path(), 25, Ownership::Owner).unwrap();
         let a = put(&store, &[b'a'; 10]);
         let b = put(&store, &[b'b'; 10]);
         // `a` is being read and is the least recently used: `b` goes instead.
@@ -438,12 +441,12 @@ mod tests {
     #[test]
     fn restart_rebuilds_the_index_unverified_and_drops_temp_files() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20, true).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Ownership::Owner).unwrap();
         let a = put(&store, b"hello");
         assert!(store.open_object(&a).unwrap().verified);
         std::fs::write(store.temp_path(), b"half a fill").unwrap();
         drop(store);
-        let store = Store::open(dir.path(), 1 << 20, true).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Ownership::Owner).unwrap();
         let r = store.open_object(&a).unwrap();
         assert_eq!(r.size, 5);
         assert!(
@@ -462,15 +465,15 @@ mod tests {
     #[test]
     fn only_the_owner_evicts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 100, true).unwrap();
+        let store = Store::open(dir.path(), 100, Ownership::Owner).unwrap();
         let a = put(&store, &[b'a'; 30]);
         let b = put(&store, &[b'b'; 30]);
         drop(store);
         // `ocigate cache ls` with a smaller max_size in its config deletes nothing.
-        let looking = Store::open(dir.path(), 10, false).unwrap();
+        let looking = Store::open(dir.path(), 10, Ownership::Guest).unwrap();
         assert!(looking.contains(&a) && looking.contains(&b));
         drop(looking);
-        let serving = Store::open(dir.path(), 40, true).unwrap();
+        let serving = Store::open(dir.path(), 40, Ownership::Owner).unwrap();
         assert_eq!(
             serving.total(),
             30,
@@ -481,7 +484,7 @@ mod tests {
     #[test]
     fn open_objects_unlinked_anyway_count_until_closed_and_room_is_made_for_fills() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 30, true).unwrap();
+        let store = Store::open(dir.path(), 30, Ownership::Owner).unwrap();
         let a = put(&store, &[b'a'; 10]);
         let b = put(&store, &[b'b'; 10]);
         let reading = store.open_object(&a).unwrap();
@@ -519,7 +522,7 @@ mod tests {
     #[test]
     fn an_object_larger_than_the_cache_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 4, true).unwrap();
+        let store = Store::open(dir.path(), 4, Ownership::Owner).unwrap();
         let d = put(&store, b"too big");
         assert!(!store.contains(&d));
         assert_eq!(store.total(), 0);

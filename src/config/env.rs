@@ -2,7 +2,7 @@
 
 /// Expands every `${NAME}` / `${NAME:-default}` in `s` using `lookup`. `$$` is a literal `$`.
 /// Errors name the variable that is unset and has no default.
-pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {

@@ -16,11 +16,11 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 use url::Url;
 
-pub use env::expand;
+pub(crate) use env::expand;
 
 /// The config ocigate runs with when given neither `--config` nor `OCIGATE_CONFIG`.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
-pub const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
+pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../config/default.yaml");
+pub(crate) const DEFAULT_CONFIG_NAME: &str = "<embedded default config>";
 
 /// A config file that could not be read or does not make sense.
 #[derive(Debug, thiserror::Error)]
@@ -56,23 +56,23 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Bytes of cached objects kept at most; the least recently used go first.
-    pub max_size: u64,
+    pub(crate) max_size: u64,
     /// How long a tag's digest is trusted before a HEAD revalidates it.
-    pub tag_ttl: Duration,
+    pub(crate) tag_ttl: Duration,
     /// How long the upstream's word that a repository has an object is trusted before a
     /// HEAD proves it again (content deleted upstream stops being served).
-    pub evidence_ttl: Duration,
+    pub(crate) evidence_ttl: Duration,
     /// Answer from the cache when the upstream fails, times out, 429s or 5xxs.
-    pub serve_stale: bool,
+    pub(crate) serve_stale: bool,
     /// Never contact upstreams; serve what is cached.
-    pub offline: bool,
+    pub(crate) offline: bool,
 }
 
-pub const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
-pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
-pub const DEFAULT_EVIDENCE_TTL: Duration = Duration::from_secs(86400);
+pub(crate) const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
+pub(crate) const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_EVIDENCE_TTL: Duration = Duration::from_secs(86400);
 
 #[derive(Clone)]
 pub struct RelayConfig {
@@ -95,40 +95,40 @@ impl std::fmt::Debug for RelayConfig {
 
 #[derive(Debug, Clone)]
 pub struct TokenServerConfig {
-    pub path: String,
-    pub issuer: String,
-    pub service: String,
-    pub signing_key: PathBuf,
-    pub certificate: PathBuf,
-    pub lifetime: Duration,
-    pub refresh_lifetime: Duration,
-    pub htpasswd: Option<PathBuf>,
-    pub oidc: Vec<OidcProviderConfig>,
-    pub acl: Vec<AclRuleConfig>,
+    pub(crate) path: String,
+    pub(crate) issuer: String,
+    pub(crate) service: String,
+    pub(crate) signing_key: PathBuf,
+    pub(crate) certificate: PathBuf,
+    pub(crate) lifetime: Duration,
+    pub(crate) refresh_lifetime: Duration,
+    pub(crate) htpasswd: Option<PathBuf>,
+    pub(crate) oidc: Vec<OidcProviderConfig>,
+    pub(crate) acl: Vec<AclRuleConfig>,
 }
 
 #[derive(Debug, Clone)]
-pub struct OidcProviderConfig {
+pub(crate) struct OidcProviderConfig {
     /// The username clients log in with; accounts are `<name>:<sub>`.
-    pub name: String,
-    pub issuer: Url,
-    pub audience: String,
+    pub(crate) name: String,
+    pub(crate) issuer: Url,
+    pub(crate) audience: String,
     /// Refresh tokens of its logins may outlive the identity token (`refresh_lifetime`);
     /// off by default, so a short-lived CI token never becomes a month-long login.
-    pub refresh: bool,
+    pub(crate) refresh: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct AclRuleConfig {
+pub(crate) struct AclRuleConfig {
     /// Glob over the account name.
-    pub account: String,
+    pub(crate) account: String,
     /// Resource type the rule covers: `repository` (default) or `registry`.
-    pub kind: String,
+    pub(crate) kind: String,
     /// Glob over the resource name; `${account}` and `${claims.<name>}` expand literally.
-    pub repository: String,
+    pub(crate) repository: String,
     /// Claims that must all equal these values.
-    pub claims: BTreeMap<String, String>,
-    pub actions: Vec<String>,
+    pub(crate) claims: BTreeMap<String, String>,
+    pub(crate) actions: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +179,7 @@ pub const DEFAULT_SIGNING_ALGORITHMS: [jsonwebtoken::Algorithm; 9] = [
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub tls: Option<TlsConfig>,
-    pub public_url: Option<Url>,
+    pub(crate) public_url: Option<Url>,
     /// Default: on unless `auth` or `relay` is configured (a page names what a route hides).
     pub browser_redirects: bool,
     pub shutdown_grace: Duration,
@@ -198,20 +198,20 @@ pub struct TlsConfig {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    pub name: String,
+    pub(crate) name: String,
     /// Scheme and authority only; Docker Hub's aliases already resolved to its API host.
-    pub url: Url,
+    pub(crate) url: Url,
     pub credentials: Option<Credentials>,
-    pub ca: Option<PathBuf>,
-    pub insecure_skip_verify: bool,
-    pub redirects: RedirectPolicy,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) insecure_skip_verify: bool,
+    pub(crate) redirects: RedirectPolicy,
     /// Token realms outside the upstream's registrable domain that may receive credentials.
-    pub allowed_realms: Vec<Url>,
+    pub(crate) allowed_realms: Vec<Url>,
     /// Redirect and realm targets that may be dialled although they resolve to a loopback,
     /// link-local, private or multicast address the upstream is not on.
-    pub allowed_redirects: Vec<Url>,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub(crate) allowed_redirects: Vec<Url>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 impl UpstreamConfig {
@@ -232,7 +232,7 @@ impl UpstreamConfig {
     }
 
     /// Whether this upstream is Docker Hub, whose one-component names live under `library/`.
-    pub fn is_docker_hub(&self) -> bool {
+    pub(crate) fn is_docker_hub(&self) -> bool {
         self.url.host_str() == Some(DOCKER_HUB_API_HOST)
     }
 }
@@ -259,7 +259,7 @@ pub enum Credentials {
 }
 
 impl Credentials {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Credentials::Basic { .. } => "basic",
             Credentials::Header(_) => "header",
@@ -272,23 +272,23 @@ impl Credentials {
 }
 
 /// How often ECR credentials are refreshed at most, when the config says nothing.
-pub const DEFAULT_ECR_REFRESH: Duration = Duration::from_secs(6 * 3600);
+pub(crate) const DEFAULT_ECR_REFRESH: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct EcrCredentials {
     /// `None`: from the host name, else from the AWS config.
-    pub region: Option<String>,
-    pub profile: Option<String>,
+    pub(crate) region: Option<String>,
+    pub(crate) profile: Option<String>,
     /// Empty: from the host name, else the account's default registry.
-    pub registry_ids: Vec<String>,
+    pub(crate) registry_ids: Vec<String>,
     /// Upper bound between refreshes.
-    pub refresh: Duration,
+    pub(crate) refresh: Duration,
     /// A fall-back token used until the SDK first succeeds.
-    pub static_token: Option<String>,
+    pub(crate) static_token: Option<String>,
 }
 
 impl EcrCredentials {
-    pub fn new() -> EcrCredentials {
+    pub(crate) fn new() -> EcrCredentials {
         EcrCredentials {
             region: None,
             profile: None,
@@ -332,7 +332,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedirectPolicy {
+pub(crate) enum RedirectPolicy {
     /// Hand blob redirects to the client.
     Pass,
     /// Stream the redirect target through the proxy, without `Authorization`.
@@ -342,19 +342,19 @@ pub enum RedirectPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     /// Local name prefix: `""` (everything), `"ns/"` (a namespace) or `"exact/name"`.
-    pub prefix: String,
-    pub upstream: String,
+    pub(crate) prefix: String,
+    pub(crate) upstream: String,
     /// What replaces `prefix` upstream: `""`, `"team/"` for namespaces; a full name for exact routes.
-    pub remote: String,
+    pub(crate) remote: String,
     /// Relay upstream tokens to clients sealed in PASETOs (needs the `relay` section).
-    pub relay: bool,
+    pub(crate) relay: bool,
     /// What a relay route's tokens may grant (`pull`, `push`, `delete`); `pull` by default,
     /// since whoever holds the route's URL acts with the route's upstream credentials.
-    pub relay_actions: Vec<String>,
+    pub(crate) relay_actions: Vec<String>,
     /// Pull through the cache (needs the `cache` section).
-    pub cache: bool,
+    pub(crate) cache: bool,
     /// `name:`, the route's label in metrics and logs instead of its prefix.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 impl RouteConfig {
@@ -372,12 +372,12 @@ impl RouteConfig {
     }
 
     /// Namespace routes end in `/` (or are the default `""`); others name one repository.
-    pub fn is_namespace(&self) -> bool {
+    pub(crate) fn is_namespace(&self) -> bool {
         self.prefix.is_empty() || self.prefix.ends_with('/')
     }
 }
 
-pub const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
+pub(crate) const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
 
 impl Config {
     /// Reads and validates a config file.
@@ -398,7 +398,7 @@ impl Config {
     }
 
     /// Parses and validates YAML text; `file` names it in errors, `env` resolves `${VAR}`.
-    pub fn parse(
+    pub(crate) fn parse(
         text: &str,
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
@@ -1371,7 +1371,7 @@ impl Resolver<'_> {
 
 /// `512`, `500MB`, `32GiB`, `1.5TiB`: decimal (k, MB, GB, TB) and binary (KiB, MiB, GiB,
 /// TiB) units; a bare number is bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -1396,7 +1396,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// `us-east-1`, `cn-north-1`, `us-gov-west-1`: lowercase words joined by hyphens, the last
 /// a number. Loose on purpose: AWS adds regions, and the SDK is the judge of which exist.
-pub fn is_aws_region(s: &str) -> bool {
+pub(crate) fn is_aws_region(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() >= 3
         && parts.iter().all(|p| {

@@ -9,128 +9,128 @@ type S = Spanned<String>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub server: RawServer,
+    pub(crate) server: RawServer,
     #[serde(default)]
-    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    pub(crate) upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
-    pub routes: Vec<Spanned<RawRoute>>,
-    pub auth: Option<Spanned<RawAuth>>,
-    pub token_server: Option<Spanned<RawTokenServer>>,
-    pub relay: Option<Spanned<RawRelay>>,
-    pub cache: Option<Spanned<RawCache>>,
+    pub(crate) routes: Vec<Spanned<RawRoute>>,
+    pub(crate) auth: Option<Spanned<RawAuth>>,
+    pub(crate) token_server: Option<Spanned<RawTokenServer>>,
+    pub(crate) relay: Option<Spanned<RawRelay>>,
+    pub(crate) cache: Option<Spanned<RawCache>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawCache {
-    pub dir: S,
-    pub max_size: Option<S>,
-    pub tag_ttl: Option<S>,
-    pub evidence_ttl: Option<S>,
-    pub serve_stale: Option<bool>,
-    pub offline: Option<bool>,
+pub(crate) struct RawCache {
+    pub(crate) dir: S,
+    pub(crate) max_size: Option<S>,
+    pub(crate) tag_ttl: Option<S>,
+    pub(crate) evidence_ttl: Option<S>,
+    pub(crate) serve_stale: Option<bool>,
+    pub(crate) offline: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRelay {
-    pub secret_key: S,
+pub(crate) struct RawRelay {
+    pub(crate) secret_key: S,
     #[serde(default)]
-    pub previous_keys: Vec<S>,
+    pub(crate) previous_keys: Vec<S>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTokenServer {
-    pub path: Option<S>,
-    pub issuer: S,
-    pub service: Option<S>,
-    pub signing_key: S,
-    pub certificate: S,
-    pub lifetime: Option<S>,
-    pub refresh_lifetime: Option<S>,
-    pub users: Option<RawUsers>,
+pub(crate) struct RawTokenServer {
+    pub(crate) path: Option<S>,
+    pub(crate) issuer: S,
+    pub(crate) service: Option<S>,
+    pub(crate) signing_key: S,
+    pub(crate) certificate: S,
+    pub(crate) lifetime: Option<S>,
+    pub(crate) refresh_lifetime: Option<S>,
+    pub(crate) users: Option<RawUsers>,
     #[serde(default)]
-    pub oidc: Vec<Spanned<RawOidc>>,
+    pub(crate) oidc: Vec<Spanned<RawOidc>>,
     #[serde(default)]
-    pub acl: Vec<Spanned<RawAclRule>>,
+    pub(crate) acl: Vec<Spanned<RawAclRule>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUsers {
-    pub htpasswd: Option<S>,
+pub(crate) struct RawUsers {
+    pub(crate) htpasswd: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawOidc {
-    pub name: S,
-    pub issuer: S,
-    pub audience: S,
-    pub refresh: Option<bool>,
+pub(crate) struct RawOidc {
+    pub(crate) name: S,
+    pub(crate) issuer: S,
+    pub(crate) audience: S,
+    pub(crate) refresh: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAclRule {
-    pub account: S,
+pub(crate) struct RawAclRule {
+    pub(crate) account: S,
     #[serde(rename = "type")]
-    pub kind: Option<S>,
-    pub repository: S,
+    pub(crate) kind: Option<S>,
+    pub(crate) repository: S,
     #[serde(default)]
-    pub claims: BTreeMap<String, S>,
-    pub actions: Vec<S>,
+    pub(crate) claims: BTreeMap<String, S>,
+    pub(crate) actions: Vec<S>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAuth {
-    pub token: Option<Spanned<RawTokenAuth>>,
-    pub anonymous: Option<Vec<S>>,
+pub(crate) struct RawAuth {
+    pub(crate) token: Option<Spanned<RawTokenAuth>>,
+    pub(crate) anonymous: Option<Vec<S>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTokenAuth {
-    pub realm: Option<S>,
-    pub service: S,
-    pub issuer: S,
-    pub rootcertbundle: Option<S>,
-    pub jwks: Option<S>,
-    pub signingalgorithms: Option<Vec<S>>,
-    pub autoredirect: Option<bool>,
+pub(crate) struct RawTokenAuth {
+    pub(crate) realm: Option<S>,
+    pub(crate) service: S,
+    pub(crate) issuer: S,
+    pub(crate) rootcertbundle: Option<S>,
+    pub(crate) jwks: Option<S>,
+    pub(crate) signingalgorithms: Option<Vec<S>>,
+    pub(crate) autoredirect: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
-    pub listen: Option<Spanned<OneOrMany>>,
-    pub tls: Option<RawTls>,
-    pub public_url: Option<S>,
-    pub browser_redirects: Option<bool>,
-    pub shutdown_grace: Option<S>,
-    pub send_timeout: Option<S>,
-    pub metrics: Option<RawMetrics>,
+pub(crate) struct RawServer {
+    pub(crate) listen: Option<Spanned<OneOrMany>>,
+    pub(crate) tls: Option<RawTls>,
+    pub(crate) public_url: Option<S>,
+    pub(crate) browser_redirects: Option<bool>,
+    pub(crate) shutdown_grace: Option<S>,
+    pub(crate) send_timeout: Option<S>,
+    pub(crate) metrics: Option<RawMetrics>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    pub listen: S,
+pub(crate) struct RawMetrics {
+    pub(crate) listen: S,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum OneOrMany {
+pub(crate) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
 impl OneOrMany {
-    pub fn items(&self) -> Vec<&str> {
+    pub(crate) fn items(&self) -> Vec<&str> {
         match self {
             OneOrMany::One(s) => vec![s.as_str()],
             OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
@@ -140,28 +140,28 @@ impl OneOrMany {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub cert: S,
-    pub key: S,
+pub(crate) struct RawTls {
+    pub(crate) cert: S,
+    pub(crate) key: S,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    pub url: S,
-    pub credentials: Option<Spanned<RawCredentialsSetting>>,
-    pub ca: Option<S>,
-    pub insecure_skip_verify: Option<bool>,
-    pub redirects: Option<S>,
-    pub allowed_realms: Option<Vec<S>>,
-    pub allowed_redirects: Option<Vec<S>>,
-    pub connect_timeout: Option<S>,
-    pub idle_timeout: Option<S>,
+pub(crate) struct RawUpstream {
+    pub(crate) url: S,
+    pub(crate) credentials: Option<Spanned<RawCredentialsSetting>>,
+    pub(crate) ca: Option<S>,
+    pub(crate) insecure_skip_verify: Option<bool>,
+    pub(crate) redirects: Option<S>,
+    pub(crate) allowed_realms: Option<Vec<S>>,
+    pub(crate) allowed_redirects: Option<Vec<S>>,
+    pub(crate) connect_timeout: Option<S>,
+    pub(crate) idle_timeout: Option<S>,
 }
 
 /// `credentials: auto`, or a map naming one provider.
 #[derive(Debug)]
-pub enum RawCredentialsSetting {
+pub(crate) enum RawCredentialsSetting {
     Keyword(String),
     Map(Box<RawCredentials>),
 }
@@ -193,53 +193,53 @@ impl<'de> Deserialize<'de> for RawCredentialsSetting {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawCredentials {
-    pub basic: Option<RawBasic>,
-    pub header: Option<S>,
-    pub docker_config: Option<Spanned<DockerConfigSetting>>,
-    pub ecr: Option<Spanned<RawEcr>>,
-    pub gcp: Option<Spanned<RawGcp>>,
+pub(crate) struct RawCredentials {
+    pub(crate) basic: Option<RawBasic>,
+    pub(crate) header: Option<S>,
+    pub(crate) docker_config: Option<Spanned<DockerConfigSetting>>,
+    pub(crate) ecr: Option<Spanned<RawEcr>>,
+    pub(crate) gcp: Option<Spanned<RawGcp>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEcr {
-    pub region: Option<S>,
-    pub profile: Option<S>,
-    pub registry_ids: Option<Vec<S>>,
-    pub refresh: Option<S>,
+pub(crate) struct RawEcr {
+    pub(crate) region: Option<S>,
+    pub(crate) profile: Option<S>,
+    pub(crate) registry_ids: Option<Vec<S>>,
+    pub(crate) refresh: Option<S>,
     #[serde(rename = "static")]
-    pub static_token: Option<S>,
+    pub(crate) static_token: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawGcp {
-    pub key_file: Option<S>,
+pub(crate) struct RawGcp {
+    pub(crate) key_file: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBasic {
-    pub username: S,
-    pub password: S,
+pub(crate) struct RawBasic {
+    pub(crate) username: S,
+    pub(crate) password: S,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum DockerConfigSetting {
+pub(crate) enum DockerConfigSetting {
     Flag(bool),
     Path(String),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    pub prefix: S,
-    pub upstream: S,
-    pub remote: Option<S>,
-    pub relay: Option<bool>,
-    pub relay_actions: Option<Spanned<Vec<S>>>,
-    pub cache: Option<bool>,
-    pub name: Option<S>,
+pub(crate) struct RawRoute {
+    pub(crate) prefix: S,
+    pub(crate) upstream: S,
+    pub(crate) remote: Option<S>,
+    pub(crate) relay: Option<bool>,
+    pub(crate) relay_actions: Option<Spanned<Vec<S>>>,
+    pub(crate) cache: Option<bool>,
+    pub(crate) name: Option<S>,
 }

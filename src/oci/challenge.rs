@@ -5,12 +5,12 @@ use std::fmt;
 /// One parsed challenge: the scheme (`Bearer`, `Basic`) and its auth-params.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
-    pub scheme: String,
-    pub params: Vec<(String, String)>,
+    pub(crate) scheme: String,
+    pub(crate) params: Vec<(String, String)>,
 }
 
 impl Challenge {
-    pub fn bearer(realm: &str, service: &str, scopes: &[Scope]) -> Challenge {
+    pub(crate) fn bearer(realm: &str, service: &str, scopes: &[Scope]) -> Challenge {
         let mut params = vec![
             ("realm".to_string(), realm.to_string()),
             ("service".to_string(), service.to_string()),
@@ -24,22 +24,28 @@ impl Challenge {
         }
     }
 
-    pub fn is_bearer(&self) -> bool {
+    /// The same challenge saying why the token shown was refused.
+    pub(crate) fn with_error(mut self, error: BearerError) -> Challenge {
+        self.set_param("error", error.as_str().to_string());
+        self
+    }
+
+    pub(crate) fn is_bearer(&self) -> bool {
         self.scheme.eq_ignore_ascii_case("bearer")
     }
 
-    pub fn is_basic(&self) -> bool {
+    pub(crate) fn is_basic(&self) -> bool {
         self.scheme.eq_ignore_ascii_case("basic")
     }
 
-    pub fn param(&self, key: &str) -> Option<&str> {
+    pub(crate) fn param(&self, key: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(key))
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn set_param(&mut self, key: &str, value: String) {
+    pub(crate) fn set_param(&mut self, key: &str, value: String) {
         match self
             .params
             .iter_mut()
@@ -51,7 +57,7 @@ impl Challenge {
     }
 
     /// Parses the first challenge of a header value. Tolerates odd spacing and unquoted values.
-    pub fn parse(header: &str) -> Option<Challenge> {
+    pub(crate) fn parse(header: &str) -> Option<Challenge> {
         let header = header.trim();
         let (scheme, rest) = match header.find(char::is_whitespace) {
             Some(i) => (&header[..i], header[i..].trim_start()),
@@ -124,21 +130,67 @@ impl fmt::Display for Challenge {
     }
 }
 
-/// A token scope: `repository:team/app:pull,push`, `registry:catalog:*`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Why a Bearer challenge refuses the token that was shown (RFC 6750 §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BearerError {
+    InvalidToken,
+    InsufficientScope,
+}
+
+impl BearerError {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            BearerError::InvalidToken => "invalid_token",
+            BearerError::InsufficientScope => "insufficient_scope",
+        }
+    }
+}
+
+/// A token scope, or a grant: `repository:team/app:pull,push`, `registry:catalog:*`. As
+/// JSON it is an entry of a token's `access` claim: `{"type", "name", "actions"}`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Scope {
     /// The resource type with its optional class, e.g. `repository` or `repository(plugin)`.
-    pub kind: String,
-    pub name: String,
-    pub actions: Vec<String>,
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) actions: Vec<String>,
+}
+
+/// Whether `granted` allows `action` on `kind:name` (a granted `*` allows every action).
+pub(crate) fn allows(granted: &[Scope], kind: &str, name: &str, action: &str) -> bool {
+    granted.iter().any(|g| {
+        g.kind == kind && g.name == name && g.actions.iter().any(|a| a == action || a == "*")
+    })
+}
+
+/// Whether `granted` allows every action of every scope in `required`.
+pub(crate) fn covers(granted: &[Scope], required: &[Scope]) -> bool {
+    required.iter().all(|r| {
+        r.actions
+            .iter()
+            .all(|a| allows(granted, &r.kind, &r.name, a))
+    })
 }
 
 impl Scope {
-    pub fn repository(name: &str, actions: &[&str]) -> Scope {
+    pub(crate) fn repository(name: &str, actions: &[&str]) -> Scope {
         Scope {
             kind: "repository".into(),
             name: name.into(),
             actions: actions.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// `registry:catalog:*`: what listing `_catalog` needs.
+    pub(crate) fn catalog() -> Scope {
+        Scope {
+            kind: "registry".into(),
+            name: "catalog".into(),
+            actions: vec!["*".into()],
         }
     }
 
@@ -161,7 +213,7 @@ impl Scope {
         })
     }
 
-    pub fn is_repository(&self) -> bool {
+    pub(crate) fn is_repository(&self) -> bool {
         self.kind == "repository" || self.kind.starts_with("repository(")
     }
 }
@@ -172,7 +224,7 @@ impl fmt::Display for Scope {
     }
 }
 
-pub fn join_scopes(scopes: &[Scope]) -> String {
+pub(crate) fn join_scopes(scopes: &[Scope]) -> String {
     scopes
         .iter()
         .map(Scope::to_string)

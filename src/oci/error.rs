@@ -5,9 +5,8 @@ use serde::Serialize;
 
 /// Error codes from the distribution spec, plus the gateway's own for upstream trouble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     BlobUnknown,
-    BlobUploadInvalid,
     BlobUploadUnknown,
     DigestInvalid,
     ManifestUnknown,
@@ -25,10 +24,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
-            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
             ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
@@ -45,15 +43,13 @@ impl ErrorCode {
     }
 
     /// The status the spec pairs with the code.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ErrorCode::BlobUnknown
             | ErrorCode::BlobUploadUnknown
             | ErrorCode::ManifestUnknown
             | ErrorCode::NameUnknown => StatusCode::NOT_FOUND,
-            ErrorCode::BlobUploadInvalid | ErrorCode::DigestInvalid | ErrorCode::NameInvalid => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::DigestInvalid | ErrorCode::NameInvalid => StatusCode::BAD_REQUEST,
             ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,
@@ -68,14 +64,14 @@ impl ErrorCode {
 /// One protocol error, ready to become an HTTP answer.
 #[derive(Debug, Clone)]
 pub struct OciError {
-    pub code: ErrorCode,
-    pub status: StatusCode,
+    pub(crate) code: ErrorCode,
+    pub(crate) status: StatusCode,
     pub message: String,
-    pub detail: Option<serde_json::Value>,
+    pub(crate) detail: Option<serde_json::Value>,
 }
 
 impl OciError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         OciError {
             code,
             status: code.status(),
@@ -84,18 +80,18 @@ impl OciError {
         }
     }
 
-    pub fn with_status(mut self, status: StatusCode) -> Self {
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self
     }
 
-    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+    pub(crate) fn with_detail(mut self, detail: serde_json::Value) -> Self {
         self.detail = Some(detail);
         self
     }
 
     /// The spec's JSON body.
-    pub fn body(&self) -> String {
+    pub(crate) fn body(&self) -> String {
         #[derive(Serialize)]
         struct Entry<'a> {
             code: &'a str,

@@ -5,23 +5,24 @@
 //! proves nothing by itself: [`verified_references`] returns only what a registry must have
 //! checked before it accepted the manifest, the repository's evidence for the cache.
 
+use http::{HeaderMap, header};
 use serde_json::Value;
 
 use super::path::validate_digest;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// The `mediaType` field of a manifest.
-pub fn media_type(bytes: &[u8]) -> Option<String> {
+pub(crate) fn media_type(bytes: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
     v.get("mediaType")?.as_str().map(str::to_string)
 }
 
 /// `type/subtype` of a `Content-Type` value, lower-cased, without parameters.
-pub fn essence(content_type: &str) -> String {
+pub(crate) fn essence(content_type: &str) -> String {
     content_type
         .split(';')
         .next()
@@ -37,7 +38,7 @@ pub fn essence(content_type: &str) -> String {
 /// manifest was. Never `blobs`, `subject`, `fsLayers` or unknown fields, which registries
 /// keep unchecked. Nothing either when an object on the way is [`ambiguous`]: a registry
 /// written in Go may have read another field than ours.
-pub fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<String> {
+pub(crate) fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
@@ -181,7 +182,7 @@ fn is_distributable(layer: &Value) -> bool {
 /// What an image needs to be pulled whole, for preloading (`ocigate cache warm`): config,
 /// layers, artifact blobs and schema 1 `fsLayers`. Not evidence: each is fetched from the
 /// repository itself.
-pub fn blob_digests(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn blob_digests(bytes: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
@@ -194,7 +195,7 @@ pub fn blob_digests(bytes: &[u8]) -> Vec<String> {
 }
 
 /// The entries of an index (or manifest list).
-pub fn child_manifests(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn child_manifests(bytes: &[u8]) -> Vec<String> {
     serde_json::from_slice::<Value>(bytes)
         .map(|v| valid(items(&v, "manifests").filter_map(|m| m.get("digest"))))
         .unwrap_or_default()
@@ -212,9 +213,48 @@ fn valid<'a>(digests: impl Iterator<Item = &'a Value>) -> Vec<String> {
         .collect()
 }
 
+/// Every manifest media type, for fetches of the proxy's own (`ocigate cache warm`).
+pub(crate) const ACCEPT_ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Media types that can select a manifest representation; others in an Accept header are
+/// ignored, so clients cannot mint unlimited cache keys.
+const MANIFEST_TYPES: &[&str] = &[
+    "*/*",
+    "application/json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+];
+
+/// The Accept header as a cache key: its manifest media types, without parameters, sorted.
+pub(crate) fn accept_key(headers: &HeaderMap) -> String {
+    let mut types: Vec<String> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| MANIFEST_TYPES.contains(&t.as_str()))
+        .collect();
+    types.sort();
+    types.dedup();
+    types.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use serde_json::json;
 
     fn d(c: char) -> String {
@@ -361,5 +401,30 @@ mod tests {
         typed["mediaType"] = json!(7);
         assert!(refs(Some(OCI_MANIFEST), &typed).is_empty());
         assert!(verified_references(Some(OCI_MANIFEST), b"{nope").is_empty());
+    }
+
+    #[test]
+    fn accept_keys_ignore_order_case_and_parameters() {
+        let mut a = HeaderMap::new();
+        a.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json; q=0.9, application/vnd.docker.distribution.manifest.v2+json"));
+        let mut b = HeaderMap::new();
+        b.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+        );
+        b.append(
+            header::ACCEPT,
+            HeaderValue::from_static("Application/vnd.oci.image.index.v1+json"),
+        );
+        assert_eq!(accept_key(&a), accept_key(&b));
+        assert_eq!(accept_key(&HeaderMap::new()), "");
+        let mut c = HeaderMap::new();
+        c.append(
+            header::ACCEPT,
+            HeaderValue::from_static(
+                "application/x-made-up-1, application/vnd.oci.image.index.v1+json",
+            ),
+        );
+        assert_eq!(accept_key(&c), "application/vnd.oci.image.index.v1+json");
     }
 }

@@ -3,21 +3,22 @@
 //!
 //! Owns the grammar of the protocol. Must not know about routes, upstreams or config.
 
-pub mod challenge;
-pub mod error;
-pub mod manifest;
+pub(crate) mod challenge;
+pub(crate) mod error;
+pub(crate) mod manifest;
 pub mod path;
+pub(crate) mod range;
 
 pub use challenge::{Challenge, Scope};
-pub use error::{ErrorCode, OciError};
-pub use path::{ApiPath, Endpoint, Reference};
+pub(crate) use error::{ErrorCode, OciError};
+pub(crate) use path::{ApiPath, Endpoint, Reference};
 
 /// `Docker-Distribution-Api-Version` value every `/v2/` answer carries.
-pub const API_VERSION: &str = "registry/2.0";
+pub(crate) const API_VERSION: &str = "registry/2.0";
 
 /// The repository actions a request method needs: pull to read, pull and push to write,
 /// delete to delete.
-pub fn required_actions(method: &http::Method) -> &'static [&'static str] {
+pub(crate) fn required_actions(method: &http::Method) -> &'static [&'static str] {
     match *method {
         http::Method::GET | http::Method::HEAD => &["pull"],
         http::Method::DELETE => &["delete"],

@@ -5,7 +5,7 @@ use super::error::{ErrorCode, OciError};
 
 /// What a `/v2/…` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     /// `/v2/`: the API version check.
     Base,
     /// `/v2/_catalog`.
@@ -26,13 +26,13 @@ pub enum Endpoint {
 
 /// A manifest reference: a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reference {
+pub(crate) enum Reference {
     Tag(String),
     Digest(String),
 }
 
 impl Reference {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Reference::Tag(s) | Reference::Digest(s) => s,
         }
@@ -41,15 +41,15 @@ impl Reference {
 
 /// A parsed `/v2/` path: the endpoint and, for repository endpoints, the repository name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiPath {
-    pub name: Option<String>,
-    pub endpoint: Endpoint,
+pub(crate) struct ApiPath {
+    pub(crate) name: Option<String>,
+    pub(crate) endpoint: Endpoint,
 }
 
 impl ApiPath {
     /// The path after the name (`manifests/latest`, `blobs/uploads/`, …), to be appended to a
     /// rewritten name.
-    pub fn suffix(&self) -> String {
+    pub(crate) fn suffix(&self) -> String {
         match &self.endpoint {
             Endpoint::Base | Endpoint::Catalog => String::new(),
             Endpoint::Tags => "tags/list".into(),
@@ -62,8 +62,10 @@ impl ApiPath {
     }
 
     /// Parses a request path. `None` for paths outside `/v2`; an `OciError` for `/v2` paths
-    /// that name no endpoint or carry an invalid name, tag or digest.
-    pub fn parse(path: &str) -> Option<Result<ApiPath, OciError>> {
+    /// that name no endpoint or carry an invalid name, tag or digest. A manifest read
+    /// (`GET`/`HEAD`) by an invalid reference is `404 MANIFEST_UNKNOWN`, as the registry
+    /// answers: no manifest has that name. A write by one stays a `400`.
+    pub(crate) fn parse(path: &str, method: &http::Method) -> Option<Result<ApiPath, OciError>> {
         let rest = match path.strip_prefix("/v2") {
             Some("") | Some("/") => {
                 return Some(Ok(ApiPath {
@@ -74,11 +76,12 @@ impl ApiPath {
             Some(rest) => rest.strip_prefix('/')?,
             None => return None,
         };
-        Some(parse_rest(rest))
+        let read = method == http::Method::GET || method == http::Method::HEAD;
+        Some(parse_rest(rest, read))
     }
 }
 
-fn parse_rest(rest: &str) -> Result<ApiPath, OciError> {
+fn parse_rest(rest: &str, read: bool) -> Result<ApiPath, OciError> {
     if rest == "_catalog" {
         return Ok(ApiPath {
             name: None,
@@ -91,10 +94,18 @@ fn parse_rest(rest: &str) -> Result<ApiPath, OciError> {
     })?;
     validate_name(name)?;
     match &endpoint {
-        Endpoint::Manifest(Reference::Digest(d)) | Endpoint::Blob(d) | Endpoint::Referrers(d) => {
-            validate_digest(d)?
+        Endpoint::Manifest(reference) => {
+            let valid = match reference {
+                Reference::Digest(d) => validate_digest(d),
+                Reference::Tag(t) => validate_tag(t),
+            };
+            valid.map_err(|e| match read {
+                true => OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
+                    .with_detail(serde_json::json!({ "reference": reference.as_str() })),
+                false => e,
+            })?
         }
-        Endpoint::Manifest(Reference::Tag(t)) => validate_tag(t)?,
+        Endpoint::Blob(d) | Endpoint::Referrers(d) => validate_digest(d)?,
         Endpoint::Upload(id) => validate_upload_id(id)?,
         _ => {}
     }
@@ -194,7 +205,7 @@ fn valid_component(c: &str) -> bool {
 }
 
 /// Tags: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub fn validate_tag(tag: &str) -> Result<(), OciError> {
+pub(crate) fn validate_tag(tag: &str) -> Result<(), OciError> {
     let ok = !tag.is_empty()
         && tag.len() <= 128
         && tag
@@ -213,7 +224,7 @@ pub fn validate_tag(tag: &str) -> Result<(), OciError> {
 }
 
 /// Digests: `sha256:` + 64 or `sha512:` + 128 lower-case hex characters.
-pub fn validate_digest(digest: &str) -> Result<(), OciError> {
+pub(crate) fn validate_digest(digest: &str) -> Result<(), OciError> {
     let ok = match digest.split_once(':') {
         Some(("sha256", hex)) => is_lower_hex(hex, 64),
         Some(("sha512", hex)) => is_lower_hex(hex, 128),
@@ -261,11 +272,11 @@ mod tests {
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn parse(p: &str) -> ApiPath {
-        ApiPath::parse(p).unwrap().unwrap()
+        ApiPath::parse(p, &http::Method::GET).unwrap().unwrap()
     }
 
     fn parse_err(p: &str) -> OciError {
-        ApiPath::parse(p).unwrap().unwrap_err()
+        ApiPath::parse(p, &http::Method::PUT).unwrap().unwrap_err()
     }
 
     #[test]
@@ -273,8 +284,8 @@ mod tests {
         assert_eq!(parse("/v2/").endpoint, Endpoint::Base);
         assert_eq!(parse("/v2").endpoint, Endpoint::Base);
         assert_eq!(parse("/v2/_catalog").endpoint, Endpoint::Catalog);
-        assert!(ApiPath::parse("/healthz").is_none());
-        assert!(ApiPath::parse("/v2x/foo").is_none());
+        assert!(ApiPath::parse("/healthz", &http::Method::GET).is_none());
+        assert!(ApiPath::parse("/v2x/foo", &http::Method::GET).is_none());
     }
 
     #[test]
@@ -365,6 +376,33 @@ mod tests {
         assert!(validate_digest(&format!("sha512:{}", "a".repeat(128))).is_ok());
         assert!(validate_tag("Latest_1.0-rc").is_ok());
         assert!(validate_tag(&"t".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn manifest_reads_by_invalid_references_are_unknown_manifests() {
+        use http::Method;
+        let code =
+            |method: &Method, path: &str| ApiPath::parse(path, method).unwrap().unwrap_err().code;
+        for reference in [".INVALID_MANIFEST_NAME", "sha256:abc"] {
+            let path = format!("/v2/a/manifests/{reference}");
+            for read in [Method::GET, Method::HEAD] {
+                assert_eq!(code(&read, &path), ErrorCode::ManifestUnknown, "{path}");
+            }
+            assert_ne!(code(&Method::PUT, &path), ErrorCode::ManifestUnknown);
+            assert_eq!(
+                code(&Method::PUT, &path).status(),
+                http::StatusCode::BAD_REQUEST
+            );
+        }
+        // A bad repository name is still a bad name, whatever the method.
+        assert_eq!(
+            code(&Method::GET, "/v2/A/manifests/v1"),
+            ErrorCode::NameInvalid
+        );
+        assert_eq!(
+            code(&Method::GET, "/v2/a/blobs/latest"),
+            ErrorCode::DigestInvalid
+        );
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::{MAX_LIFETIME_SECS, Relay, RelayClaims, unix_now};
@@ -15,15 +14,15 @@ use super::{MAX_LIFETIME_SECS, Relay, RelayClaims, unix_now};
 /// What every relay-token answer says of its lifetime, whatever it seals: the tokens live
 /// longer (up to [`MAX_LIFETIME_SECS`], as long as the upstream token inside), and an
 /// answer for a name on no relay route must not differ from one for a route's.
-pub const ANNOUNCED_LIFETIME_SECS: u64 = 60;
+pub(crate) const ANNOUNCED_LIFETIME_SECS: u64 = 60;
 use crate::body::Body;
 use crate::error::{GatewayError, registry_json};
 use crate::oci::{ErrorCode, OciError, Scope};
-use crate::rewrite::RouteTable;
+use crate::rewrite::{LocalName, RouteTable};
 use crate::upstream::Upstream;
 
 /// Where relay routes send clients for tokens (on every listener).
-pub const PATH: &str = "/token";
+pub(crate) const PATH: &str = "/token";
 
 fn bad_request(why: &str) -> GatewayError {
     GatewayError::Oci(
@@ -45,14 +44,14 @@ fn relay_grant<'a>(asked: &'a [String], allowed: &'a [String]) -> Vec<&'a str> {
 }
 
 /// The scopes an anonymous relay-token request asks for.
-pub async fn requested_scopes(req: Request<Incoming>) -> Result<Vec<Scope>, GatewayError> {
+pub(crate) async fn requested_scopes(req: Request<Body>) -> Result<Vec<Scope>, GatewayError> {
     let (_, params) = crate::token::read_request(req).await?;
     params.valid_scopes()
 }
 
 /// A relay token for the route that `requested` names, sealing `granted`: the scopes as
 /// asked (anonymous relay), or as the token server's ACL cut them down.
-pub async fn issue(
+pub(crate) async fn issue(
     relay: &Relay,
     routes: &RouteTable,
     upstreams: &HashMap<String, Arc<Upstream>>,
@@ -64,7 +63,8 @@ pub async fn issue(
     // nowhere: the endpoint is no oracle for what is routed.
     let mut route: Option<(String, String)> = None;
     for scope in requested {
-        let Some(m) = routes.resolve(&scope.name).filter(|m| m.route.config.relay) else {
+        let local = LocalName::new(scope.name.as_str());
+        let Some(m) = routes.resolve(&local).filter(|m| m.route.config.relay) else {
             continue;
         };
         let this = (
@@ -83,7 +83,7 @@ pub async fn issue(
     let mut local = Vec::new();
     let mut remote = Vec::new();
     for scope in granted {
-        let Some(m) = routes.resolve(&scope.name) else {
+        let Some(m) = routes.resolve(&LocalName::new(scope.name.as_str())) else {
             continue;
         };
         let same_route = route
@@ -93,7 +93,7 @@ pub async fn issue(
         if !same_route || actions.is_empty() {
             continue;
         }
-        remote.push(Scope::repository(&m.remote, &actions));
+        remote.push(Scope::repository(m.remote.as_str(), &actions));
         local.push(Scope::repository(&scope.name, &actions).to_string());
     }
     let mut claims = RelayClaims {

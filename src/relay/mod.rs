@@ -7,7 +7,7 @@
 //! another. Owns sealing and opening, the request stage ([`Relay::admit`]) and the token
 //! endpoint ([`endpoint`]); must not decide routes (the pipeline resolves them).
 
-pub mod endpoint;
+pub(crate) mod endpoint;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,12 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use http::HeaderValue;
 
-use crate::auth::Denied;
+use crate::auth::{Admission, Denied, bearer_token};
 use crate::config::RelayConfig;
-use crate::oci::{Challenge, ErrorCode, OciError, Scope};
+use crate::oci::challenge::BearerError;
+use crate::oci::{ErrorCode, OciError, Scope};
 
 /// Relay tokens live at most this long, however long the upstream token would.
-pub const MAX_LIFETIME_SECS: u64 = 300;
+pub(crate) const MAX_LIFETIME_SECS: u64 = 300;
 
 /// Sealed payloads are at least this long, then whole multiples of [`PAD_STEP`].
 const PAD_MIN: usize = 4096;
@@ -65,17 +66,9 @@ pub struct RelayClaims {
 
 impl RelayClaims {
     /// Whether the token grants every action of every scope in `required`.
-    pub fn covers(&self, required: &[Scope]) -> bool {
+    pub(crate) fn covers(&self, required: &[Scope]) -> bool {
         let granted: Vec<Scope> = self.sc.iter().filter_map(|s| Scope::parse(s)).collect();
-        required.iter().all(|r| {
-            r.actions.iter().all(|a| {
-                granted.iter().any(|g| {
-                    g.kind == r.kind
-                        && g.name == r.name
-                        && g.actions.iter().any(|x| x == a || x == "*")
-                })
-            })
-        })
+        crate::oci::challenge::covers(&granted, required)
     }
 }
 
@@ -98,7 +91,7 @@ impl Relay {
         })
     }
 
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         &self.path
     }
 
@@ -125,7 +118,7 @@ impl Relay {
     }
 
     /// Opens a token presented on `route` for `upstream`, checking expiry.
-    pub fn open(
+    pub(crate) fn open(
         &self,
         token: &str,
         route: &str,
@@ -161,107 +154,103 @@ impl Relay {
 
     /// The `/v2/` check: clients learn the realm from it, so it is challenged unless the
     /// client shows a relay token sealed for one of `routes` (or a scope-less login token).
-    pub fn admit_base<'a>(
+    pub(crate) fn admit_base<'a>(
         &self,
         authorization: Option<&HeaderValue>,
         routes: impl Iterator<Item = &'a str>,
         public_base: &str,
-    ) -> Result<(), Denied> {
+    ) -> Result<Admission, Denied> {
         let now = unix_now();
-        let valid = bearer(authorization).is_some_and(|t| {
+        let valid = bearer_token(authorization).is_some_and(|t| {
             std::iter::once("")
                 .chain(routes)
                 .any(|route| self.open_on_route(t, route, now).is_ok())
         });
         if valid {
-            Ok(())
+            Ok(Admission::Relay {
+                upstream_token: None,
+            })
         } else {
             Err(self.refusal(public_base, &[], None, "authentication required"))
         }
     }
 }
 
-/// The token of an `Authorization: Bearer …` header.
-fn bearer(authorization: Option<&HeaderValue>) -> Option<&str> {
-    authorization
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-}
-
 impl Relay {
     /// Our challenge for a relay route: realm and service are the proxy's, scopes local.
-    pub fn refusal(
+    pub(crate) fn refusal(
         &self,
         public_base: &str,
         required: &[Scope],
-        error: Option<&str>,
-        why: &str,
+        why: Option<BearerError>,
+        message: &str,
     ) -> Denied {
-        let mut challenge = Challenge::bearer(
+        let code = match why {
+            Some(BearerError::InsufficientScope) => ErrorCode::Denied,
+            _ => ErrorCode::Unauthorized,
+        };
+        Denied::bearer(
             &format!("{public_base}{}", self.path),
             &service(public_base),
             required,
-        );
-        if let Some(e) = error {
-            challenge.set_param("error", e.to_string());
-        }
-        let code = if error == Some("insufficient_scope") {
-            ErrorCode::Denied
-        } else {
-            ErrorCode::Unauthorized
-        };
-        Denied {
-            challenge,
-            error: OciError::new(code, why).with_status(http::StatusCode::UNAUTHORIZED),
-        }
+            why,
+            OciError::new(code, message),
+        )
     }
 
-    /// The request stage for a relay route: the client's bearer PASETO must open for this
-    /// route and upstream, be unexpired and cover `required` (local names). Gives the
-    /// upstream token to send instead (`None` when the upstream takes no bearer tokens);
-    /// anything wrong is a 401 with a fresh challenge pointing at our token endpoint.
-    pub fn admit(
+    /// Admission on a relay route: the client's bearer PASETO must open for this route and
+    /// upstream, be unexpired and cover `required` (local names). Admits with the upstream
+    /// token to send instead; anything wrong is a 401 with a fresh challenge pointing at our
+    /// token endpoint.
+    pub(crate) fn admit(
         &self,
         authorization: Option<&HeaderValue>,
         route: &str,
         upstream: &str,
         required: &[Scope],
         public_base: &str,
-    ) -> Result<Option<HeaderValue>, Denied> {
-        let Some(token) = bearer(authorization) else {
+    ) -> Result<Admission, Denied> {
+        let Some(token) = bearer_token(authorization) else {
             return Err(self.refusal(public_base, required, None, "authentication required"));
         };
         let claims = self.open(token, route, upstream, unix_now()).map_err(|e| {
-            self.refusal(public_base, required, Some("invalid_token"), &e.to_string())
+            self.refusal(
+                public_base,
+                required,
+                Some(BearerError::InvalidToken),
+                &e.to_string(),
+            )
         })?;
         if !claims.covers(required) {
             return Err(self.refusal(
                 public_base,
                 required,
-                Some("insufficient_scope"),
+                Some(BearerError::InsufficientScope),
                 "the relay token does not cover this request",
             ));
         }
         if claims.ut.is_empty() {
-            return Ok(None);
+            return Ok(Admission::Relay {
+                upstream_token: None,
+            });
         }
         let mut header = HeaderValue::from_str(&format!("Bearer {}", claims.ut)).map_err(|_| {
             self.refusal(
                 public_base,
                 required,
-                Some("invalid_token"),
+                Some(BearerError::InvalidToken),
                 "bad upstream token",
             )
         })?;
         header.set_sensitive(true);
-        Ok(Some(header))
+        Ok(Admission::Relay {
+            upstream_token: Some(header),
+        })
     }
 }
 
 /// The relay's service name: the host clients reach us by.
-pub fn service(public_base: &str) -> String {
+pub(crate) fn service(public_base: &str) -> String {
     public_base
         .split_once("://")
         .map_or(public_base, |(_, host)| host)

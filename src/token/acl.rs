@@ -19,7 +19,7 @@ enum Token {
 }
 
 /// Checks that a pattern's `${…}` expansions are ones we know.
-pub fn check_template(pattern: &str) -> Result<(), String> {
+pub(crate) fn check_template(pattern: &str) -> Result<(), String> {
     compile(pattern, &|_| Some(String::new())).map(|_| ())
 }
 
@@ -120,19 +120,19 @@ fn matches(tokens: &[Token], text: &str) -> bool {
 }
 
 /// An identity's claims, flattened to strings (numbers and booleans as their JSON text).
-pub type ClaimMap = BTreeMap<String, String>;
+pub(crate) type ClaimMap = BTreeMap<String, String>;
 
-pub struct Acl {
+pub(crate) struct Acl {
     rules: Vec<AclRuleConfig>,
 }
 
 impl Acl {
-    pub fn new(rules: Vec<AclRuleConfig>) -> Acl {
+    pub(crate) fn new(rules: Vec<AclRuleConfig>) -> Acl {
         Acl { rules }
     }
 
     /// The actions `account` (with `claims`) may have on `scope`, among those asked.
-    pub fn grant(&self, account: &str, claims: &ClaimMap, scope: &Scope) -> Vec<String> {
+    pub(crate) fn grant(&self, account: &str, claims: &ClaimMap, scope: &Scope) -> Vec<String> {
         let lookup = |var: &str| -> Option<String> {
             if var == "account" {
                 Some(account.to_string())

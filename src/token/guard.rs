@@ -4,16 +4,17 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 /// Failed logins are counted over this window, then forgotten.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Failed logins from one address within the window before it is refused.
-pub const MAX_FAILURES_PER_PEER: u32 = 20;
+pub(crate) const MAX_FAILURES_PER_PEER: u32 = 20;
 /// Failed logins for one username within the window before it is refused.
-pub const MAX_FAILURES_PER_USER: u32 = 10;
+pub(crate) const MAX_FAILURES_PER_USER: u32 = 10;
 /// Password checks waiting for a core, per core.
 const WAITING_PER_SLOT: usize = 8;
 /// Entries kept at most; beyond it expired ones are dropped, then the oldest.
@@ -21,14 +22,14 @@ const MAX_TRACKED: usize = 65_536;
 
 /// Why a login was not checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Too many failures lately, from this peer or for this username.
     Throttled { retry_after: Duration },
     /// The password-check queue is full.
     Busy,
 }
 
-pub struct LoginGuard {
+pub(crate) struct LoginGuard {
     slots: tokio::sync::Semaphore,
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -48,7 +49,7 @@ struct Failures {
 }
 
 impl LoginGuard {
-    pub fn new(cores: usize) -> LoginGuard {
+    pub(crate) fn new(cores: usize) -> LoginGuard {
         LoginGuard {
             slots: tokio::sync::Semaphore::new(cores),
             waiting: AtomicUsize::new(0),
@@ -59,7 +60,7 @@ impl LoginGuard {
 
     /// Runs a password check (`check` returns whether it passed) unless the peer or the
     /// username failed too often lately or the queue is full. Failures are counted.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         peer: IpAddr,
         user: &str,
@@ -93,7 +94,7 @@ impl LoginGuard {
     }
 
     fn throttled(&self, keys: &[Key], now: Instant) -> Option<Duration> {
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let failures = self.failures.lock();
         keys.iter()
             .filter_map(|k| {
                 let f = failures.get(k)?;
@@ -104,7 +105,7 @@ impl LoginGuard {
     }
 
     fn record_failure(&self, keys: &[Key], now: Instant) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = self.failures.lock();
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| now.duration_since(f.since) < FAILURE_WINDOW);
             if failures.len() >= MAX_TRACKED
@@ -199,9 +200,7 @@ mod tests {
             let (guard, gate) = (guard.clone(), gate.clone());
             running.push(tokio::spawn(async move {
                 guard
-                    .check(peer(1), "alice", move || {
-                        gate.lock().unwrap().recv().is_ok()
-                    })
+                    .check(peer(1), "alice", move || gate.lock().recv().is_ok())
                     .await
             }));
         }

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::acl::ClaimMap;
-use crate::auth::jwt::AccessEntry;
 use crate::auth::keys::{KeyFamily, TrustedKey, libtrust_fingerprint};
 use crate::config::TokenServerConfig;
+use crate::oci::Scope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -27,10 +27,10 @@ pub enum IssuerError {
 }
 
 /// A minted access token and its timing, as the token endpoint answers it.
-pub struct Minted {
-    pub token: String,
-    pub expires_in: u64,
-    pub issued_at: String,
+pub(crate) struct Minted {
+    pub(crate) token: String,
+    pub(crate) expires_in: u64,
+    pub(crate) issued_at: String,
 }
 
 #[derive(Serialize)]
@@ -42,7 +42,7 @@ struct AccessClaims<'a> {
     nbf: u64,
     iat: u64,
     jti: String,
-    access: &'a [AccessEntry],
+    access: &'a [Scope],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,15 +63,15 @@ struct RefreshClaims {
 
 /// What a refresh token is tied to besides its account.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RefreshBinding {
+pub(crate) struct RefreshBinding {
     /// It expires no later than this (unix seconds): a federated login's identity token
     /// `exp`, unless the provider allows refresh.
-    pub until: Option<u64>,
+    pub(crate) until: Option<u64>,
     /// A fingerprint of the account's password entry: the token dies with the password.
-    pub entry: Option<String>,
+    pub(crate) entry: Option<String>,
 }
 
-pub struct Issuer {
+pub(crate) struct Issuer {
     encoding: EncodingKey,
     leaf: TrustedKey,
     alg: Algorithm,
@@ -84,7 +84,7 @@ pub struct Issuer {
 }
 
 impl Issuer {
-    pub fn load(config: &TokenServerConfig) -> Result<Issuer, IssuerError> {
+    pub(crate) fn load(config: &TokenServerConfig) -> Result<Issuer, IssuerError> {
         let cert_err = |reason: String| IssuerError::Certificate {
             path: config.certificate.display().to_string(),
             reason,
@@ -137,7 +137,7 @@ impl Issuer {
         Ok(issuer)
     }
 
-    pub fn service(&self) -> &str {
+    pub(crate) fn service(&self) -> &str {
         &self.service
     }
 
@@ -148,10 +148,10 @@ impl Issuer {
         h
     }
 
-    pub fn access_token(
+    pub(crate) fn access_token(
         &self,
         account: &str,
-        access: &[AccessEntry],
+        access: &[Scope],
     ) -> Result<Minted, IssuerError> {
         let now = SystemTime::now();
         let iat = unix(now);
@@ -179,7 +179,7 @@ impl Issuer {
         format!("{}#refresh", self.service)
     }
 
-    pub fn refresh_token(
+    pub(crate) fn refresh_token(
         &self,
         account: &str,
         claims: &ClaimMap,
@@ -203,7 +203,10 @@ impl Issuer {
 
     /// The account, claims and password-entry fingerprint a refresh token we issued stands
     /// for.
-    pub fn open_refresh(&self, token: &str) -> Result<(String, ClaimMap, Option<String>), String> {
+    pub(crate) fn open_refresh(
+        &self,
+        token: &str,
+    ) -> Result<(String, ClaimMap, Option<String>), String> {
         let mut validation = Validation::new(self.alg);
         validation.leeway = crate::auth::jwt::LEEWAY_SECS;
         validation.set_issuer(&[&self.issuer]);

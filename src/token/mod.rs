@@ -5,11 +5,11 @@
 //! allows, and mints a JWT the real registry and ocigate's own auth stage accept. Owns the
 //! `/token` answers; must not talk to upstream registries.
 
-pub mod acl;
-pub mod guard;
-pub mod issuer;
-pub mod oidc;
-pub mod users;
+pub(crate) mod acl;
+pub(crate) mod guard;
+pub(crate) mod issuer;
+pub(crate) mod oidc;
+pub(crate) mod users;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -17,11 +17,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::auth::jwt::AccessEntry;
 use crate::body::Body;
 use crate::config::TokenServerConfig;
 use crate::error::{GatewayError, registry_json};
@@ -32,7 +29,7 @@ use oidc::Oidc;
 use users::{Htpasswd, HtpasswdError};
 
 const MAX_FORM: usize = 64 << 10;
-pub const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenSetupError {
@@ -56,14 +53,14 @@ pub struct TokenServer {
 }
 
 /// An authenticated token request.
-pub struct Login {
+pub(crate) struct Login {
     identity: Identity,
     scopes: Vec<Scope>,
     offline: bool,
 }
 
 impl Login {
-    pub fn scopes(&self) -> &[Scope] {
+    pub(crate) fn scopes(&self) -> &[Scope] {
         &self.scopes
     }
 }
@@ -80,18 +77,16 @@ struct Identity {
 }
 
 /// Reads the parameters of a GET (query) or POST (OAuth2 form) token request.
-pub async fn read_request(req: Request<Incoming>) -> Result<(HeaderMap, Params), GatewayError> {
+pub(crate) async fn read_request(req: Request<Body>) -> Result<(HeaderMap, Params), GatewayError> {
     let (parts, incoming) = req.into_parts();
     let mut params = Params::default();
     if let Some(q) = parts.uri.query() {
         params.read(q, false);
     }
     if parts.method == Method::POST {
-        let form = Limited::new(incoming, MAX_FORM)
-            .collect()
+        let form = crate::body::read_to_limit(incoming, MAX_FORM)
             .await
-            .map_err(|_| bad_request("the form is too large or unreadable"))?
-            .to_bytes();
+            .map_err(|_| bad_request("the form is too large or unreadable"))?;
         params.read(&String::from_utf8_lossy(&form), true);
     } else if parts.method != Method::GET {
         return Err(OciError::new(ErrorCode::Unsupported, "use GET or POST").into());
@@ -101,7 +96,7 @@ pub async fn read_request(req: Request<Incoming>) -> Result<(HeaderMap, Params),
 
 /// The parameters of a GET or POST token request.
 #[derive(Default)]
-pub struct Params {
+pub(crate) struct Params {
     service: Option<String>,
     scopes: Vec<String>,
     offline: bool,
@@ -128,7 +123,7 @@ impl TokenServer {
         })
     }
 
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         &self.path
     }
 
@@ -141,7 +136,11 @@ impl TokenServer {
 
     /// Reads a token request and authenticates its client.
     /// `peer` is the client's address, for limiting failed logins.
-    pub async fn login(&self, req: Request<Incoming>, peer: IpAddr) -> Result<Login, GatewayError> {
+    pub(crate) async fn login(
+        &self,
+        req: Request<Body>,
+        peer: IpAddr,
+    ) -> Result<Login, GatewayError> {
         let (headers, params) = read_request(req).await?;
         if let Some(s) = &params.service
             && s != self.issuer.service()
@@ -159,23 +158,16 @@ impl TokenServer {
 
     /// The scopes `login` asked for, cut down to what the ACL allows (for the relay, which
     /// seals them instead of minting a JWT).
-    pub fn granted(&self, login: &Login) -> Vec<Scope> {
+    pub(crate) fn granted(&self, login: &Login) -> Vec<Scope> {
         self.grant(
             &login.identity.account,
             &login.identity.claims,
             &login.scopes,
         )
-        .into_iter()
-        .map(|a| Scope {
-            kind: a.kind,
-            name: a.name,
-            actions: a.actions,
-        })
-        .collect()
     }
 
     /// Answers an authenticated request with a JWT for what the ACL grants.
-    pub fn answer(&self, login: Login) -> Result<Response<Body>, GatewayError> {
+    pub(crate) fn answer(&self, login: Login) -> Result<Response<Body>, GatewayError> {
         let Login {
             identity,
             scopes,
@@ -324,8 +316,8 @@ impl TokenServer {
         })
     }
 
-    fn grant(&self, account: &str, claims: &ClaimMap, scopes: &[Scope]) -> Vec<AccessEntry> {
-        let mut access: Vec<AccessEntry> = Vec::new();
+    fn grant(&self, account: &str, claims: &ClaimMap, scopes: &[Scope]) -> Vec<Scope> {
+        let mut access: Vec<Scope> = Vec::new();
         for scope in scopes {
             let actions = self.acl.grant(account, claims, scope);
             if actions.is_empty() {
@@ -347,7 +339,7 @@ impl TokenServer {
                         }
                     }
                 }
-                None => access.push(AccessEntry {
+                None => access.push(Scope {
                     kind: kind.to_string(),
                     name: scope.name.clone(),
                     actions,
@@ -360,7 +352,7 @@ impl TokenServer {
 
 impl Params {
     /// The requested scopes, parsed and bounded: valid repository names, at most 64.
-    pub fn valid_scopes(&self) -> Result<Vec<Scope>, GatewayError> {
+    pub(crate) fn valid_scopes(&self) -> Result<Vec<Scope>, GatewayError> {
         if self.scopes.len() > 64 {
             return Err(bad_request("too many scopes"));
         }
@@ -431,6 +423,6 @@ fn internal(why: &str) -> GatewayError {
 }
 
 /// The challenge a failed login gets, so clients know to send Basic credentials.
-pub fn login_challenge() -> HeaderValue {
+pub(crate) fn login_challenge() -> HeaderValue {
     HeaderValue::from_static("Basic realm=\"ocigate token server\"")
 }

@@ -12,7 +12,7 @@ use crate::config::{OidcProviderConfig, UpstreamConfig};
 use crate::upstream::client::{self};
 
 #[derive(Debug, thiserror::Error)]
-pub enum OidcError {
+pub(crate) enum OidcError {
     #[error("unknown identity provider")]
     UnknownProvider,
     #[error("identity token refused: {0}")]
@@ -26,12 +26,12 @@ struct Provider {
     keys: RemoteKeys,
 }
 
-pub struct Oidc {
+pub(crate) struct Oidc {
     providers: HashMap<String, Provider>,
 }
 
 impl Oidc {
-    pub fn new(configs: &[OidcProviderConfig]) -> Result<Oidc, client::ClientBuildError> {
+    pub(crate) fn new(configs: &[OidcProviderConfig]) -> Result<Oidc, client::ClientBuildError> {
         let mut providers = HashMap::new();
         for c in configs {
             let client = client::build(&UpstreamConfig::new(&c.name, c.issuer.clone()))?;
@@ -46,17 +46,21 @@ impl Oidc {
         Ok(Oidc { providers })
     }
 
-    pub fn has(&self, name: &str) -> bool {
+    pub(crate) fn has(&self, name: &str) -> bool {
         self.providers.contains_key(name)
     }
 
     /// Whether the provider's logins may be refreshed past their identity token's `exp`.
-    pub fn allows_refresh(&self, name: &str) -> bool {
+    pub(crate) fn allows_refresh(&self, name: &str) -> bool {
         self.providers.get(name).is_some_and(|p| p.config.refresh)
     }
 
     /// Verifies `jwt` from `provider`; the account (`<provider>:<sub>`) and flattened claims.
-    pub async fn verify(&self, provider: &str, jwt: &str) -> Result<(String, ClaimMap), OidcError> {
+    pub(crate) async fn verify(
+        &self,
+        provider: &str,
+        jwt: &str,
+    ) -> Result<(String, ClaimMap), OidcError> {
         let p = self
             .providers
             .get(provider)

@@ -7,12 +7,12 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 #[error("{path}:{line}: {reason}")]
 pub struct HtpasswdError {
-    pub path: String,
-    pub line: usize,
-    pub reason: String,
+    pub(crate) path: String,
+    pub(crate) line: usize,
+    pub(crate) reason: String,
 }
 
-pub struct Htpasswd {
+pub(crate) struct Htpasswd {
     users: HashMap<String, String>,
     /// Verified against when the user is unknown, at the highest cost of the file's own
     /// entries: an unknown name then takes as long as a known one, and names cannot be told
@@ -26,7 +26,7 @@ fn cost_of(hash: &str) -> Option<u32> {
 }
 
 impl Htpasswd {
-    pub fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
+    pub(crate) fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
         let err = |line, reason: &str| HtpasswdError {
             path: path.display().to_string(),
             line,
@@ -55,14 +55,14 @@ impl Htpasswd {
 
     /// A fingerprint of `user`'s entry (a hash of its bcrypt hash, salt included): it
     /// changes whenever the password is set again.
-    pub fn fingerprint(&self, user: &str) -> Option<String> {
+    pub(crate) fn fingerprint(&self, user: &str) -> Option<String> {
         use sha2::Digest as _;
         let hash = self.users.get(user)?;
         Some(hex::encode(&sha2::Sha256::digest(hash.as_bytes())[..16]))
     }
 
     /// Checks a password; slow on purpose (bcrypt), so call it off the async threads.
-    pub fn verify(&self, user: &str, password: &str) -> bool {
+    pub(crate) fn verify(&self, user: &str, password: &str) -> bool {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {

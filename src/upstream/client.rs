@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -12,10 +13,32 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::dial::{DialPolicy, GuardedResolver};
-use crate::body::Body;
+use crate::body::{self, Body, BoxError};
 use crate::config::UpstreamConfig;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Body>;
+
+/// A response that is coming, or why none will.
+pub(crate) type Responding =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send + 'static>>;
+
+/// Where an upstream's requests go: the pooled client in production, an in-process
+/// registry in the request-path tests.
+pub(crate) trait Transport: Send + Sync {
+    fn send(&self, request: Request<Body>) -> Responding;
+}
+
+impl Transport for HttpClient {
+    fn send(&self, request: Request<Body>) -> Responding {
+        let response = self.request(request);
+        Box::pin(async move {
+            response
+                .await
+                .map(|r| r.map(body::boxed))
+                .map_err(BoxError::from)
+        })
+    }
+}
 
 /// HTTP/2 connections in use are pinged this often, and closed when a ping goes unanswered
 /// this long (idle ones are closed by `idle_timeout`).
@@ -37,7 +60,7 @@ pub enum ClientBuildError {
 
 /// Builds the pooled client for one upstream; it dials other hosts only as
 /// [`DialPolicy::for_upstream`] allows.
-pub fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
+pub(crate) fn build(config: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
     let tls = tls_config(config)?;
     let policy = Arc::new(DialPolicy::for_upstream(config));
     let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy));

@@ -18,7 +18,7 @@ use url::Url;
 
 /// What kind of network an address is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reach {
+pub(crate) enum Reach {
     Public,
     Loopback,
     LinkLocal,
@@ -29,7 +29,7 @@ pub enum Reach {
     Never,
 }
 
-pub fn reach(ip: IpAddr) -> Reach {
+pub(crate) fn reach(ip: IpAddr) -> Reach {
     let ip = match ip {
         IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -86,7 +86,7 @@ fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
 
 /// The dialling rule of one upstream's client.
 #[derive(Debug)]
-pub struct DialPolicy {
+pub(crate) struct DialPolicy {
     upstream: String,
     named: Vec<String>,
 }
@@ -94,7 +94,7 @@ pub struct DialPolicy {
 impl DialPolicy {
     /// An upstream's rule: its own host, and the hosts of `allowed_redirects` and
     /// `allowed_realms`, are named by the config.
-    pub fn for_upstream(config: &crate::config::UpstreamConfig) -> DialPolicy {
+    pub(crate) fn for_upstream(config: &crate::config::UpstreamConfig) -> DialPolicy {
         let named: Vec<&Url> = config
             .allowed_redirects
             .iter()
@@ -104,7 +104,7 @@ impl DialPolicy {
     }
 
     /// `named`: URLs the config lists (their hosts may be dialled whatever they resolve to).
-    pub fn new(upstream: &Url, named: &[&Url]) -> DialPolicy {
+    pub(crate) fn new(upstream: &Url, named: &[&Url]) -> DialPolicy {
         let host = |u: &Url| {
             u.host_str()
                 .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
@@ -154,7 +154,7 @@ impl DialPolicy {
     /// Checks a URL the upstream handed us (redirect target, token realm) before it is
     /// fetched. Host names are checked again on the addresses they resolve to when dialled;
     /// IP literals are never resolved, so they are checked here.
-    pub async fn check(&self, url: &Url) -> Result<(), String> {
+    pub(crate) async fn check(&self, url: &Url) -> Result<(), String> {
         let Some(host) = url.host_str() else {
             return Err(format!("{url} has no host"));
         };
@@ -176,12 +176,12 @@ async fn resolve(host: &str) -> io::Result<Vec<SocketAddr>> {
 
 /// The upstream client's DNS resolver: the system's, then [`DialPolicy`].
 #[derive(Debug, Clone)]
-pub struct GuardedResolver {
+pub(crate) struct GuardedResolver {
     policy: Arc<DialPolicy>,
 }
 
 impl GuardedResolver {
-    pub fn new(policy: Arc<DialPolicy>) -> GuardedResolver {
+    pub(crate) fn new(policy: Arc<DialPolicy>) -> GuardedResolver {
         GuardedResolver { policy }
     }
 }

@@ -5,23 +5,23 @@
 //! request once after a 401, and follows blob redirects without `Authorization` when asked.
 //! It sees requests already rewritten to remote names and must not know about local names.
 
-pub mod client;
-pub mod credentials;
-pub mod dial;
-pub mod token;
+pub(crate) mod client;
+pub(crate) mod credentials;
+pub(crate) mod dial;
+pub(crate) mod token;
 
-use std::sync::RwLock;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
+use parking_lot::RwLock;
 use url::Url;
 
 use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::oci::{Challenge, Scope};
-use client::HttpClient;
+use client::Transport;
 use credentials::{CredentialError, CredentialSource, Secret};
 use token::TokenCache;
 
@@ -46,6 +46,13 @@ pub enum UpstreamError {
     TokenRefused { upstream: String },
     #[error("upstream {upstream} not asked: the cache is offline")]
     Offline { upstream: String },
+}
+
+/// `cache.offline`: whether upstreams may be asked at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offline {
+    No,
+    Yes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,22 +96,40 @@ impl AuthScheme {
     }
 }
 
+/// Whose authority a request goes upstream with.
+#[derive(Debug, Clone)]
+pub(crate) enum Authorization {
+    /// The upstream's configured credentials, through the token dance.
+    Proxy,
+    /// Exactly this header: the upstream token a relay route's client showed.
+    Relayed(HeaderValue),
+}
+
+/// What [`Upstream::send`] does with a redirect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Redirects {
+    /// Answers with it: the client follows it.
+    PassOn,
+    /// Follows it here, without `Authorization`, and answers with the end of the chain.
+    Follow,
+}
+
 /// A request already in upstream terms.
-pub struct UpstreamRequest {
-    pub method: Method,
+pub(crate) struct UpstreamRequest {
+    pub(crate) method: Method,
     /// `/v2/<remote>/…?query`.
-    pub path_and_query: String,
+    pub(crate) path_and_query: String,
     /// End-to-end headers only: no `Host`, `Authorization` or hop-by-hop headers.
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     /// `None` for a request without a body, which can be replayed after a 401.
-    pub body: Option<Body>,
+    pub(crate) body: Option<Body>,
     /// The scopes the request needs, in remote names.
-    pub scopes: Vec<Scope>,
+    pub(crate) scopes: Vec<Scope>,
 }
 
 pub struct Upstream {
-    pub config: UpstreamConfig,
-    client: HttpClient,
+    pub(crate) config: UpstreamConfig,
+    client: Arc<dyn Transport>,
     credentials: CredentialSource,
     tokens: TokenCache,
     scheme: RwLock<AuthScheme>,
@@ -117,11 +142,23 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig, offline: bool) -> Result<Upstream, UpstreamBuildError> {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        offline: Offline,
+    ) -> Result<Upstream, UpstreamBuildError> {
         let client = client::build(&config).map_err(|source| UpstreamBuildError::Client {
             upstream: config.name.clone(),
             source,
         })?;
+        Upstream::with_transport(config, offline, Arc::new(client))
+    }
+
+    /// An upstream whose requests (and token fetches) go through `client`.
+    pub(crate) fn with_transport(
+        config: UpstreamConfig,
+        offline: Offline,
+        client: Arc<dyn Transport>,
+    ) -> Result<Upstream, UpstreamBuildError> {
         let credentials =
             CredentialSource::new(&config).map_err(|source| UpstreamBuildError::Credentials {
                 upstream: config.name.clone(),
@@ -135,11 +172,11 @@ impl Upstream {
             tokens: TokenCache::default(),
             scheme: RwLock::new(AuthScheme::Unknown),
             warned_realm: AtomicBool::new(false),
-            offline,
+            offline: offline == Offline::Yes,
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.config.name
     }
 
@@ -150,7 +187,7 @@ impl Upstream {
 
     /// Network start-up work: fetches cloud credentials and starts their refresh (not when
     /// offline: nothing will be sent).
-    pub async fn start(&self) -> Result<(), UpstreamBuildError> {
+    pub(crate) async fn start(&self) -> Result<(), UpstreamBuildError> {
         if self.offline {
             return Ok(());
         }
@@ -164,7 +201,7 @@ impl Upstream {
     }
 
     /// The absolute URL of a path on this upstream.
-    pub fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
+    pub(crate) fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
         let bad = |why: String| UpstreamError::Unreachable {
             upstream: self.config.name.clone(),
             reason: format!("bad path {path_and_query:?}: {why}"),
@@ -183,12 +220,45 @@ impl Upstream {
         Ok(url)
     }
 
+    /// The one road to the upstream: sends `req` with `authorization` and, as `redirects`
+    /// says, passes redirects on or follows them (without `Authorization`).
+    pub(crate) async fn send(
+        &self,
+        req: UpstreamRequest,
+        authorization: &Authorization,
+        redirects: Redirects,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let followed = match redirects {
+            Redirects::Follow => Some((
+                req.method.clone(),
+                self.url(&req.path_and_query)?,
+                req.headers.clone(),
+            )),
+            Redirects::PassOn => None,
+        };
+        let response = match authorization {
+            Authorization::Proxy => self.send_with_credentials(req).await?,
+            Authorization::Relayed(header) => {
+                let mut req = req;
+                let body = req.body.take();
+                self.dispatch(&req, Some(header.clone()), body).await?
+            }
+        };
+        match followed {
+            Some((method, from, headers)) if response.status().is_redirection() => {
+                self.follow_redirects(response, &method, from, &headers)
+                    .await
+            }
+            _ => Ok(response),
+        }
+    }
+
     /// Sends a request with whatever authorization the upstream wants, retrying a replayable
     /// request once after a 401 with a fresh token.
-    pub async fn send(
+    async fn send_with_credentials(
         &self,
         mut req: UpstreamRequest,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let secret = self.secret().await?;
         let body = req.body.take();
         if let Some(bearer) = secret.as_ref().and_then(Secret::static_bearer) {
@@ -231,13 +301,13 @@ impl Upstream {
     }
 
     /// Follows a blob redirect chain without `Authorization`, streaming the final answer.
-    pub async fn follow_redirects(
+    async fn follow_redirects(
         &self,
-        mut response: Response<Incoming>,
+        mut response: Response<Body>,
         method: &Method,
         mut from: Url,
         headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let bad = |reason: String| UpstreamError::Redirect {
             upstream: self.config.name.clone(),
             reason,
@@ -284,17 +354,12 @@ impl Upstream {
     }
 
     fn scheme(&self) -> AuthScheme {
-        self.scheme
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or(AuthScheme::Unknown)
+        self.scheme.read().clone()
     }
 
     fn set_scheme(&self, scheme: AuthScheme) {
-        if scheme != AuthScheme::Unknown
-            && let Ok(mut s) = self.scheme.write()
-        {
-            *s = scheme;
+        if scheme != AuthScheme::Unknown {
+            *self.scheme.write() = scheme;
         }
     }
 
@@ -362,7 +427,7 @@ impl Upstream {
             return None;
         }
         let secret = secret.filter(|_| self.realm_allowed(realm));
-        let fetched = token::fetch(&self.client, realm, service, scopes, secret).await;
+        let fetched = token::fetch(self.client.as_ref(), realm, service, scopes, secret).await;
         crate::metrics::token_fetch(&self.config.name, fetched.is_ok());
         match fetched {
             Ok(t) => {
@@ -379,7 +444,7 @@ impl Upstream {
     /// For the relay: the upstream's bearer token for `scopes` (remote names), fetched with
     /// the upstream's credentials. `Ok(None)` when the upstream takes no bearer tokens (it is
     /// open, or uses Basic, which the proxy then sends itself).
-    pub async fn bearer_for(
+    pub(crate) async fn bearer_for(
         &self,
         scopes: &[Scope],
         min_left: Duration,
@@ -398,16 +463,6 @@ impl Upstream {
             .ok_or_else(|| UpstreamError::TokenRefused {
                 upstream: self.config.name.clone(),
             })
-    }
-
-    /// Sends with exactly this `Authorization` (a relayed upstream token): no token dance.
-    pub async fn send_as(
-        &self,
-        mut req: UpstreamRequest,
-        authorization: HeaderValue,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let body = req.body.take();
-        self.dispatch(&req, Some(authorization), body).await
     }
 
     fn realm_allowed(&self, realm: &str) -> bool {
@@ -429,7 +484,7 @@ impl Upstream {
         req: &UpstreamRequest,
         auth: Option<HeaderValue>,
         body: Option<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let url = self.url(&req.path_and_query)?;
         let mut builder = Request::builder()
             .method(req.method.clone())
@@ -454,14 +509,14 @@ impl Upstream {
         &self,
         request: Request<Body>,
         bounded: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         if self.offline {
             return Err(UpstreamError::Offline {
                 upstream: self.config.name.clone(),
             });
         }
         let started = Instant::now();
-        let sent = self.client.request(request);
+        let sent = self.client.send(request);
         let result = if bounded {
             tokio::time::timeout(HEADER_TIMEOUT, sent)
                 .await
@@ -474,7 +529,7 @@ impl Upstream {
         crate::metrics::upstream_latency(&self.config.name, started.elapsed());
         result.map_err(|e| UpstreamError::Unreachable {
             upstream: self.config.name.clone(),
-            reason: error_chain(&e),
+            reason: error_chain(e.as_ref()),
         })
     }
 }
@@ -490,7 +545,7 @@ fn challenge_of<B>(response: &Response<B>) -> Option<Challenge> {
 }
 
 /// The `Location` of a response, resolved against the URL that was asked.
-pub fn location_of<B>(response: &Response<B>, base: &Url) -> Option<Url> {
+pub(crate) fn location_of<B>(response: &Response<B>, base: &Url) -> Option<Url> {
     let loc = response.headers().get(header::LOCATION)?.to_str().ok()?;
     let url = base.join(loc).ok()?;
     matches!(url.scheme(), "http" | "https").then_some(url)

@@ -2,17 +2,16 @@
 //! an upstream's realm, deciding whether that realm may see our credentials, and caching
 //! tokens per scope set until shortly before they expire.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use url::Url;
 
-use super::client::HttpClient;
+use super::client::Transport;
 use super::credentials::Secret;
 use crate::body;
 use crate::flight::{Gate, Gates};
@@ -26,7 +25,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_LIFETIME: Duration = Duration::from_secs(86400);
 
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("token realm {realm} is not a usable URL")]
     BadRealm { realm: String },
     #[error("token realm {realm} unreachable: {reason}")]
@@ -40,7 +39,7 @@ pub enum TokenError {
 /// Whether credentials may be sent to `realm` for an upstream at `upstream`: the same origin;
 /// or, for https, a host on the same registrable domain; anything else (other domains, IP
 /// literals, localhost) only when listed in `allowed_realms`.
-pub fn realm_may_receive_credentials(upstream: &Url, realm: &Url, allowed: &[Url]) -> bool {
+pub(crate) fn realm_may_receive_credentials(upstream: &Url, realm: &Url, allowed: &[Url]) -> bool {
     let strip = |u: &Url| {
         let mut u = u.clone();
         u.set_query(None);
@@ -72,12 +71,12 @@ pub fn realm_may_receive_credentials(upstream: &Url, realm: &Url, allowed: &[Url
 
 /// A bearer token and the moment to stop using it.
 #[derive(Clone)]
-pub struct Token {
-    pub header: HeaderValue,
-    pub valid_until: Instant,
+pub(crate) struct Token {
+    pub(crate) header: HeaderValue,
+    pub(crate) valid_until: Instant,
 }
 
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     entries: Mutex<HashMap<String, Token>>,
     /// One fetch per scope set at a time: concurrent cold requests wait for it instead of
     /// each asking the realm (registries rate-limit token requests too).
@@ -94,15 +93,15 @@ impl Default for TokenCache {
 }
 
 impl TokenCache {
-    pub fn key(scopes: &[Scope]) -> String {
+    pub(crate) fn key(scopes: &[Scope]) -> String {
         let mut s: Vec<String> = scopes.iter().map(Scope::to_string).collect();
         s.sort();
         s.join(" ")
     }
 
     /// A cached token with at least `min_left` of its life left.
-    pub fn get(&self, key: &str, min_left: Duration) -> Option<Token> {
-        let mut entries = self.entries.lock().ok()?;
+    pub(crate) fn get(&self, key: &str, min_left: Duration) -> Option<Token> {
+        let mut entries = self.entries.lock();
         match entries.get(key) {
             Some(t) if t.valid_until > Instant::now() + min_left => Some(t.clone()),
             Some(_) => {
@@ -113,8 +112,9 @@ impl TokenCache {
         }
     }
 
-    pub fn put(&self, key: String, token: Token) {
-        if let Ok(mut entries) = self.entries.lock() {
+    pub(crate) fn put(&self, key: String, token: Token) {
+        {
+            let mut entries = self.entries.lock();
             // Bound the map: drop expired entries when it grows, and everything if that was
             // not enough (many distinct names within a token's lifetime).
             if entries.len() >= MAX_TOKENS {
@@ -129,15 +129,14 @@ impl TokenCache {
     }
 
     /// The gate for fetching `key`; hold its lock while fetching.
-    pub fn flight(&self, key: &str) -> Gate {
+    pub(crate) fn flight(&self, key: &str) -> Gate {
         self.flights.gate(key)
     }
 
     /// Forgets the token for `key` if it is `refused` (and not one fetched meanwhile).
-    pub fn remove_if(&self, key: &str, refused: &HeaderValue) {
-        if let Ok(mut entries) = self.entries.lock()
-            && entries.get(key).is_some_and(|t| t.header == *refused)
-        {
+    pub(crate) fn remove_if(&self, key: &str, refused: &HeaderValue) {
+        let mut entries = self.entries.lock();
+        if entries.get(key).is_some_and(|t| t.header == *refused) {
             entries.remove(key);
         }
     }
@@ -151,8 +150,8 @@ struct TokenResponse {
 }
 
 /// Asks `realm` for a token covering `scopes`.
-pub async fn fetch(
-    client: &HttpClient,
+pub(crate) async fn fetch(
+    client: &dyn Transport,
     realm: &str,
     service: Option<&str>,
     scopes: &[Scope],
@@ -211,7 +210,7 @@ pub async fn fetch(
     };
     let exchange = async {
         let response = client
-            .request(request)
+            .send(request)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
@@ -221,11 +220,9 @@ pub async fn fetch(
                 status,
             });
         }
-        Ok(Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
+        body::read_to_limit(response.into_body(), MAX_TOKEN_RESPONSE)
             .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes())
+            .map_err(unreachable)
     };
     let bytes = tokio::time::timeout(FETCH_TIMEOUT, exchange)
         .await

@@ -18,18 +18,18 @@ use crate::config::DOCKER_HUB_API_HOST;
 const HELPER_TTL: Duration = Duration::from_secs(300);
 
 /// A credential helper for one registry, asked at most every [`HELPER_TTL`].
-pub struct Helper {
+pub(crate) struct Helper {
     helper: String,
     server: String,
     cached: Mutex<Option<(Instant, Option<Secret>)>>,
 }
 
 impl Helper {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.helper
     }
 
-    pub async fn resolve(&self) -> Result<Option<Secret>, CredentialError> {
+    pub(crate) async fn resolve(&self) -> Result<Option<Secret>, CredentialError> {
         let mut cached = self.cached.lock().await;
         if let Some((at, secret)) = cached.as_ref()
             && at.elapsed() < HELPER_TTL
@@ -43,7 +43,7 @@ impl Helper {
 }
 
 /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
-pub fn default_docker_config(env: &dyn Fn(&str) -> Option<PathBuf>) -> PathBuf {
+pub(crate) fn default_docker_config(env: &dyn Fn(&str) -> Option<PathBuf>) -> PathBuf {
     let dir = env("DOCKER_CONFIG")
         .or_else(|| env("HOME").map(|h| h.join(".docker")))
         .unwrap_or_else(|| PathBuf::from(".docker"));
@@ -84,7 +84,7 @@ fn key_host(key: &str) -> &str {
 }
 
 /// What a docker config holds for `host` (`host:port` when the port is not the default).
-pub fn from_docker_config(path: &Path, host: &str) -> Result<Kind, CredentialError> {
+pub(crate) fn from_docker_config(path: &Path, host: &str) -> Result<Kind, CredentialError> {
     let err = |reason: String| CredentialError::DockerConfig {
         path: path.display().to_string(),
         reason,

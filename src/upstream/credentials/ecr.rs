@@ -10,9 +10,9 @@
 /// (also `.amazonaws.com.cn`, the dual-stack `dkr-ecr.<region>.on.aws` and the isolated
 /// partitions).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EcrHost {
-    pub account: String,
-    pub region: String,
+pub(crate) struct EcrHost {
+    pub(crate) account: String,
+    pub(crate) region: String,
 }
 
 const ECR_DOMAINS: &[&str] = &[
@@ -26,7 +26,7 @@ const ECR_DOMAINS: &[&str] = &[
 ];
 
 impl EcrHost {
-    pub fn parse(host: &str) -> Option<EcrHost> {
+    pub(crate) fn parse(host: &str) -> Option<EcrHost> {
         let host = host.to_ascii_lowercase();
         let (account, rest) = host.split_once('.')?;
         if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
@@ -44,11 +44,11 @@ impl EcrHost {
 }
 
 #[cfg(feature = "ecr")]
-pub use provider::EcrProvider;
+pub(crate) use provider::EcrProvider;
 
 #[cfg(feature = "ecr")]
 mod provider {
-    use std::sync::{Arc, Mutex, Weak};
+    use std::sync::{Arc, Weak};
     use std::time::{Duration, Instant, SystemTime};
 
     use aws_config::BehaviorVersion;
@@ -56,6 +56,7 @@ mod provider {
     use aws_sdk_ecr::error::DisplayErrorContext;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as B64;
+    use parking_lot::Mutex;
 
     use super::EcrHost;
     use crate::config::EcrCredentials;
@@ -70,7 +71,7 @@ mod provider {
 
     /// One upstream's ECR token, kept fresh by a background task once [`EcrProvider::start`]
     /// has run.
-    pub struct EcrProvider {
+    pub(crate) struct EcrProvider {
         upstream: String,
         region: Option<String>,
         profile: Option<String>,
@@ -92,7 +93,7 @@ mod provider {
     }
 
     impl EcrProvider {
-        pub fn new(
+        pub(crate) fn new(
             upstream: &str,
             host: Option<&EcrHost>,
             settings: &EcrCredentials,
@@ -120,7 +121,7 @@ mod provider {
         }
 
         /// For `check-config`: what will be asked for, never a secret.
-        pub fn describe(&self) -> String {
+        pub(crate) fn describe(&self) -> String {
             format!(
                 "ecr (region {}, registries {}, profile {}, refresh every {}{})",
                 self.region.as_deref().unwrap_or("from the AWS config"),
@@ -140,14 +141,12 @@ mod provider {
         }
 
         fn has_fallback(&self) -> bool {
-            self.state.lock().is_ok_and(|s| s.fallback.is_some())
+            self.state.lock().fallback.is_some()
         }
 
         /// The token to use now.
-        pub fn current(&self) -> Result<Secret, CredentialError> {
-            let state = self.state.lock().map_err(|_| CredentialError::Ecr {
-                reason: "token state poisoned".into(),
-            })?;
+        pub(crate) fn current(&self) -> Result<Secret, CredentialError> {
+            let state = self.state.lock();
             if let Some(t) = &state.token
                 && Instant::now() < t.valid_until
             {
@@ -166,7 +165,7 @@ mod provider {
 
         /// Fetches the first token, then refreshes in the background for as long as the
         /// provider lives. Fails when the first fetch fails and there is no `static` token.
-        pub async fn start(self: &Arc<Self>) -> Result<(), CredentialError> {
+        pub(crate) async fn start(self: &Arc<Self>) -> Result<(), CredentialError> {
             let client = match self.client().await {
                 Ok(c) => c,
                 Err(e) if self.has_fallback() => {
@@ -218,9 +217,7 @@ mod provider {
         ) -> Result<Duration, CredentialError> {
             let result = self.fetch(client).await;
             crate::metrics::credential_refresh("ecr", &self.upstream, result.is_ok());
-            let mut state = self.state.lock().map_err(|_| CredentialError::Ecr {
-                reason: "token state poisoned".into(),
-            })?;
+            let mut state = self.state.lock();
             match result {
                 Ok((secret, valid_for)) => {
                     tracing::info!(upstream = %self.upstream, provider = "ecr", valid_for = %humantime::format_duration(valid_for), "upstream credentials refreshed");
@@ -403,7 +400,8 @@ mod provider {
             assert!(
                 matches!(p.current(), Ok(Secret::Basic { password, .. }) if password == "fallback")
             );
-            if let Ok(mut s) = p.state.lock() {
+            {
+                let mut s = p.state.lock();
                 s.token = Some(Token {
                     secret: decode_token(&B64.encode("AWS:fresh")),
                     valid_until: Instant::now() + Duration::from_secs(60),
@@ -414,7 +412,8 @@ mod provider {
                 matches!(p.current(), Ok(Secret::Basic { password, .. }) if password == "fresh")
             );
             // An expired token is not served, and the error names the last failure.
-            if let Ok(mut s) = p.state.lock() {
+            {
+                let mut s = p.state.lock();
                 if let Some(t) = s.token.as_mut() {
                     t.valid_until = Instant::now();
                 }

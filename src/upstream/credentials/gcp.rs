@@ -19,7 +19,7 @@ struct KeyFile {
 }
 
 /// The Basic credentials for a key file, and the service account's e-mail for summaries.
-pub fn service_account(path: &Path) -> Result<(Secret, String), CredentialError> {
+pub(crate) fn service_account(path: &Path) -> Result<(Secret, String), CredentialError> {
     let err = |reason: String| CredentialError::Gcp {
         path: path.display().to_string(),
         reason,
@@ -56,7 +56,7 @@ pub fn service_account(path: &Path) -> Result<(Secret, String), CredentialError>
 }
 
 /// Hosts of Google's registries: Container Registry and Artifact Registry.
-pub fn is_google_registry(host: &str) -> bool {
+pub(crate) fn is_google_registry(host: &str) -> bool {
     host == "gcr.io" || host.ends_with(".gcr.io") || host.ends_with(".pkg.dev")
 }
 

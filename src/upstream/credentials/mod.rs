@@ -36,6 +36,7 @@ pub enum CredentialError {
     GcpNoKeyFile,
     #[error("ecr: {reason}")]
     Ecr { reason: String },
+    #[cfg(not(feature = "ecr"))]
     #[error(
         "ECR credentials need the `ecr` feature, which this ocigate was built without (rebuild with default features)"
     )]
@@ -44,7 +45,7 @@ pub enum CredentialError {
 
 /// Credentials ready to use.
 #[derive(Clone)]
-pub enum Secret {
+pub(crate) enum Secret {
     Basic {
         username: String,
         password: String,
@@ -57,7 +58,7 @@ pub enum Secret {
 
 impl Secret {
     /// The value to send to a Basic challenge or to a token realm's GET endpoint.
-    pub fn basic_header(&self) -> Option<HeaderValue> {
+    pub(crate) fn basic_header(&self) -> Option<HeaderValue> {
         match self {
             Secret::Basic { username, password } => {
                 let encoded = B64.encode(format!("{username}:{password}"));
@@ -71,7 +72,7 @@ impl Secret {
     }
 
     /// A `Bearer` header value configured verbatim goes straight to the registry.
-    pub fn static_bearer(&self) -> Option<HeaderValue> {
+    pub(crate) fn static_bearer(&self) -> Option<HeaderValue> {
         match self {
             Secret::Authorization(v)
                 if v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") =>
@@ -83,7 +84,7 @@ impl Secret {
     }
 }
 
-pub struct CredentialSource {
+pub(crate) struct CredentialSource {
     kind: Kind,
     /// For `check-config`: where the credentials come from, never what they are.
     summary: String,
@@ -99,7 +100,7 @@ enum Kind {
 
 impl CredentialSource {
     /// Reads what can be read now (docker config, key files), so a broken one fails at start.
-    pub fn new(config: &UpstreamConfig) -> Result<CredentialSource, CredentialError> {
+    pub(crate) fn new(config: &UpstreamConfig) -> Result<CredentialSource, CredentialError> {
         let env = |name: &str| std::env::var_os(name).map(PathBuf::from);
         match &config.credentials {
             None => Ok(source(Kind::Anonymous, "anonymous".into())),
@@ -109,7 +110,7 @@ impl CredentialSource {
 
     /// Starts what needs the network or another program: the first ECR token and its
     /// background refresh, a credential helper's first answer (then cached as usual).
-    pub async fn start(&self) -> Result<(), CredentialError> {
+    pub(crate) async fn start(&self) -> Result<(), CredentialError> {
         match &self.kind {
             #[cfg(feature = "ecr")]
             Kind::Ecr(p) => p.start().await,
@@ -118,11 +119,11 @@ impl CredentialSource {
         }
     }
 
-    pub fn summary(&self) -> &str {
+    pub(crate) fn summary(&self) -> &str {
         &self.summary
     }
 
-    pub async fn resolve(&self) -> Result<Option<Secret>, CredentialError> {
+    pub(crate) async fn resolve(&self) -> Result<Option<Secret>, CredentialError> {
         match &self.kind {
             Kind::Anonymous => Ok(None),
             Kind::Static(s) => Ok(Some(s.clone())),

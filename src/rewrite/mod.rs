@@ -1,24 +1,70 @@
-//! The rewrite stage: local repository names ↔ upstream names, both ways.
+//! Names, both ways: local repository names (as clients use them) ↔ remote names (as an
+//! upstream knows them).
 //!
-//! Owns the route table (longest prefix wins) and every rewrite of names in requests
-//! (`from=` on mounts) and responses (`Location`, `Link`, the
-//! `name` of `tags/list`). Must not talk to upstreams or decide about auth.
+//! Owns the route table (longest prefix wins), the name newtypes, every rewrite of names in
+//! requests (`from=` on mounts, [`UploadQuery`]) and, in [`response`], in answers
+//! (`Location`, `Link`, the `name` of `tags/list`). Must not talk to upstreams or decide
+//! about auth.
+
+pub(crate) mod response;
+
+use std::fmt;
 
 use crate::config::RouteConfig;
 use crate::oci::{ErrorCode, OciError};
 
+/// Newtypes for the two sides of a route, so that one cannot be passed for the other.
+macro_rules! repository_name {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub(crate) struct $name(String);
+
+        impl $name {
+            pub(crate) fn new(name: impl Into<String>) -> $name {
+                $name(name.into())
+            }
+
+            pub(crate) fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    };
+}
+
+repository_name!(
+    /// A repository name as clients use it: what routes are chosen by.
+    LocalName
+);
+repository_name!(
+    /// A repository name as an upstream knows it: what is sent, cached and logged upstream.
+    RemoteName
+);
+
 /// A route with the facts needed to map names through it.
 #[derive(Debug, Clone)]
-pub struct Route {
-    pub config: RouteConfig,
+pub(crate) struct Route {
+    pub(crate) config: RouteConfig,
     /// Docker Hub keeps one-component names under `library/`.
-    pub docker_hub: bool,
+    pub(crate) docker_hub: bool,
     label: String,
 }
 
 impl Route {
     /// `position`: where the route is in the config (1-based), for its label.
-    pub fn new(config: RouteConfig, docker_hub: bool, position: usize) -> Route {
+    pub(crate) fn new(config: RouteConfig, docker_hub: bool, position: usize) -> Route {
         let label = route_label(&config, position);
         Route {
             config,
@@ -29,12 +75,13 @@ impl Route {
 
     /// The route's name in metrics and logs. An exact route's prefix may be a secret (a
     /// capability URL), so it is never its label: its `name`, else a hash of it.
-    pub fn label(&self) -> &str {
+    pub(crate) fn label(&self) -> &str {
         &self.label
     }
 
     /// Maps a local name through this route, if the route covers it.
-    fn to_remote(&self, local: &str) -> Option<String> {
+    fn to_remote(&self, local: &LocalName) -> Option<RemoteName> {
+        let local = local.as_str();
         let c = &self.config;
         let remote = if c.is_namespace() {
             let rest = local.strip_prefix(c.prefix.as_str())?;
@@ -48,33 +95,33 @@ impl Route {
             return None;
         };
         if self.docker_hub && !remote.contains('/') {
-            return Some(format!("library/{remote}"));
+            return Some(RemoteName(format!("library/{remote}")));
         }
-        Some(remote)
+        Some(RemoteName(remote))
     }
 
     /// The local name a remote name has on this (namespace) route, if any.
-    fn to_local(&self, remote: &str) -> Option<String> {
+    fn to_local(&self, remote: &RemoteName) -> Option<LocalName> {
         let c = &self.config;
         if !c.is_namespace() {
             return None;
         }
-        let mut rest = remote.strip_prefix(c.remote.as_str())?;
+        let mut rest = remote.as_str().strip_prefix(c.remote.as_str())?;
         if self.docker_hub && c.remote.is_empty() {
             // Prefer the short name clients use for official images.
             if let Some(official) = rest.strip_prefix("library/").filter(|r| !r.contains('/')) {
                 rest = official;
             }
         }
-        Some(format!("{}{rest}", c.prefix))
+        Some(LocalName(format!("{}{rest}", c.prefix)))
     }
 }
 
 /// The name a request was made with, and where it goes.
 #[derive(Debug, Clone)]
-pub struct Mapped<'a> {
-    pub route: &'a Route,
-    pub remote: String,
+pub(crate) struct Mapped<'a> {
+    pub(crate) route: &'a Route,
+    pub(crate) remote: RemoteName,
 }
 
 #[derive(Debug, Clone)]
@@ -84,18 +131,30 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(routes: Vec<Route>) -> RouteTable {
+    /// The config's routes, each labelled by its place in the file.
+    pub(crate) fn from_config(config: &crate::config::Config) -> RouteTable {
+        let routes = config.routes.iter().enumerate().map(|(i, r)| {
+            let docker_hub = config
+                .upstreams
+                .get(&r.upstream)
+                .is_some_and(|u| u.is_docker_hub());
+            Route::new(r.clone(), docker_hub, i + 1)
+        });
+        RouteTable::new(routes.collect())
+    }
+
+    pub(crate) fn new(routes: Vec<Route>) -> RouteTable {
         let mut routes = routes;
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
         RouteTable { routes }
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub(crate) fn routes(&self) -> &[Route] {
         &self.routes
     }
 
     /// The route for a local name: longest matching prefix wins.
-    pub fn resolve(&self, local: &str) -> Option<Mapped<'_>> {
+    pub(crate) fn resolve(&self, local: &LocalName) -> Option<Mapped<'_>> {
         self.routes.iter().find_map(|route| {
             route
                 .to_remote(local)
@@ -105,16 +164,16 @@ impl RouteTable {
 
     /// Whether `remote` on `upstream` is what an exact route (a capability URL) opens: such a
     /// name is never listed in `_catalog`.
-    pub fn is_exact_target(&self, upstream: &str, remote: &str) -> bool {
+    pub(crate) fn is_exact_target(&self, upstream: &str, remote: &RemoteName) -> bool {
         self.exact_routes()
-            .any(|(r, target)| r.config.upstream == upstream && target == remote)
+            .any(|(r, target)| r.config.upstream == upstream && target == *remote)
     }
 
-    fn exact_routes(&self) -> impl Iterator<Item = (&Route, String)> {
+    fn exact_routes(&self) -> impl Iterator<Item = (&Route, RemoteName)> {
         self.routes
             .iter()
             .filter(|r| !r.config.is_namespace())
-            .filter_map(|r| Some((r, r.to_remote(&r.config.prefix)?)))
+            .filter_map(|r| Some((r, r.to_remote(&LocalName::new(r.config.prefix.as_str()))?)))
     }
 
     /// What `check-config` warns about: capability prefixes that are easy to guess, and
@@ -132,9 +191,10 @@ impl RouteTable {
             }
             if let Some(local) = self.to_local(&route.config.upstream, &target) {
                 out.push(format!(
-                    "route {} opens {}:{target}, which is also reachable as {local:?} through a namespace route",
+                    "route {} opens {}:{target}, which is also reachable as {:?} through a namespace route",
                     route.label(),
-                    route.config.upstream
+                    route.config.upstream,
+                    local.as_str()
                 ));
             }
         }
@@ -143,38 +203,65 @@ impl RouteTable {
 
     /// The local name under which `remote` (on `upstream`) is reachable through a namespace
     /// route, if any; a name shadowed by a longer route is not reachable and gives `None`.
-    pub fn to_local(&self, upstream: &str, remote: &str) -> Option<String> {
+    pub(crate) fn to_local(&self, upstream: &str, remote: &RemoteName) -> Option<LocalName> {
         self.routes
             .iter()
             .filter(|r| r.config.upstream == upstream)
             .filter_map(|r| r.to_local(remote))
             .find(|local| {
-                crate::oci::path::validate_name(local).is_ok()
+                crate::oci::path::validate_name(local.as_str()).is_ok()
                     && self
                         .resolve(local)
-                        .is_some_and(|m| m.route.config.upstream == upstream && m.remote == remote)
+                        .is_some_and(|m| m.route.config.upstream == upstream && m.remote == *remote)
             })
+    }
+
+    /// Maps `from=` of a cross-repository mount to its remote name, returned (and added to
+    /// `names`). A `from` that is not routed to the same upstream, or is on a relay route,
+    /// cannot be mounted there: the mount is dropped and the registry answers with a plain
+    /// upload session, as the spec allows. Never from a relay route: its repositories are
+    /// opened only by relay tokens, which client auth does not check (`auth.anonymous`
+    /// could cover the `from` there).
+    pub(crate) fn map_mount(
+        &self,
+        query: &mut UploadQuery,
+        upstream: &str,
+        names: &mut NameMap,
+    ) -> Option<RemoteName> {
+        let from = LocalName::new(query.from()?);
+        match self.resolve(&from) {
+            Some(m) if m.route.config.upstream == upstream && !m.route.config.relay => {
+                names.add(&m.remote, &from);
+                query.set_from(Some(m.remote.as_str()));
+                Some(m.remote)
+            }
+            _ => {
+                query.set_from(None);
+                None
+            }
+        }
     }
 }
 
 /// The remote ↔ local name pairs of one request (its name, and `from` of a mount), used to
 /// rewrite what the upstream says back.
 #[derive(Debug, Clone, Default)]
-pub struct NameMap {
-    pairs: Vec<(String, String)>,
+pub(crate) struct NameMap {
+    pairs: Vec<(RemoteName, LocalName)>,
 }
 
 impl NameMap {
-    pub fn add(&mut self, remote: &str, local: &str) {
+    pub(crate) fn add(&mut self, remote: &RemoteName, local: &LocalName) {
         if !self.pairs.iter().any(|(r, _)| r == remote) {
-            self.pairs.push((remote.to_string(), local.to_string()));
+            self.pairs.push((remote.clone(), local.clone()));
             // Longest remote first, so `/v2/a/b/` is not mistaken for `/v2/a/`.
-            self.pairs.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+            self.pairs
+                .sort_by_key(|p| std::cmp::Reverse(p.0.as_str().len()));
         }
     }
 
     /// Rewrites an upstream `/v2/<remote>/…` path (with any query) to `/v2/<local>/…`.
-    pub fn path(&self, path: &str) -> Option<String> {
+    pub(crate) fn path(&self, path: &str) -> Option<String> {
         let rest = path.strip_prefix("/v2/")?;
         self.pairs.iter().find_map(|(remote, local)| {
             let tail = rest.strip_prefix(remote.as_str())?;
@@ -184,7 +271,7 @@ impl NameMap {
 }
 
 /// Rewrites the URL inside each `<…>` of a `Link` header with `rewrite_url`.
-pub fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<String>) -> String {
+pub(crate) fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<String>) -> String {
     value
         .split(',')
         .map(|part| {
@@ -206,12 +293,12 @@ pub fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<String>) ->
 /// upstream receives the very same `mount`, `from` and `digest` (a percent-encoded key such
 /// as `fr%6Fm` cannot slip past one and reach the other).
 #[derive(Debug, Clone, Default)]
-pub struct UploadQuery {
+pub(crate) struct UploadQuery {
     pairs: Vec<(String, String)>,
 }
 
 impl UploadQuery {
-    pub fn parse(query: &str) -> Result<UploadQuery, OciError> {
+    pub(crate) fn parse(query: &str) -> Result<UploadQuery, OciError> {
         let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
@@ -241,13 +328,13 @@ impl UploadQuery {
     }
 
     /// The repository a cross-repository mount copies from.
-    pub fn from(&self) -> Option<&str> {
+    pub(crate) fn from(&self) -> Option<&str> {
         self.get("from")
     }
 
     /// Points the mount at `remote`, or drops the mount (`None`): the registry then opens a
     /// plain upload session, as the spec allows.
-    pub fn set_from(&mut self, remote: Option<&str>) {
+    pub(crate) fn set_from(&mut self, remote: Option<&str>) {
         match remote {
             Some(r) => {
                 for (k, v) in &mut self.pairs {
@@ -260,7 +347,7 @@ impl UploadQuery {
         }
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&self.pairs)
             .finish()
@@ -302,7 +389,7 @@ fn route_label(config: &RouteConfig, position: usize) -> String {
 /// the frame in flight. Scans only until the name is replaced (names come first in
 /// practice), tracking strings and nesting so that a `"name"` inside another value is left
 /// alone.
-pub struct TagsNameRewrite {
+pub(crate) struct TagsNameRewrite {
     local: Vec<u8>,
     done: bool,
     depth: u32,
@@ -317,7 +404,7 @@ pub struct TagsNameRewrite {
 }
 
 impl TagsNameRewrite {
-    pub fn new(local: &str) -> TagsNameRewrite {
+    pub(crate) fn new(local: &str) -> TagsNameRewrite {
         TagsNameRewrite {
             local: serde_json::to_vec(local).unwrap_or_else(|_| b"\"\"".to_vec()),
             done: false,
@@ -333,7 +420,7 @@ impl TagsNameRewrite {
     }
 
     /// The next chunk of the rewritten body.
-    pub fn feed(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
+    pub(crate) fn feed(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
         if self.done {
             return chunk;
         }
@@ -432,7 +519,7 @@ impl TagsNameRewrite {
 /// A query of a request that is no upload start, without `mount` and `from` (compared
 /// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after the auth
 /// stage checked it. Left byte for byte as it is when there is nothing to drop.
-pub fn without_mount(query: &str) -> String {
+pub(crate) fn without_mount(query: &str) -> String {
     let is_mount = |k: &str| k == "mount" || k == "from";
     if !url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| is_mount(&k)) {
         return query.to_string();
@@ -443,7 +530,7 @@ pub fn without_mount(query: &str) -> String {
 }
 
 /// The first value of `key` in a query string, percent-decoded.
-pub fn query_param(query: &str, key: &str) -> Option<String> {
+pub(crate) fn query_param(query: &str, key: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.into_owned())
@@ -522,9 +609,9 @@ mod tests {
             w[1].contains("hub:team/app") && w[1].contains("\"team/app\""),
             "{w:?}"
         );
-        assert!(t.is_exact_target("hub", "team/app"));
-        assert!(t.is_exact_target("hub", "other/app"));
-        assert!(!t.is_exact_target("hub", "team/other"));
+        assert!(t.is_exact_target("hub", &RemoteName::new("team/app")));
+        assert!(t.is_exact_target("hub", &RemoteName::new("other/app")));
+        assert!(!t.is_exact_target("hub", &RemoteName::new("team/other")));
         assert!(guessing_bits("8c6f0f2a3b9d4e51a7c2d0e4f6b8a1c3/app") >= 100);
         assert!(guessing_bits("myapp") < 100);
     }
@@ -553,33 +640,42 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let t = table();
-        let m = t.resolve("mirror/app").unwrap();
+        let m = t.resolve(&LocalName::new("mirror/app")).unwrap();
         assert_eq!(
             (m.route.config.upstream.as_str(), m.remote.as_str()),
             ("reg", "team/app")
         );
-        let m = t.resolve("mirror/special").unwrap();
+        let m = t.resolve(&LocalName::new("mirror/special")).unwrap();
         assert_eq!(m.remote, "other/thing");
-        let m = t.resolve("mirror/special/x").unwrap();
+        let m = t.resolve(&LocalName::new("mirror/special/x")).unwrap();
         assert_eq!(m.remote, "team/special/x");
-        let m = t.resolve("bp/true").unwrap();
+        let m = t.resolve(&LocalName::new("bp/true")).unwrap();
         assert_eq!(m.remote, "backplane/true");
     }
 
     #[test]
     fn docker_hub_library() {
         let t = table();
-        assert_eq!(t.resolve("alpine").unwrap().remote, "library/alpine");
         assert_eq!(
-            t.resolve("grafana/grafana").unwrap().remote,
+            t.resolve(&LocalName::new("alpine")).unwrap().remote,
+            "library/alpine"
+        );
+        assert_eq!(
+            t.resolve(&LocalName::new("grafana/grafana"))
+                .unwrap()
+                .remote,
             "grafana/grafana"
         );
         assert_eq!(
-            t.to_local("hub", "library/alpine").as_deref(),
+            t.to_local("hub", &RemoteName::new("library/alpine"))
+                .as_ref()
+                .map(LocalName::as_str),
             Some("alpine")
         );
         assert_eq!(
-            t.to_local("hub", "backplane/true").as_deref(),
+            t.to_local("hub", &RemoteName::new("backplane/true"))
+                .as_ref()
+                .map(LocalName::as_str),
             Some("bp/true")
         );
     }
@@ -587,24 +683,32 @@ mod tests {
     #[test]
     fn unrouted_and_shadowed_names() {
         let t = RouteTable::new(vec![route("mirror/", "reg", "team/", false)]);
-        assert!(t.resolve("other/app").is_none());
-        assert!(t.resolve("mirror/").is_none());
-        assert!(t.resolve("mirror").is_none());
-        assert_eq!(t.to_local("reg", "team/app").as_deref(), Some("mirror/app"));
-        assert_eq!(t.to_local("reg", "elsewhere/app"), None);
-        assert_eq!(t.to_local("hub", "team/app"), None);
+        assert!(t.resolve(&LocalName::new("other/app")).is_none());
+        assert!(t.resolve(&LocalName::new("mirror/")).is_none());
+        assert!(t.resolve(&LocalName::new("mirror")).is_none());
+        assert_eq!(
+            t.to_local("reg", &RemoteName::new("team/app"))
+                .as_ref()
+                .map(LocalName::as_str),
+            Some("mirror/app")
+        );
+        assert_eq!(t.to_local("reg", &RemoteName::new("elsewhere/app")), None);
+        assert_eq!(t.to_local("hub", &RemoteName::new("team/app")), None);
         // Exact routes are never listed.
         let t = table();
-        assert_eq!(t.to_local("reg", "other/thing"), None);
+        assert_eq!(t.to_local("reg", &RemoteName::new("other/thing")), None);
         // team/special is shadowed by the exact route mirror/special.
-        assert_eq!(t.to_local("reg", "team/special"), None);
+        assert_eq!(t.to_local("reg", &RemoteName::new("team/special")), None);
     }
 
     #[test]
     fn name_map_rewrites_paths_and_scopes() {
         let mut n = NameMap::default();
-        n.add("team/app", "mirror/app");
-        n.add("team/app/sub", "mirror/app/sub");
+        n.add(&RemoteName::new("team/app"), &LocalName::new("mirror/app"));
+        n.add(
+            &RemoteName::new("team/app/sub"),
+            &LocalName::new("mirror/app/sub"),
+        );
         assert_eq!(
             n.path("/v2/team/app/blobs/uploads/u1?_state=a%2Bb")
                 .as_deref(),
