@@ -274,9 +274,9 @@ fn cache_command(file: &std::path::Path, action: CacheAction) -> Result<()> {
         CacheAction::Ls => {
             let cache = open()?;
             for o in cache.store().objects() {
-                let kind = cache
-                    .journal()
-                    .media_type(&o.digest)
+                let kind = ocigate::oci::Digest::parse(&o.digest)
+                    .ok()
+                    .and_then(|d| cache.journal().media_type(&d))
                     .unwrap_or_else(|| "blob".into());
                 println!(
                     "{}  {:>12}  {}  {kind}",

@@ -21,6 +21,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::Ownership;
+use crate::oci::Digest;
+use crate::rewrite::RemoteName;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,7 +66,7 @@ enum Record {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TagEntry {
-    pub(crate) digest: String,
+    pub(crate) digest: Digest,
     pub(crate) checked: SystemTime,
 }
 
@@ -237,13 +239,16 @@ impl Journal {
                         digest,
                         checked,
                     } => {
-                        state.tags.insert(
-                            tag_key(&upstream, &repo, &tag, &accept),
-                            TagEntry {
-                                digest,
-                                checked: UNIX_EPOCH + Duration::from_secs(checked),
-                            },
-                        );
+                        // A record that names no digest (hand-edited, say) is no entry.
+                        if let Ok(digest) = Digest::parse(&digest) {
+                            state.tags.insert(
+                                tag_key(&upstream, &repo, &tag, &accept),
+                                TagEntry {
+                                    digest,
+                                    checked: UNIX_EPOCH + Duration::from_secs(checked),
+                                },
+                            );
+                        }
                     }
                     Record::Type { digest, media_type } if present(&digest) => {
                         state.types.insert(digest, media_type);
@@ -252,7 +257,7 @@ impl Journal {
                 }
             }
         }
-        state.tags.retain(|_, t| present(&t.digest));
+        state.tags.retain(|_, t| present(t.digest.as_str()));
         // The owner starts from a compact file; others append to what a server writes.
         let file = match owner {
             true => rewrite(&path, &state.records())?,
@@ -285,7 +290,13 @@ impl Journal {
     }
 
     /// The evidence that `repo` on `upstream` has `digest`, if any.
-    pub(crate) fn link(&self, upstream: &str, repo: &str, digest: &str) -> Option<Evidence> {
+    pub(crate) fn link(
+        &self,
+        upstream: &str,
+        repo: &RemoteName,
+        digest: &Digest,
+    ) -> Option<Evidence> {
+        let (repo, digest) = (repo.as_str(), digest.as_str());
         let proven = *self
             .state
             .lock()
@@ -302,13 +313,14 @@ impl Journal {
     }
 
     /// Whether `repo` on `upstream` has `digest` by fresh evidence.
-    pub(crate) fn has_link(&self, upstream: &str, repo: &str, digest: &str) -> bool {
+    pub(crate) fn has_link(&self, upstream: &str, repo: &RemoteName, digest: &Digest) -> bool {
         self.link(upstream, repo, digest) == Some(Evidence::Fresh)
     }
 
     /// Records the upstream's word, just given, that `repo` has `digest`. Written to the
     /// journal when new, or when it renews evidence older than a tenth of `evidence_ttl`.
-    pub(crate) fn add_link(&self, upstream: &str, repo: &str, digest: &str) {
+    pub(crate) fn add_link(&self, upstream: &str, repo: &RemoteName, digest: &Digest) {
+        let (repo, digest) = (repo.as_str(), digest.as_str());
         let now = SystemTime::now();
         let renew_after = self.evidence_ttl / 10;
         let old = self
@@ -329,7 +341,8 @@ impl Journal {
 
     /// `repo` on `upstream` no longer has `digest`: its evidence and the repository's tags
     /// pointing at it are dropped.
-    pub(crate) fn forget(&self, upstream: &str, repo: &str, digest: &str) {
+    pub(crate) fn forget(&self, upstream: &str, repo: &RemoteName, digest: &Digest) {
+        let (repo, digest) = (repo.as_str(), digest.as_str());
         let known = {
             let mut s = self.state.lock();
             let before = s.links.len() + s.tags.len();
@@ -346,7 +359,8 @@ impl Journal {
     }
 
     /// A tag is gone from `repo`: every cached representation of it is dropped.
-    pub(crate) fn forget_tag(&self, upstream: &str, repo: &str, tag: &str) {
+    pub(crate) fn forget_tag(&self, upstream: &str, repo: &RemoteName, tag: &str) {
+        let repo = repo.as_str();
         let known = {
             let mut s = self.state.lock();
             let before = s.tags.len();
@@ -365,14 +379,14 @@ impl Journal {
     pub(crate) fn tag(
         &self,
         upstream: &str,
-        repo: &str,
+        repo: &RemoteName,
         tag: &str,
         accept: &str,
     ) -> Option<TagEntry> {
         self.state
             .lock()
             .tags
-            .get(&tag_key(upstream, repo, tag, accept))
+            .get(&tag_key(upstream, repo.as_str(), tag, accept))
             .cloned()
     }
 
@@ -381,20 +395,21 @@ impl Journal {
     pub(crate) fn set_tag(
         &self,
         upstream: &str,
-        repo: &str,
+        repo: &RemoteName,
         tag: &str,
         accept: &str,
-        digest: &str,
+        digest: &Digest,
     ) {
         let now = SystemTime::now();
+        let repo = repo.as_str();
         let old = self.state.lock().tags.insert(
             tag_key(upstream, repo, tag, accept),
             TagEntry {
-                digest: digest.into(),
+                digest: digest.clone(),
                 checked: now,
             },
         );
-        let changed = old.is_none_or(|o| o.digest != digest);
+        let changed = old.is_none_or(|o| o.digest != *digest);
         if !changed {
             return;
         }
@@ -403,13 +418,18 @@ impl Journal {
             repo: repo.into(),
             tag: tag.into(),
             accept: accept.into(),
-            digest: digest.into(),
+            digest: digest.to_string(),
             checked: secs(now),
         });
     }
 
     /// The digests of every cached representation (Accept) of a tag.
-    pub(crate) fn tag_representations(&self, upstream: &str, repo: &str, tag: &str) -> Vec<String> {
+    pub(crate) fn tag_representations(
+        &self,
+        upstream: &str,
+        repo: &RemoteName,
+        tag: &str,
+    ) -> Vec<Digest> {
         let prefix = format!("{upstream}\0{repo}\0{tag}\0");
         self.state
             .lock()
@@ -420,20 +440,20 @@ impl Journal {
             .collect()
     }
 
-    pub fn media_type(&self, digest: &str) -> Option<String> {
-        self.state.lock().types.get(digest).cloned()
+    pub fn media_type(&self, digest: &Digest) -> Option<String> {
+        self.state.lock().types.get(digest.as_str()).cloned()
     }
 
-    pub(crate) fn set_media_type(&self, digest: &str, media_type: &str) {
+    pub(crate) fn set_media_type(&self, digest: &Digest, media_type: &str) {
         let old = self
             .state
             .lock()
             .types
-            .insert(digest.into(), media_type.into());
+            .insert(digest.to_string(), media_type.into());
         let changed = old.as_deref() != Some(media_type);
         if changed {
             self.append(Record::Type {
-                digest: digest.into(),
+                digest: digest.to_string(),
                 media_type: media_type.into(),
             });
         }
@@ -452,7 +472,7 @@ impl Journal {
                     upstream: parts.next()?.to_string(),
                     repo: parts.next()?.to_string(),
                     tag: parts.next()?.to_string(),
-                    digest: e.digest.clone(),
+                    digest: e.digest.to_string(),
                     checked: e.checked,
                 })
             })
@@ -506,7 +526,7 @@ impl State {
                     repo: repo.into(),
                     tag: tag.into(),
                     accept: accept.into(),
-                    digest: entry.digest.clone(),
+                    digest: entry.digest.to_string(),
                     checked: secs(entry.checked),
                 });
             }
@@ -543,16 +563,24 @@ fn write_record(out: &mut impl Write, record: &Record) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn d(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    fn r(name: &str) -> RemoteName {
+        RemoteName::new(name)
+    }
+
     #[test]
     fn survives_a_restart_and_forgets_what_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let day = Duration::from_secs(86400);
         let j = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
-        j.add_link("hub", "library/alpine", "sha256:aa");
-        j.add_link("hub", "library/alpine", "sha256:bb");
-        j.set_tag("hub", "library/alpine", "3", "x", "sha256:aa");
-        j.set_tag("hub", "library/alpine", "3", "x", "sha256:bb");
-        j.set_media_type("sha256:bb", "application/vnd.oci.image.index.v1+json");
+        j.add_link("hub", &r("library/alpine"), &d('a'));
+        j.add_link("hub", &r("library/alpine"), &d('b'));
+        j.set_tag("hub", &r("library/alpine"), "3", "x", &d('a'));
+        j.set_tag("hub", &r("library/alpine"), "3", "x", &d('b'));
+        j.set_media_type(&d('b'), "application/vnd.oci.image.index.v1+json");
         drop(j);
         // A crash mid-append leaves a torn line: skipped.
         let mut f = std::fs::OpenOptions::new()
@@ -561,20 +589,20 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"link\":{\"upstr").unwrap();
         drop(f);
-        let j = Journal::open(dir.path(), |d| d == "sha256:bb", Ownership::Owner, day).unwrap();
-        assert!(j.has_link("hub", "library/alpine", "sha256:bb"));
+        let j = Journal::open(dir.path(), |x| x == d('b').as_str(), Ownership::Owner, day).unwrap();
+        assert!(j.has_link("hub", &r("library/alpine"), &d('b')));
         assert!(
-            !j.has_link("hub", "library/alpine", "sha256:aa"),
+            !j.has_link("hub", &r("library/alpine"), &d('a')),
             "its object is gone"
         );
-        assert!(!j.has_link("other", "library/alpine", "sha256:bb"));
+        assert!(!j.has_link("other", &r("library/alpine"), &d('b')));
         assert_eq!(
-            j.tag("hub", "library/alpine", "3", "x").unwrap().digest,
-            "sha256:bb"
+            j.tag("hub", &r("library/alpine"), "3", "x").unwrap().digest,
+            d('b')
         );
-        assert!(j.tag("hub", "library/alpine", "3", "y").is_none());
+        assert!(j.tag("hub", &r("library/alpine"), "3", "y").is_none());
         assert_eq!(
-            j.media_type("sha256:bb").as_deref(),
+            j.media_type(&d('b')).as_deref(),
             Some("application/vnd.oci.image.index.v1+json")
         );
         let lines = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
@@ -586,27 +614,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let day = Duration::from_secs(86400);
         let j = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
-        j.add_link("hub", "team/app", "sha256:aa");
-        j.add_link("hub", "team/other", "sha256:aa");
-        j.set_tag("hub", "team/app", "v1", "x", "sha256:aa");
-        j.set_tag("hub", "team/app", "v2", "x", "sha256:bb");
-        j.set_tag("hub", "team/app", "v3", "x", "sha256:cc");
+        j.add_link("hub", &r("team/app"), &d('a'));
+        j.add_link("hub", &r("team/other"), &d('a'));
+        j.set_tag("hub", &r("team/app"), "v1", "x", &d('a'));
+        j.set_tag("hub", &r("team/app"), "v2", "x", &d('b'));
+        j.set_tag("hub", &r("team/app"), "v3", "x", &d('c'));
         assert_eq!(
-            j.link("hub", "team/app", "sha256:aa"),
+            j.link("hub", &r("team/app"), &d('a')),
             Some(Evidence::Fresh)
         );
-        j.forget("hub", "team/app", "sha256:aa");
-        j.forget_tag("hub", "team/app", "v3");
+        j.forget("hub", &r("team/app"), &d('a'));
+        j.forget_tag("hub", &r("team/app"), "v3");
         let check = |j: &Journal| {
-            assert!(j.link("hub", "team/app", "sha256:aa").is_none());
+            assert!(j.link("hub", &r("team/app"), &d('a')).is_none());
             assert!(
-                j.tag("hub", "team/app", "v1", "x").is_none(),
+                j.tag("hub", &r("team/app"), "v1", "x").is_none(),
                 "it pointed at aa"
             );
-            assert!(j.tag("hub", "team/app", "v3", "x").is_none());
-            assert!(j.tag("hub", "team/app", "v2", "x").is_some());
+            assert!(j.tag("hub", &r("team/app"), "v3", "x").is_none());
+            assert!(j.tag("hub", &r("team/app"), "v2", "x").is_some());
             assert!(
-                j.has_link("hub", "team/other", "sha256:aa"),
+                j.has_link("hub", &r("team/other"), &d('a')),
                 "other repositories keep it"
             );
         };
@@ -617,15 +645,18 @@ mod tests {
         // times were never proven.
         let zero = Journal::open(dir.path(), |_| true, Ownership::Guest, Duration::ZERO).unwrap();
         assert_eq!(
-            zero.link("hub", "team/other", "sha256:aa"),
+            zero.link("hub", &r("team/other"), &d('a')),
             Some(Evidence::Stale)
         );
         std::fs::write(
             dir.path().join("journal.jsonl"),
-            "{\"link\":{\"upstream\":\"hub\",\"repo\":\"r\",\"digest\":\"sha256:dd\"}}\n",
+            format!(
+                "{{\"link\":{{\"upstream\":\"hub\",\"repo\":\"r\",\"digest\":\"{}\"}}}}\n",
+                d('d')
+            ),
         )
         .unwrap();
         let old = Journal::open(dir.path(), |_| true, Ownership::Owner, day).unwrap();
-        assert_eq!(old.link("hub", "r", "sha256:dd"), Some(Evidence::Stale));
+        assert_eq!(old.link("hub", &r("r"), &d('d')), Some(Evidence::Stale));
     }
 }

@@ -29,14 +29,13 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use sha2::{Digest as _, Sha256};
 
 use crate::body::{self, Body};
 use crate::config::CacheConfig;
 use crate::error::GatewayError;
 use crate::flight::Gates;
 use crate::oci::range::ByteRange;
-use crate::oci::{API_VERSION, Endpoint, ErrorCode, OciError, Reference, Scope, manifest};
+use crate::oci::{API_VERSION, Digest, Endpoint, ErrorCode, OciError, Reference, Scope, manifest};
 use crate::rewrite::RemoteName;
 use crate::upstream::{Authorization, Redirects, Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
@@ -129,7 +128,7 @@ pub struct CacheOpenError {
 
 /// A manifest from the cache: its digest, media type and bytes.
 pub(crate) struct Manifest {
-    pub(crate) digest: String,
+    pub(crate) digest: Digest,
     pub(crate) media_type: String,
     pub(crate) bytes: Bytes,
 }
@@ -180,8 +179,8 @@ impl Cache {
             _ => return Ok(Outcome::Pass),
         };
         match endpoint {
-            Endpoint::Blob(d) if d.starts_with("sha256:") => self.blob(read, d, fetch).await,
-            Endpoint::Manifest(r) if !r.as_str().starts_with("sha512:") => {
+            Endpoint::Blob(d) if d.is_sha256() => self.blob(read, d, fetch).await,
+            Endpoint::Manifest(r) if !matches!(r, Reference::Digest(d) if !d.is_sha256()) => {
                 let accept = manifest::accept_key(fetch.headers);
                 Ok(match self.manifest(r, &accept, read, fetch).await? {
                     ManifestAnswer::Cached(m) => Outcome::Served(manifest_response(m, read)),
@@ -198,7 +197,7 @@ impl Cache {
     async fn blob(
         &self,
         read: Read,
-        digest: &str,
+        digest: &Digest,
         fetch: &Fetch<'_>,
     ) -> Result<Outcome, GatewayError> {
         let had_range = fetch.headers.contains_key(header::RANGE);
@@ -209,15 +208,15 @@ impl Cache {
             .and_then(|v| v.to_str().ok())
             .and_then(ByteRange::parse);
         let suffix = format!("blobs/{digest}");
-        if self.store.contains(digest) {
+        if self.store.contains(digest.as_str()) {
             if !self.linked(digest, &suffix, fetch).await? {
                 return Ok(if self.config.offline {
-                    Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest))
+                    Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest.as_str()))
                 } else {
                     Outcome::Pass
                 });
             }
-            if let Some(reader) = self.store.open_object(digest) {
+            if let Some(reader) = self.store.open_object(digest.as_str()) {
                 let size = reader.size;
                 let range = match range.map(|r| r.resolve(size)) {
                     Some(None) => return Ok(Outcome::Served(unsatisfiable(size))),
@@ -225,7 +224,7 @@ impl Cache {
                     None => None,
                 };
                 return Ok(
-                    match fill::object(&self.store, digest, reader, range, read) {
+                    match fill::object(&self.store, digest.as_str(), reader, range, read) {
                         Ok(body) => {
                             crate::metrics::cache_request("blob", "hit");
                             Outcome::Served(blob_response(digest, size, range, body))
@@ -239,7 +238,10 @@ impl Cache {
             }
         }
         if self.config.offline {
-            return Ok(Outcome::Served(not_cached(ErrorCode::BlobUnknown, digest)));
+            return Ok(Outcome::Served(not_cached(
+                ErrorCode::BlobUnknown,
+                digest.as_str(),
+            )));
         }
         if read == Read::Head {
             // A HEAD of an uncached blob goes upstream; a yes is evidence for later GETs.
@@ -262,9 +264,9 @@ impl Cache {
 
     /// Fetches `digest` into the cache, or attaches to the fetch in progress, and returns a
     /// reader that streams it as it arrives.
-    async fn fill(&self, digest: &str, fetch: &Fetch<'_>) -> Result<Filled, GatewayError> {
+    async fn fill(&self, digest: &Digest, fetch: &Fetch<'_>) -> Result<Filled, GatewayError> {
         let suffix = format!("blobs/{digest}");
-        match self.fills.join(digest) {
+        match self.fills.join(digest.as_str()) {
             Join::Stored => Ok(Filled::Stored),
             Join::Follower(fill) => {
                 crate::metrics::cache_coalesced();
@@ -310,13 +312,13 @@ impl Cache {
     /// `serve_stale`, old evidence counts while the upstream cannot be asked.
     async fn linked(
         &self,
-        digest: &str,
+        digest: &Digest,
         suffix: &str,
         fetch: &Fetch<'_>,
     ) -> Result<bool, GatewayError> {
         let evidence = self
             .journal
-            .link(fetch.upstream.name(), fetch.remote.as_str(), digest);
+            .link(fetch.upstream.name(), fetch.remote, digest);
         match evidence {
             Some(Evidence::Fresh) => Ok(true),
             _ if self.config.offline => Ok(evidence.is_some()),
@@ -335,7 +337,7 @@ impl Cache {
     /// Docker Hub), and records the answer.
     async fn prove_link(
         &self,
-        digest: &str,
+        digest: &Digest,
         suffix: &str,
         fetch: &Fetch<'_>,
     ) -> Result<bool, GatewayError> {
@@ -346,13 +348,12 @@ impl Cache {
 
     /// What an upstream answer for `digest` in this repository says: it has it (a link), or
     /// it does not (a `404` forgets what the cache knew).
-    fn learn_presence(&self, status: StatusCode, digest: &str, fetch: &Fetch<'_>) {
+    fn learn_presence(&self, status: StatusCode, digest: &Digest, fetch: &Fetch<'_>) {
         let upstream = fetch.upstream.name();
         if is_evidence(status) {
-            self.journal
-                .add_link(upstream, fetch.remote.as_str(), digest);
+            self.journal.add_link(upstream, fetch.remote, digest);
         } else if status == StatusCode::NOT_FOUND {
-            self.journal.forget(upstream, fetch.remote.as_str(), digest);
+            self.journal.forget(upstream, fetch.remote, digest);
         }
     }
 
@@ -363,8 +364,8 @@ impl Cache {
         }
         let upstream = fetch.upstream.name();
         match reference {
-            Reference::Digest(d) => self.journal.forget(upstream, fetch.remote.as_str(), d),
-            Reference::Tag(t) => self.journal.forget_tag(upstream, fetch.remote.as_str(), t),
+            Reference::Digest(d) => self.journal.forget(upstream, fetch.remote, d),
+            Reference::Tag(t) => self.journal.forget_tag(upstream, fetch.remote, t),
         }
     }
 
@@ -372,7 +373,6 @@ impl Cache {
     /// the manifest or blob (and, for a manifest, its tags pointing at it), so deleted
     /// content is not served from the cache.
     pub(crate) fn deleted(&self, upstream: &str, remote: &RemoteName, endpoint: &Endpoint) {
-        let remote = remote.as_str();
         match endpoint {
             Endpoint::Blob(digest) | Endpoint::Manifest(Reference::Digest(digest)) => {
                 self.journal.forget(upstream, remote, digest);
@@ -396,7 +396,8 @@ impl Cache {
     ) -> Result<ManifestAnswer, GatewayError> {
         match reference {
             Reference::Digest(digest) => {
-                if self.store.contains(digest) && self.journal.media_type(digest).is_some() {
+                if self.store.contains(digest.as_str()) && self.journal.media_type(digest).is_some()
+                {
                     let linked = self
                         .linked(digest, &format!("manifests/{digest}"), fetch)
                         .await?;
@@ -456,16 +457,16 @@ impl Cache {
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
-            .filter(|d| d.starts_with("sha256:") && crate::oci::path::validate_digest(d).is_ok());
+            .and_then(|d| Digest::parse(d).ok())
+            .filter(Digest::is_sha256);
         let (StatusCode::OK, Some(digest)) = (response.status(), digest) else {
             return;
         };
         let upstream = fetch.upstream.name();
-        self.journal
-            .add_link(upstream, fetch.remote.as_str(), digest);
+        self.journal.add_link(upstream, fetch.remote, &digest);
         if let Reference::Tag(tag) = reference {
             self.journal
-                .set_tag(upstream, fetch.remote.as_str(), tag, accept, digest);
+                .set_tag(upstream, fetch.remote, tag, accept, &digest);
         }
     }
 
@@ -477,9 +478,7 @@ impl Cache {
         fetch: &Fetch<'_>,
     ) -> Result<Option<ManifestAnswer>, GatewayError> {
         let upstream = fetch.upstream.name();
-        let entry = self
-            .journal
-            .tag(upstream, fetch.remote.as_str(), tag, accept);
+        let entry = self.journal.tag(upstream, fetch.remote, tag, accept);
         let cached = match &entry {
             Some(e) => self.cached_manifest(&e.digest).await,
             None => None,
@@ -510,13 +509,8 @@ impl Cache {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 if now.as_deref() == Some(cached.digest.as_str()) {
-                    self.journal.set_tag(
-                        upstream,
-                        fetch.remote.as_str(),
-                        tag,
-                        accept,
-                        &cached.digest,
-                    );
+                    self.journal
+                        .set_tag(upstream, fetch.remote, tag, accept, &cached.digest);
                     crate::metrics::cache_request("manifest", "revalidated");
                     return Ok(Some(ManifestAnswer::Cached(cached)));
                 }
@@ -544,9 +538,9 @@ impl Cache {
         fetch: &Fetch<'_>,
     ) -> Option<Manifest> {
         let accepted: Vec<&str> = accept.split(',').filter(|a| !a.is_empty()).collect();
-        let digests =
-            self.journal
-                .tag_representations(fetch.upstream.name(), fetch.remote.as_str(), tag);
+        let digests = self
+            .journal
+            .tag_representations(fetch.upstream.name(), fetch.remote, tag);
         for digest in digests {
             let Some(m) = self.cached_manifest(&digest).await else {
                 continue;
@@ -563,14 +557,14 @@ impl Cache {
 
     /// A stored manifest, read whole (it is small) off the async workers, and checked if
     /// this process has not yet.
-    async fn cached_manifest(&self, digest: &str) -> Option<Manifest> {
+    async fn cached_manifest(&self, digest: &Digest) -> Option<Manifest> {
         let media_type = self.journal.media_type(digest)?;
-        let (store, owned) = (self.store.clone(), digest.to_string());
+        let (store, owned) = (self.store.clone(), digest.clone());
         let bytes = tokio::task::spawn_blocking(move || read_manifest(&store, &owned))
             .await
             .ok()??;
         Some(Manifest {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             media_type,
             bytes,
         })
@@ -594,13 +588,13 @@ impl Cache {
         let _turn = gate.lock().await;
         // Whoever held the gate may have fetched it just now.
         let fresh = match reference {
-            Reference::Digest(d) if self.journal.has_link(upstream, fetch.remote.as_str(), d) => {
+            Reference::Digest(d) if self.journal.has_link(upstream, fetch.remote, d) => {
                 self.cached_manifest(d).await
             }
             Reference::Digest(_) => None,
             Reference::Tag(t) => match self
                 .journal
-                .tag(upstream, fetch.remote.as_str(), t, accept)
+                .tag(upstream, fetch.remote, t, accept)
                 .filter(|e| e.checked.elapsed().is_ok_and(|a| a < self.config.tag_ttl))
             {
                 Some(e) => self.cached_manifest(&e.digest).await,
@@ -620,7 +614,7 @@ impl Cache {
         let signed_schema1 = response
             .headers()
             .get(header::CONTENT_TYPE)
-            .is_some_and(|t| t.as_bytes().ends_with(b"+prettyjws"));
+            .is_some_and(|t| manifest::is_signed_schema1(t.as_bytes()));
         let too_large = content_length(response.headers()).is_some_and(|n| n > MAX_MANIFEST as u64);
         if response.status() != StatusCode::OK || signed_schema1 || too_large {
             self.learn_manifest_absence(response.status(), reference, fetch);
@@ -635,7 +629,7 @@ impl Cache {
         let bytes = body::read_to_limit(incoming, MAX_MANIFEST)
             .await
             .map_err(bad)?;
-        let digest = sha256_digest(&bytes);
+        let digest = Digest::sha256_of(&bytes);
         let said = parts
             .headers
             .get("docker-content-digest")
@@ -645,7 +639,7 @@ impl Cache {
             Reference::Tag(_) => said.filter(|d| d.starts_with("sha256:")),
         };
         if let Some(expected) = expected
-            && expected != digest
+            && digest != expected
         {
             crate::metrics::cache_rejected("digest_mismatch");
             return Err(bad(format!(
@@ -664,17 +658,15 @@ impl Cache {
             .await
             .map_err(|e| bad(format!("cannot store it: {e}")))?;
         self.journal.set_media_type(&digest, &media_type);
-        self.journal
-            .add_link(upstream, fetch.remote.as_str(), &digest);
+        self.journal.add_link(upstream, fetch.remote, &digest);
         // Only what the upstream checked before it took the manifest: anything else a body
         // names is proven with a HEAD when asked for.
         for referenced in manifest::verified_references(served_type, &bytes) {
-            self.journal
-                .add_link(upstream, fetch.remote.as_str(), &referenced);
+            self.journal.add_link(upstream, fetch.remote, &referenced);
         }
         if let Reference::Tag(tag) = reference {
             self.journal
-                .set_tag(upstream, fetch.remote.as_str(), tag, accept, &digest);
+                .set_tag(upstream, fetch.remote, tag, accept, &digest);
         }
         Ok(ManifestAnswer::Cached(Manifest {
             digest,
@@ -684,8 +676,8 @@ impl Cache {
     }
 
     /// Stores a verified manifest, off the async workers.
-    async fn store_manifest(&self, digest: &str, bytes: &Bytes) -> std::io::Result<()> {
-        if self.store.contains(digest) {
+    async fn store_manifest(&self, digest: &Digest, bytes: &Bytes) -> std::io::Result<()> {
+        if self.store.contains(digest.as_str()) {
             return Ok(());
         }
         let (store, digest, bytes) = (self.store.clone(), digest.to_string(), bytes.clone());
@@ -705,13 +697,13 @@ impl Cache {
     /// when it is cached for this repository afterwards.
     pub(crate) async fn warm_blob(
         &self,
-        digest: &str,
+        digest: &Digest,
         fetch: &Fetch<'_>,
     ) -> Result<bool, GatewayError> {
         let linked = |c: &Cache| {
-            c.store.contains(digest)
+            c.store.contains(digest.as_str())
                 && c.journal
-                    .has_link(fetch.upstream.name(), fetch.remote.as_str(), digest)
+                    .has_link(fetch.upstream.name(), fetch.remote, digest)
         };
         if linked(self) {
             return Ok(true);
@@ -726,7 +718,7 @@ impl Cache {
             }
         }
         Ok(linked(self)
-            || (self.store.contains(digest)
+            || (self.store.contains(digest.as_str())
                 && self
                     .prove_link(digest, &format!("blobs/{digest}"), fetch)
                     .await?))
@@ -735,20 +727,20 @@ impl Cache {
 
 /// A stored manifest's bytes, checked against its digest unless this process already did;
 /// a corrupt one is dropped from the store. Blocking: file I/O.
-fn read_manifest(store: &Arc<Store>, digest: &str) -> Option<Bytes> {
-    let reader = store.open_object(digest)?;
+fn read_manifest(store: &Arc<Store>, digest: &Digest) -> Option<Bytes> {
+    let reader = store.open_object(digest.as_str())?;
     let verified = reader.verified;
     let mut bytes = Vec::with_capacity(reader.size as usize);
     std::io::Read::read_to_end(&mut &reader.file, &mut bytes).ok()?;
     if !verified || bytes.len() as u64 != reader.size {
-        if sha256_digest(&bytes) != digest {
+        if Digest::sha256_of(&bytes) != *digest {
             tracing::warn!(%digest, "cached manifest is corrupt: dropped");
             crate::metrics::cache_rejected("corrupt");
             drop(reader);
-            store.remove(digest);
+            store.remove(digest.as_str());
             return None;
         }
-        store.mark_verified(digest);
+        store.mark_verified(digest.as_str());
     }
     Some(bytes.into())
 }
@@ -782,13 +774,13 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn registry_headers(response: &mut Response<Body>, digest: &str, content_type: &str, len: u64) {
+fn registry_headers(response: &mut Response<Body>, digest: &Digest, content_type: &str, len: u64) {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if let Ok(v) = HeaderValue::from_str(digest) {
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
         h.insert("docker-content-digest", v.clone());
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
             h.insert(header::ETAG, etag);
@@ -800,7 +792,12 @@ fn registry_headers(response: &mut Response<Body>, digest: &str, content_type: &
     );
 }
 
-fn blob_response(digest: &str, size: u64, range: Option<(u64, u64)>, body: Body) -> Response<Body> {
+fn blob_response(
+    digest: &Digest,
+    size: u64,
+    range: Option<(u64, u64)>,
+    body: Body,
+) -> Response<Body> {
     let mut response = Response::new(body);
     let len = range.map_or(size, |(s, e)| e - s);
     registry_headers(&mut response, digest, "application/octet-stream", len);
@@ -861,8 +858,4 @@ fn is_evidence(status: StatusCode) -> bool {
 /// Upstream answers that `serve_stale` covers: rate limits and server errors.
 fn is_upstream_trouble(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
-}
-
-pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }

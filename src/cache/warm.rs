@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, header};
 
 use super::{Cache, Fetch, ManifestAnswer, Read};
 use crate::error::GatewayError;
-use crate::oci::{ErrorCode, OciError, Reference, Scope, manifest, path};
+use crate::oci::{Digest, ErrorCode, OciError, Reference, Scope, manifest, path};
 use crate::rewrite::{LocalName, RouteTable};
 use crate::upstream::{Authorization, Upstream};
 
@@ -92,10 +92,7 @@ pub async fn image(
 /// `name:tag`, `name@digest` or `name` (`latest`), validated.
 fn split_image(image: &str) -> Result<(LocalName, Reference), OciError> {
     let (name, reference) = match image.split_once('@') {
-        Some((name, digest)) => {
-            path::validate_digest(digest)?;
-            (name, Reference::Digest(digest.to_string()))
-        }
+        Some((name, digest)) => (name, Reference::Digest(Digest::parse(digest)?)),
         None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
             Some((name, tag)) => {
                 path::validate_tag(tag)?;
@@ -126,7 +123,10 @@ mod tests {
         );
         assert_eq!(
             split(&format!("m/app@{d}")).unwrap(),
-            ("m/app".into(), Reference::Digest(d.clone()))
+            (
+                "m/app".into(),
+                Reference::Digest(Digest::parse(&d).unwrap())
+            )
         );
         assert!(split("m/App:v1").is_err());
         assert!(split("m/app:-v1").is_err());

@@ -8,7 +8,7 @@
 use http::{HeaderMap, header};
 use serde_json::Value;
 
-use super::path::validate_digest;
+use super::path::Digest;
 
 pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -38,7 +38,7 @@ pub(crate) fn essence(content_type: &str) -> String {
 /// manifest was. Never `blobs`, `subject`, `fsLayers` or unknown fields, which registries
 /// keep unchecked. Nothing either when an object on the way is [`ambiguous`]: a registry
 /// written in Go may have read another field than ours.
-pub(crate) fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<String> {
+pub(crate) fn verified_references(content_type: Option<&str>, bytes: &[u8]) -> Vec<Digest> {
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
@@ -182,7 +182,7 @@ fn is_distributable(layer: &Value) -> bool {
 /// What an image needs to be pulled whole, for preloading (`ocigate cache warm`): config,
 /// layers, artifact blobs and schema 1 `fsLayers`. Not evidence: each is fetched from the
 /// repository itself.
-pub(crate) fn blob_digests(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn blob_digests(bytes: &[u8]) -> Vec<Digest> {
     let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
         return Vec::new();
     };
@@ -195,7 +195,7 @@ pub(crate) fn blob_digests(bytes: &[u8]) -> Vec<String> {
 }
 
 /// The entries of an index (or manifest list).
-pub(crate) fn child_manifests(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn child_manifests(bytes: &[u8]) -> Vec<Digest> {
     serde_json::from_slice::<Value>(bytes)
         .map(|v| valid(items(&v, "manifests").filter_map(|m| m.get("digest"))))
         .unwrap_or_default()
@@ -205,12 +205,17 @@ fn items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
     v.get(key).and_then(Value::as_array).into_iter().flatten()
 }
 
-fn valid<'a>(digests: impl Iterator<Item = &'a Value>) -> Vec<String> {
+fn valid<'a>(digests: impl Iterator<Item = &'a Value>) -> Vec<Digest> {
     digests
         .filter_map(Value::as_str)
-        .filter(|d| validate_digest(d).is_ok())
-        .map(str::to_string)
+        .filter_map(|d| Digest::parse(d).ok())
         .collect()
+}
+
+/// Whether a served `Content-Type` is a signed schema 1 manifest (`…+prettyjws`): its
+/// digest is of a payload inside it, not of its bytes.
+pub(crate) fn is_signed_schema1(content_type: &[u8]) -> bool {
+    content_type.ends_with(b"+prettyjws")
 }
 
 /// Every manifest media type, for fetches of the proxy's own (`ocigate cache warm`).
@@ -263,6 +268,13 @@ mod tests {
 
     fn refs(content_type: Option<&str>, v: &Value) -> Vec<String> {
         verified_references(content_type, v.to_string().as_bytes())
+            .iter()
+            .map(Digest::to_string)
+            .collect()
+    }
+
+    fn strings(digests: Vec<Digest>) -> Vec<String> {
+        digests.iter().map(Digest::to_string).collect()
     }
 
     #[test]
@@ -299,7 +311,7 @@ mod tests {
         );
         // The preload list still has everything an image may need.
         assert_eq!(
-            blob_digests(m.to_string().as_bytes()),
+            strings(blob_digests(m.to_string().as_bytes())),
             vec![d('a'), d('b'), d('c'), d('1'), d('d'), d('e')]
         );
     }
@@ -373,7 +385,7 @@ mod tests {
         list["mediaType"] = json!(DOCKER_LIST);
         assert_eq!(refs(Some(DOCKER_LIST), &list), vec![d('a'), d('b')]);
         assert_eq!(
-            child_manifests(index.to_string().as_bytes()),
+            strings(child_manifests(index.to_string().as_bytes())),
             vec![d('a'), d('b')]
         );
     }

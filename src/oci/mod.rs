@@ -11,6 +11,7 @@ pub(crate) mod range;
 
 pub use challenge::{Challenge, Scope};
 pub(crate) use error::{ErrorCode, OciError};
+pub use path::Digest;
 pub(crate) use path::{ApiPath, Endpoint, Reference};
 
 /// `Docker-Distribution-Api-Version` value every `/v2/` answer carries.

@@ -1,7 +1,49 @@
 //! `/v2/` request paths, parsed from the right so that repository names may have any number of
 //! components, including ones literally called `blobs` or `manifests`.
 
+use std::fmt;
+
 use super::error::{ErrorCode, OciError};
+
+/// A content digest, validated: `sha256:` + 64 or `sha512:` + 128 lower-case hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(digest: &str) -> Result<Digest, OciError> {
+        validate_digest(digest)?;
+        Ok(Digest(digest.to_string()))
+    }
+
+    /// The SHA-256 digest of `bytes`.
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        Digest(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_sha256(&self) -> bool {
+        self.0.starts_with("sha256:")
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<&str> for Digest {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
 
 /// What a `/v2/…` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,27 +57,37 @@ pub(crate) enum Endpoint {
     /// `/v2/<name>/manifests/<reference>`.
     Manifest(Reference),
     /// `/v2/<name>/blobs/<digest>`.
-    Blob(String),
+    Blob(Digest),
     /// `/v2/<name>/blobs/uploads/`: start an upload (or mount, or monolithic POST).
     UploadStart,
     /// `/v2/<name>/blobs/uploads/<id>`: PATCH, PUT, GET status, DELETE cancel.
     Upload(String),
     /// `/v2/<name>/referrers/<digest>`.
-    Referrers(String),
+    Referrers(Digest),
 }
 
 /// A manifest reference: a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Reference {
     Tag(String),
-    Digest(String),
+    Digest(Digest),
 }
 
 impl Reference {
     pub(crate) fn as_str(&self) -> &str {
         match self {
-            Reference::Tag(s) | Reference::Digest(s) => s,
+            Reference::Tag(s) => s,
+            Reference::Digest(d) => d.as_str(),
         }
+    }
+
+    /// A tag or a digest (what has a `:` must be a digest), validated.
+    pub(crate) fn parse(reference: &str) -> Result<Reference, OciError> {
+        if reference.contains(':') {
+            return Digest::parse(reference).map(Reference::Digest);
+        }
+        validate_tag(reference)?;
+        Ok(Reference::Tag(reference.to_string()))
     }
 }
 
@@ -88,61 +140,69 @@ fn parse_rest(rest: &str, read: bool) -> Result<ApiPath, OciError> {
             endpoint: Endpoint::Catalog,
         });
     }
-    let (name, endpoint) = split_endpoint(rest).ok_or_else(|| {
+    let (name, segment) = split_endpoint(rest).ok_or_else(|| {
         OciError::new(ErrorCode::NameUnknown, "no such endpoint")
             .with_detail(serde_json::json!({ "path": format!("/v2/{rest}") }))
     })?;
     validate_name(name)?;
-    match &endpoint {
-        Endpoint::Manifest(reference) => {
-            let valid = match reference {
-                Reference::Digest(d) => validate_digest(d),
-                Reference::Tag(t) => validate_tag(t),
-            };
-            valid.map_err(|e| match read {
-                true => OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
-                    .with_detail(serde_json::json!({ "reference": reference.as_str() })),
-                false => e,
-            })?
+    let endpoint = match segment {
+        Segment::Tags => Endpoint::Tags,
+        Segment::UploadStart => Endpoint::UploadStart,
+        Segment::Manifest(reference) => {
+            Endpoint::Manifest(Reference::parse(reference).map_err(|e| {
+                match read {
+                    true => OciError::new(ErrorCode::ManifestUnknown, "manifest unknown")
+                        .with_detail(serde_json::json!({ "reference": reference })),
+                    false => e,
+                }
+            })?)
         }
-        Endpoint::Blob(d) | Endpoint::Referrers(d) => validate_digest(d)?,
-        Endpoint::Upload(id) => validate_upload_id(id)?,
-        _ => {}
-    }
+        Segment::Blob(d) => Endpoint::Blob(Digest::parse(d)?),
+        Segment::Referrers(d) => Endpoint::Referrers(Digest::parse(d)?),
+        Segment::Upload(id) => {
+            validate_upload_id(id)?;
+            Endpoint::Upload(id.to_string())
+        }
+    };
     Ok(ApiPath {
         name: Some(name.to_string()),
         endpoint,
     })
 }
 
-fn split_endpoint(rest: &str) -> Option<(&str, Endpoint)> {
+/// The endpoint part of a repository path, not yet validated.
+enum Segment<'a> {
+    Tags,
+    UploadStart,
+    Upload(&'a str),
+    Manifest(&'a str),
+    Blob(&'a str),
+    Referrers(&'a str),
+}
+
+fn split_endpoint(rest: &str) -> Option<(&str, Segment<'_>)> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Some((name, Endpoint::Tags));
+        return Some((name, Segment::Tags));
     }
     if let Some(name) = rest
         .strip_suffix("/blobs/uploads/")
         .or_else(|| rest.strip_suffix("/blobs/uploads"))
     {
-        return Some((name, Endpoint::UploadStart));
+        return Some((name, Segment::UploadStart));
     }
     let (head, last) = rest.rsplit_once('/')?;
     let (name, kind) = head.rsplit_once('/')?;
-    let endpoint = match kind {
-        "manifests" if is_digest_shaped(last) => Endpoint::Manifest(Reference::Digest(last.into())),
-        "manifests" => Endpoint::Manifest(Reference::Tag(last.into())),
-        "blobs" => Endpoint::Blob(last.into()),
-        "referrers" => Endpoint::Referrers(last.into()),
+    let segment = match kind {
+        "manifests" => Segment::Manifest(last),
+        "blobs" => Segment::Blob(last),
+        "referrers" => Segment::Referrers(last),
         "uploads" => {
             let name = name.strip_suffix("/blobs")?;
-            return Some((name, Endpoint::Upload(last.into())));
+            return Some((name, Segment::Upload(last)));
         }
         _ => return None,
     };
-    Some((name, endpoint))
-}
-
-fn is_digest_shaped(s: &str) -> bool {
-    s.contains(':')
+    Some((name, segment))
 }
 
 fn invalid_name(name: &str, why: &str) -> OciError {
@@ -298,7 +358,7 @@ mod tests {
         );
         let p = parse(&format!("/v2/a/blobs/blobs/{D}"));
         assert_eq!(p.name.as_deref(), Some("a/blobs"));
-        assert_eq!(p.endpoint, Endpoint::Blob(D.into()));
+        assert_eq!(p.endpoint, Endpoint::Blob(Digest::parse(D).unwrap()));
         let p = parse("/v2/a/b/tags/list");
         assert_eq!(
             (p.name.as_deref(), p.endpoint),
@@ -330,9 +390,12 @@ mod tests {
     #[test]
     fn manifests_by_digest_and_referrers() {
         let p = parse(&format!("/v2/a/manifests/{D}"));
-        assert_eq!(p.endpoint, Endpoint::Manifest(Reference::Digest(D.into())));
+        assert_eq!(
+            p.endpoint,
+            Endpoint::Manifest(Reference::Digest(Digest::parse(D).unwrap()))
+        );
         let p = parse(&format!("/v2/a/referrers/{D}"));
-        assert_eq!(p.endpoint, Endpoint::Referrers(D.into()));
+        assert_eq!(p.endpoint, Endpoint::Referrers(Digest::parse(D).unwrap()));
         assert_eq!(p.suffix(), format!("referrers/{D}"));
     }
 

@@ -569,7 +569,7 @@ async fn locations_links_and_tags_answers_are_renamed() {
 #[tokio::test]
 async fn cached_blob_ranges_past_the_end_are_the_rest_of_the_blob() {
     let blob: &'static [u8] = b"0123456789 the cached blob";
-    let digest = crate::cache::sha256_digest(blob);
+    let digest = crate::oci::Digest::sha256_of(blob);
     let upstream = FakeUpstream::new(move |_| answer(StatusCode::OK, &[], blob));
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
