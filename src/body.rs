@@ -1,4 +1,4 @@
-//! The one body type every stage passes along, and the wrapper that observes a body as it
+//! The one body type every phase passes along, and the wrapper that observes a body as it
 //! streams (bytes counted, access log written once at its end).
 //!
 //! Nothing here buffers: bodies are polled frame by frame, so backpressure reaches the peer.

@@ -99,7 +99,7 @@ pub(crate) fn public_base<B>(public_url: Option<&Url>, req: &Request<B>, tls: bo
 }
 
 /// Registries read upload parameters (`mount`, `from`, `digest`) from form bodies as well as
-/// from the query, so a form body could carry a mount past the auth stage: upload endpoints
+/// from the query, so a form body could carry a mount past admission: upload endpoints
 /// take none. A `Content-Type` that cannot be read is refused too.
 pub(crate) fn refuse_form_body(headers: &HeaderMap) -> Result<(), OciError> {
     let is_form = |v: &HeaderValue| {

@@ -11,7 +11,7 @@
 //! client of a bad fill, or of a file corrupted on disk, sees a broken transfer, never a
 //! complete wrong one.
 //!
-//! Must not decide what may be served to whom: that is the cache stage's job.
+//! Must not decide what may be served to whom: that is the cache phase's job ([`super::Cache::serve`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;

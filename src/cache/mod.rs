@@ -1,7 +1,7 @@
-//! The cache stage: blobs and manifests of `cache: true` routes served from disk.
+//! The cache phase: blobs and manifests of `cache: true` routes served from disk.
 //!
-//! Runs after client auth and rewrite, in remote names, before the upstream is asked. It
-//! reads the request's method, endpoint and headers and answers with an [`Outcome`]: a
+//! Runs after `admit` and `route`, in remote names, before `send`. It reads the request's
+//! method, endpoint and headers and answers with an [`Outcome`]: a
 //! response of its own, the upstream's answer for the pipeline to pass on (refusals,
 //! `404`s), or "not mine" (uploads, ranges of objects not cached, `sha512`).
 //!
@@ -16,7 +16,8 @@
 //!   with `serve_stale` a failing upstream gets the cached answer instead.
 //! - Offline (`cache.offline`), upstreams are never asked.
 //!
-//! Talks to upstreams only through [`Fetch`], never sees local names.
+//! Talks to upstreams only through [`Fetch`] (which sends as the request was admitted, by
+//! [`Upstream::send`]); never sees local names. `warm` fills it ahead of pulls.
 
 pub(crate) mod fill;
 pub(crate) mod journal;
@@ -61,7 +62,7 @@ pub enum Ownership {
     Guest,
 }
 
-/// What the cache stage did with a request.
+/// What the cache phase did with a request.
 pub(crate) enum Outcome {
     /// Answered by the cache.
     Served(Response<Body>),
@@ -166,7 +167,7 @@ impl Cache {
         &self.journal
     }
 
-    /// The stage: a blob or manifest GET/HEAD of a cache route.
+    /// The phase: a blob or manifest GET/HEAD of a cache route, once admitted and routed.
     pub(crate) async fn serve(
         &self,
         method: &Method,

@@ -136,7 +136,7 @@ impl Gateway {
     }
 
     /// Serves one request, whatever its body type; never fails (errors are answers).
-    pub(crate) fn handle<B>(
+    pub fn handle<B>(
         &self,
         req: Request<B>,
         conn: ConnInfo,

@@ -4,7 +4,7 @@
 //! A relay token carries the upstream token, the upstream and route it belongs to, the local
 //! scopes it covers and an expiry no later than the upstream token's. The route is also the
 //! PASETO's implicit assertion, so a token minted for one route does not even decrypt on
-//! another. Owns sealing and opening, the request stage ([`Relay::admit`]) and the token
+//! another. Owns sealing and opening, admission on relay routes ([`Relay::admit`]) and the token
 //! endpoint ([`endpoint`]); must not decide routes (the pipeline resolves them).
 
 pub(crate) mod endpoint;

@@ -289,7 +289,7 @@ pub(crate) fn link_header(value: &str, rewrite_url: impl Fn(&str) -> Option<Stri
         .join(", ")
 }
 
-/// The query of `POST …/blobs/uploads/`, decoded once, so that the auth stage checks and the
+/// The query of `POST …/blobs/uploads/`, decoded once, so that admission checks and the
 /// upstream receives the very same `mount`, `from` and `digest` (a percent-encoded key such
 /// as `fr%6Fm` cannot slip past one and reach the other).
 #[derive(Debug, Clone, Default)]
@@ -517,8 +517,8 @@ impl TagsNameRewrite {
 }
 
 /// A query of a request that is no upload start, without `mount` and `from` (compared
-/// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after the auth
-/// stage checked it. Left byte for byte as it is when there is nothing to drop.
+/// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after admission
+/// checked it. Left byte for byte as it is when there is nothing to drop.
 pub(crate) fn without_mount(query: &str) -> String {
     let is_mount = |k: &str| k == "mount" || k == "from";
     if !url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| is_mount(&k)) {

@@ -2,7 +2,7 @@
 //!
 //! Authenticates the client (htpasswd Basic, `<provider>:<jwt>` OIDC, a refresh token, or
 //! nobody), grants each requested scope the intersection of what was asked and what the ACL
-//! allows, and mints a JWT the real registry and ocigate's own auth stage accept. Owns the
+//! allows, and mints a JWT the real registry and ocigate's own admission accept. Owns the
 //! `/token` answers; must not talk to upstream registries.
 
 pub(crate) mod acl;

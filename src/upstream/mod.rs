@@ -1,4 +1,6 @@
-//! Upstream registries: the only code that talks to them.
+//! Upstream registries: the only code that talks to them, by one road: [`Upstream::send`]
+//! (the `send` phase and the cache's fills alike), as the request was admitted
+//! ([`Authorization`]) and with a redirect policy ([`Redirects`]).
 //!
 //! An [`Upstream`] owns its pooled client, its credentials and the token dance: it learns the
 //! upstream's challenge, fetches and caches bearer tokens per scope set, retries a replayable
