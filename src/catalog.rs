@@ -97,10 +97,12 @@ impl Catalog {
         routes: &RouteTable,
         upstreams: &HashMap<String, Arc<Upstream>>,
     ) -> Result<BTreeSet<LocalName>, GatewayError> {
+        // Relay routes' repositories open to relay tokens only: never listed.
+        let listed = |r: &&crate::rewrite::Route| r.config.is_namespace() && !r.config.relay;
         let mut upstream_names: Vec<&str> = routes
             .routes()
             .iter()
-            .filter(|r| r.config.is_namespace())
+            .filter(listed)
             .map(|r| r.config.upstream.as_str())
             .collect();
         upstream_names.sort_unstable();
@@ -117,7 +119,8 @@ impl Catalog {
                         .iter()
                         // What a capability URL opens stays unlisted, whatever route covers it.
                         .filter(|r| !routes.is_exact_target(name, r))
-                        .filter_map(|r| routes.to_local(name, r)),
+                        .filter_map(|r| routes.to_local(name, r))
+                        .filter(|local| routes.resolve(local).is_some_and(|m| listed(&m.route))),
                 ),
                 Err(e) => failures.push(e),
             }

@@ -67,6 +67,12 @@ fn relay_token(gw: &Ocigate, query: &str) -> String {
 }
 
 fn assert_challenged(r: &Resp, gw: &Ocigate, error: &str, what: &str) {
+    assert_challenged_for(r, gw, &gw.host(), error, what);
+}
+
+/// `service`: the host clients reach the proxy by, or the token server's service when there
+/// is one (it refuses any other).
+fn assert_challenged_for(r: &Resp, gw: &Ocigate, service: &str, error: &str, what: &str) {
     assert_eq!(r.status, 401, "{what}: {}", r.text());
     let challenge = r.header("www-authenticate").unwrap();
     assert!(
@@ -74,7 +80,7 @@ fn assert_challenged(r: &Resp, gw: &Ocigate, error: &str, what: &str) {
         "{what}: {challenge}"
     );
     assert!(
-        challenge.contains(&format!("service=\"{}\"", gw.host())),
+        challenge.contains(&format!("service=\"{service}\"")),
         "{what}: {challenge}"
     );
     assert!(
@@ -377,17 +383,34 @@ relay:
         &[("authorization", &format!("Bearer {token}"))],
         Vec::new(),
     );
-    assert_challenged(&push, &gw, "insufficient_scope", "push beyond the ACL");
+    // With the token server, challenges name its service: a client that follows one gets a
+    // token instead of `400 unknown service` (attack review).
+    assert_challenged_for(
+        &push,
+        &gw,
+        "ocigate.test",
+        "insufficient_scope",
+        "push beyond the ACL",
+    );
     // bob's relay token covers nothing.
     let r = get_with(
         &format!("{}/token?scope=repository:priv/private:pull", gw.url()),
         &[("authorization", "Basic Ym9iOmJ1aWxkZXI=")],
     );
     let bobs = r.json()["token"].as_str().unwrap().to_string();
-    assert_challenged(
+    assert_challenged_for(
         &bearer_get(&manifest, &bobs),
         &gw,
+        "ocigate.test",
         "insufficient_scope",
         "bob",
     );
+    let followed = get_with(
+        &format!(
+            "{}/token?service=ocigate.test&scope=repository:priv/private:pull",
+            gw.url()
+        ),
+        &[("authorization", "Basic YWxpY2U6d29uZGVybGFuZA==")],
+    );
+    assert_eq!(followed.status, 200, "{}", followed.text());
 }

@@ -914,6 +914,42 @@ fn mounts_from_relay_routes_are_dropped() {
     );
     let mounted = format!("{}/v2/team/eve/x/blobs/{secret}", reg.url());
     assert_eq!(http::head(&mounted, &[]).status, 404);
+    // Attack review: a mount naming no `from` could be taken from any repository (OCI 1.1
+    // allows registries to); it never reaches the upstream either.
+    let r = http::request(
+        "POST",
+        &format!("{}/v2/c/eve/x/blobs/uploads/?mount={secret}", gw.url()),
+        &[("authorization", &format!("Bearer {eve}"))],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(
+        reg.count_requests("POST", "/v2/team/eve/x/blobs/uploads/"),
+        2
+    );
+    assert_eq!(reg.count_requests("POST", "mount="), 0, "{}", reg.log());
+}
+
+/// Attack review: without client auth `_catalog` is open, so it must not list what only
+/// relay tokens open, read with the proxy's own credentials.
+#[test]
+fn the_catalog_lists_no_relay_route() {
+    let reg = Registry::start("");
+    for repo in ["team/app", "private/payroll"] {
+        let img = image::image(&[("c", repo.as_bytes())], "amd64");
+        image::push_image(&reg.url(), repo, "v1", &img);
+    }
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"open/\", upstream: reg, remote: \"team/\"}}\n  - {{prefix: \"priv/\", upstream: reg, remote: \"private/\", relay: true}}\nrelay:\n  secret_key: \"796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\"\n",
+        reg.url()
+    );
+    let gw = Ocigate::start(&yaml);
+    let catalog = http::get(&format!("{}/v2/_catalog", gw.url()));
+    assert_eq!(catalog.status, 200);
+    assert_eq!(catalog.json()["repositories"], json!(["open/app"]));
+    // The relay route itself still challenges.
+    let r = http::get(&format!("{}/v2/priv/payroll/manifests/v1", gw.url()));
+    assert_eq!(r.status, 401);
 }
 
 /// Review finding: an HTTP/2 client that grants no flow-control window never makes a write

@@ -100,15 +100,10 @@ impl Gateway {
             Some(t) => Some(TokenServer::new(t)?),
             None => None,
         };
-        let relay = match &config.relay {
-            Some(r) => Some(Relay::new(
-                r,
-                config
-                    .token_server
-                    .as_ref()
-                    .map_or(crate::relay::endpoint::PATH, |t| t.path.as_str()),
-            )?),
-            None => None,
+        let relay = match (&config.relay, &config.token_server) {
+            (Some(r), Some(t)) => Some(Relay::new(r, &t.path)?.with_service(&t.service)),
+            (Some(r), None) => Some(Relay::new(r, crate::relay::endpoint::PATH)?),
+            (None, _) => None,
         };
         let cache = match &config.cache {
             Some(c) => Some(Cache::open(c, ownership)?),

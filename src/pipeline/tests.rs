@@ -265,7 +265,7 @@ routes:
   - {{ prefix: "open/", upstream: reg, remote: "team/" }}
   - {{ prefix: "priv/", upstream: reg, remote: "private/", relay: true }}
 auth:
-  token: {{ service: gw.test, issuer: gw }}
+  token: {{ service: registry.example, issuer: gw }}
   anonymous: [pull]
 token_server:
   issuer: gw
@@ -273,6 +273,7 @@ token_server:
   certificate: {d}/token.crt
   acl:
     - {{ account: alice, repository: "*", actions: [pull, push] }}
+    - {{ account: alice, type: registry, repository: catalog, actions: ["*"] }}
 relay:
   secret_key: "796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd"
 "#
@@ -604,4 +605,90 @@ async fn cached_blob_ranges_past_the_end_are_the_rest_of_the_blob() {
         upstream.take().is_empty(),
         "every range served from the cache"
     );
+}
+
+/// An upstream that lists `repositories` in its catalog and answers anything else 200.
+fn listing_registry(repositories: &'static str) -> Arc<FakeUpstream> {
+    FakeUpstream::new(
+        move |seen| match seen.path_and_query.starts_with("/v2/_catalog") {
+            true => answer(
+                StatusCode::OK,
+                &[],
+                format!(r#"{{"repositories":{repositories}}}"#),
+            ),
+            false => answer(StatusCode::OK, &[], "{}"),
+        },
+    )
+}
+
+#[tokio::test]
+async fn the_catalog_never_lists_relay_routes() {
+    let upstream = listing_registry(r#"["team/app","private/payroll"]"#);
+    // Without client auth the catalog is open: it must not list what only relay tokens open.
+    let yaml = format!(
+        r#"upstreams: {{ reg: {{ url: "{UPSTREAM}" }} }}
+routes:
+  - {{ prefix: "open/", upstream: reg, remote: "team/" }}
+  - {{ prefix: "priv/", upstream: reg, remote: "private/", relay: true }}
+relay:
+  secret_key: "796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd"
+"#
+    );
+    let gw = gateway(&yaml, &upstream);
+    let r = get(&gw, "/v2/_catalog").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["repositories"], serde_json::json!(["open/app"]));
+    // With client auth, a token that may list the catalog does not list them either.
+    let setup = auth_setup();
+    let gw = gateway(&setup.yaml, &upstream);
+    let token = client_token(&gw, &[Scope::catalog()]);
+    let r = call(
+        &gw,
+        Method::GET,
+        "/v2/_catalog",
+        &[("authorization", &token)],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["repositories"], serde_json::json!(["open/app"]));
+}
+
+#[tokio::test]
+async fn relay_challenges_name_the_service_the_token_server_answers_for() {
+    let setup = auth_setup();
+    let upstream = open_registry(Arc::new(AtomicUsize::new(0)));
+    let gw = gateway(&setup.yaml, &upstream);
+    let challenged = get(&gw, "/v2/priv/app/manifests/v1").await;
+    assert_eq!(challenged.status, StatusCode::UNAUTHORIZED);
+    let service = challenge_param(&challenged, "service").unwrap();
+    assert_eq!(
+        service, "registry.example",
+        "the token server's service, not the host"
+    );
+    // What the challenge says is what the token server takes: a relay token comes back.
+    let scope = challenge_param(&challenged, "scope").unwrap();
+    let realm = challenge_param(&challenged, "realm").unwrap();
+    let path = realm.strip_prefix("http://gw.test").unwrap();
+    let login = get(&gw, &format!("{path}?service={service}&scope={scope}")).await;
+    assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+    let v: serde_json::Value = serde_json::from_slice(&login.body).unwrap();
+    assert!(v["token"].as_str().unwrap().starts_with("v4.local."));
+}
+
+#[tokio::test]
+async fn a_mount_without_from_never_reaches_the_upstream() {
+    let upstream = FakeUpstream::new(|_| answer(StatusCode::ACCEPTED, &[], ""));
+    let gw = gateway(PLAIN, &upstream);
+    let d = format!("sha256:{}", "a".repeat(64));
+    let r = call(
+        &gw,
+        Method::POST,
+        &format!("/v2/m/app/blobs/uploads/?mount={d}"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let seen = upstream.take();
+    assert_eq!(seen[0].path_and_query, "/v2/team/app/blobs/uploads/");
 }

@@ -77,6 +77,9 @@ pub struct Relay {
     keys: Vec<SymmetricKey<V4>>,
     /// Where clients get relay tokens: `token_server.path` when there is one, else `/token`.
     path: String,
+    /// The service challenges name: the token server's, which refuses any other; without
+    /// one, the host clients reach us by.
+    service: Option<String>,
 }
 
 impl Relay {
@@ -88,7 +91,14 @@ impl Relay {
         Ok(Relay {
             keys,
             path: path.to_string(),
+            service: None,
         })
+    }
+
+    /// Relay tokens come from the token server answering for `service`: challenges name it.
+    pub fn with_service(mut self, service: &str) -> Relay {
+        self.service = Some(service.to_string());
+        self
     }
 
     pub(crate) fn path(&self) -> &str {
@@ -191,7 +201,7 @@ impl Relay {
         };
         Denied::bearer(
             &format!("{public_base}{}", self.path),
-            &service(public_base),
+            &self.service.clone().unwrap_or_else(|| service(public_base)),
             required,
             why,
             OciError::new(code, message),

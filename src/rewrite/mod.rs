@@ -221,14 +221,18 @@ impl RouteTable {
     /// cannot be mounted there: the mount is dropped and the registry answers with a plain
     /// upload session, as the spec allows. Never from a relay route: its repositories are
     /// opened only by relay tokens, which client auth does not check (`auth.anonymous`
-    /// could cover the `from` there).
+    /// could cover the `from` there). A `mount` without `from` is dropped too: OCI 1.1 lets
+    /// a registry take it from any repository the proxy's credentials can read.
     pub(crate) fn map_mount(
         &self,
         query: &mut UploadQuery,
         upstream: &str,
         names: &mut NameMap,
     ) -> Option<RemoteName> {
-        let from = LocalName::new(query.from()?);
+        let Some(from) = query.from().map(LocalName::new) else {
+            query.set_from(None);
+            return None;
+        };
         match self.resolve(&from) {
             Some(m) if m.route.config.upstream == upstream && !m.route.config.relay => {
                 names.add(&m.remote, &from);
@@ -743,6 +747,50 @@ mod tests {
         assert!(UploadQuery::parse("from=a&fr%6Fm=b").is_err());
         assert!(UploadQuery::parse(&format!("from={}", "a/".repeat(200))).is_err());
         assert!(UploadQuery::parse("mount=nope&from=a").is_err());
+    }
+
+    #[test]
+    fn mounts_are_kept_only_from_a_routed_repository_of_the_same_upstream() {
+        let t = RouteTable::new(vec![
+            route("m/", "reg", "team/", false),
+            route("o/", "other", "team/", false),
+            Route::new(
+                RouteConfig {
+                    relay: true,
+                    ..RouteConfig::new("r/", "reg", "private/")
+                },
+                false,
+                3,
+            ),
+        ]);
+        let d = format!("sha256:{}", "a".repeat(64));
+        let mounted = |query: &str| {
+            let mut q = UploadQuery::parse(query).unwrap();
+            let mut names = NameMap::default();
+            let from = t.map_mount(&mut q, "reg", &mut names);
+            (from.map(|f| f.to_string()), q.encode())
+        };
+        assert_eq!(
+            mounted(&format!("mount={d}&from=m%2Fbase")),
+            (
+                Some("team/base".into()),
+                format!("mount=sha256%3A{}&from=team%2Fbase", "a".repeat(64))
+            )
+        );
+        // From another upstream, from a relay route, from nowhere, or from no one named:
+        // a plain upload session.
+        for query in [
+            format!("mount={d}&from=o%2Fbase"),
+            format!("mount={d}&from=r%2Fbase"),
+            format!("mount={d}&from=elsewhere%2Fbase"),
+            format!("mount={d}"),
+        ] {
+            assert_eq!(mounted(&query), (None, String::new()), "{query}");
+        }
+        assert_eq!(
+            mounted(&format!("digest={d}")),
+            (None, format!("digest=sha256%3A{}", "a".repeat(64)))
+        );
         assert_eq!(
             without_mount("digest=sha256%3Aab&_state=x%3D"),
             "digest=sha256%3Aab&_state=x%3D"
