@@ -21,6 +21,7 @@
 
 pub(crate) mod fill;
 pub(crate) mod journal;
+pub(crate) mod memo;
 pub(crate) mod store;
 pub mod warm;
 
@@ -41,7 +42,8 @@ use crate::rewrite::RemoteName;
 use crate::upstream::{Authorization, Redirects, Upstream, UpstreamError, UpstreamRequest};
 use fill::{Fills, Join};
 use journal::{Evidence, Journal};
-use store::Store;
+use memo::Memo;
+use store::{Access, Store};
 
 /// Manifests larger than this are passed through, not cached (distribution refuses to store
 /// them too).
@@ -118,6 +120,7 @@ pub struct Cache {
     journal: Journal,
     fills: Arc<Fills>,
     manifest_gates: Gates,
+    memo: Memo,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,7 @@ impl Cache {
             store,
             journal,
             manifest_gates: Gates::new(1024),
+            memo: Memo::new(memo::MEMO_BYTES),
         })
     }
 
@@ -556,14 +560,29 @@ impl Cache {
         None
     }
 
-    /// A stored manifest, read whole (it is small) off the async workers, and checked if
-    /// this process has not yet.
+    /// A stored manifest: from memory, or read whole (it is small) off the async workers and
+    /// checked if this process has not yet.
     async fn cached_manifest(&self, digest: &Digest) -> Option<Manifest> {
         let media_type = self.journal.media_type(digest)?;
-        let (store, owned) = (self.store.clone(), digest.clone());
-        let bytes = tokio::task::spawn_blocking(move || read_manifest(&store, &owned))
-            .await
-            .ok()??;
+        let remembered = match self.store.note_access(digest.as_str()) {
+            None => {
+                self.memo.remove(digest);
+                return None;
+            }
+            Some(Access::Recorded) => self.memo.get(digest),
+            Some(Access::FileStale) => None,
+        };
+        let bytes = match remembered {
+            Some(bytes) => bytes,
+            None => {
+                let (store, owned) = (self.store.clone(), digest.clone());
+                let read = tokio::task::spawn_blocking(move || read_manifest(&store, &owned))
+                    .await
+                    .ok()??;
+                self.memo.put(digest, &read);
+                read
+            }
+        };
         Some(Manifest {
             digest: digest.clone(),
             media_type,
@@ -658,6 +677,7 @@ impl Cache {
         self.store_manifest(&digest, &bytes)
             .await
             .map_err(|e| bad(format!("cannot store it: {e}")))?;
+        self.memo.put(&digest, &bytes);
         self.journal.set_media_type(&digest, &media_type);
         self.journal.add_link(upstream, fetch.remote, &digest);
         // Only what the upstream checked before it took the manifest: anything else a body

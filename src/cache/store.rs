@@ -24,6 +24,13 @@ use super::Ownership;
 /// hit refreshes it: often enough for LRU across restarts, rarely enough to cost nothing.
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
 
+/// What [`Store::note_access`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Recorded,
+    FileStale,
+}
+
 #[derive(Debug, Clone)]
 pub struct ObjectInfo {
     pub digest: String,
@@ -34,6 +41,9 @@ pub struct ObjectInfo {
 struct Entry {
     size: u64,
     last_access: SystemTime,
+    /// When the file was last opened (and its time set): accesses without opening it (see
+    /// [`Store::note_access`]) open it again after [`TOUCH_AFTER`].
+    file_seen: SystemTime,
     /// Alive while anyone has the file open.
     pin: Weak<ObjectPin>,
     /// Hashed by this process (filled here, or read through once since the start).
@@ -144,6 +154,7 @@ impl Store {
                         Entry {
                             size: meta.len(),
                             last_access: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                            file_seen: SystemTime::UNIX_EPOCH,
                             pin: Weak::new(),
                             verified: false,
                         },
@@ -228,6 +239,24 @@ impl Store {
         self.index.lock().entries.contains_key(digest)
     }
 
+    /// Records an access to `digest` without opening its file (a manifest served from
+    /// memory). `None` when it is not cached; [`Access::FileStale`] when the file was last
+    /// opened over [`TOUCH_AFTER`] ago: then open it instead, which refreshes its time (the
+    /// record of the access across restarts) and finds a file removed behind our back.
+    pub(crate) fn note_access(&self, digest: &str) -> Option<Access> {
+        let mut index = self.index.lock();
+        let entry = index.entries.get_mut(digest)?;
+        let now = SystemTime::now();
+        if now
+            .duration_since(entry.file_seen)
+            .is_ok_and(|d| d > TOUCH_AFTER)
+        {
+            return Some(Access::FileStale);
+        }
+        entry.last_access = now;
+        Some(Access::Recorded)
+    }
+
     /// Opens an object for reading and records the access. `None` when it is not cached (or
     /// its file went away, say by `ocigate cache prune` on a running server).
     pub(crate) fn open_object(self: &Arc<Self>, digest: &str) -> Option<Reader> {
@@ -245,10 +274,11 @@ impl Store {
         };
         let now = SystemTime::now();
         if now
-            .duration_since(entry.last_access)
+            .duration_since(entry.file_seen)
             .is_ok_and(|d| d > TOUCH_AFTER)
         {
             let _ = file.set_modified(now);
+            entry.file_seen = now;
         }
         entry.last_access = now;
         let pin = match entry.pin.upgrade() {
@@ -312,6 +342,7 @@ impl Store {
                 Entry {
                     size,
                     last_access: SystemTime::now(),
+                    file_seen: SystemTime::now(),
                     pin: pin.map_or_else(Weak::new, Arc::downgrade),
                     verified: true,
                 },
