@@ -24,7 +24,7 @@ use crate::upstream::{Authorization, Redirects, Upstream, UpstreamRequest};
 const MAX_PAGES: usize = 50;
 const PAGE_SIZE: usize = 1000;
 /// How long an upstream's listing is reused.
-pub(crate) const LIST_TTL: Duration = Duration::from_secs(30);
+const LIST_TTL: Duration = Duration::from_secs(30);
 
 /// One upstream's repository names, and when they were read.
 type Listing = (Instant, Arc<Vec<RemoteName>>);

@@ -3,7 +3,8 @@
 //! The life of a request: [`server`] accepts it (TLS, HTTP/1.1 + HTTP/2) and hands it to
 //! [`pipeline::Gateway::handle`], which runs these phases over one
 //! [`pipeline::RequestContext`]. This list is the order; each phase is a method of the
-//! gateway, and only the first three write the context.
+//! gateway (`observe` one of the context), and only `parse`, `route` and `admit` write the
+//! context.
 //!
 //! ```text
 //! token     token::TokenServer, relay::endpoint   the token path: logins, relay tokens
@@ -19,8 +20,9 @@
 //! send      upstream::Upstream::send              the one road upstream: credentials or
 //!                                                 relayed token, token dance, redirects
 //! learn     cache::Cache::deleted                 a DELETE's success forgets evidence
-//! respond   rewrite::response                     upstream 401 → our challenge; Location,
-//!                                                 Link, tags/list become local
+//! respond   pipeline, rewrite::response           an upstream 401 → our challenge, by the
+//!                                                 admission; Location, Link, tags/list
+//!                                                 become local
 //! observe   pipeline::context                     access log + metrics when the body ends
 //! ```
 //! Errors become answers in one place: [`error::GatewayError::into_response`].

@@ -6,18 +6,18 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub(crate) const REQUESTS: &str = "ocigate_requests_total";
-pub(crate) const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
-pub(crate) const BYTES: &str = "ocigate_bytes_streamed_total";
-pub(crate) const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
-pub(crate) const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
+const REQUESTS: &str = "ocigate_requests_total";
+const UPSTREAM_LATENCY: &str = "ocigate_upstream_request_duration_seconds";
+const BYTES: &str = "ocigate_bytes_streamed_total";
+const TOKEN_FETCHES: &str = "ocigate_upstream_token_fetches_total";
+const TOKENS_ISSUED: &str = "ocigate_tokens_issued_total";
 #[cfg(feature = "ecr")]
-pub(crate) const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
-pub(crate) const CACHE_REQUESTS: &str = "ocigate_cache_requests_total";
-pub(crate) const CACHE_BYTES: &str = "ocigate_cache_bytes_total";
-pub(crate) const CACHE_EVICTIONS: &str = "ocigate_cache_evictions_total";
-pub(crate) const CACHE_COALESCED: &str = "ocigate_cache_coalesced_total";
-pub(crate) const CACHE_REJECTED: &str = "ocigate_cache_rejected_total";
+const CREDENTIAL_REFRESHES: &str = "ocigate_credential_refreshes_total";
+const CACHE_REQUESTS: &str = "ocigate_cache_requests_total";
+const CACHE_BYTES: &str = "ocigate_cache_bytes_total";
+const CACHE_EVICTIONS: &str = "ocigate_cache_evictions_total";
+const CACHE_COALESCED: &str = "ocigate_cache_coalesced_total";
+const CACHE_REJECTED: &str = "ocigate_cache_rejected_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

@@ -37,7 +37,7 @@ struct Clock {
 }
 
 /// Bytes a connection must write per `send_timeout` to count as progressing.
-pub(crate) const MIN_PROGRESS: u64 = 64 << 10;
+const MIN_PROGRESS: u64 = 64 << 10;
 
 /// The clocks of one connection's responses.
 pub(crate) struct Watch {

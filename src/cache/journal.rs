@@ -272,21 +272,23 @@ impl Journal {
         })
     }
 
-    fn append(&self, record: Record) {
+    /// Changes the state and queues the record that says so (`apply` returns it, or `None`
+    /// when nothing changed), both under the state lock: the file then sees changes in the
+    /// order memory did, and a compaction's snapshot holds every change queued before it.
+    fn change(&self, apply: impl FnOnce(&mut State) -> Option<Record>) {
+        let mut state = self.state.lock();
+        let Some(record) = apply(&mut state) else {
+            return;
+        };
         self.writer.send(Job::Append(record));
         let appended = self
             .appended
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.owner && appended >= COMPACT_AFTER.max(2 * self.live()) {
+        let live = state.links.len() + state.tags.len() + state.types.len();
+        if self.owner && appended >= COMPACT_AFTER.max(2 * live) {
             self.appended.store(0, std::sync::atomic::Ordering::Relaxed);
-            let records = self.state.lock().records();
-            self.writer.send(Job::Rewrite(records));
+            self.writer.send(Job::Rewrite(state.records()));
         }
-    }
-
-    fn live(&self) -> usize {
-        let s = self.state.lock();
-        s.links.len() + s.tags.len() + s.types.len()
     }
 
     /// The evidence that `repo` on `upstream` has `digest`, if any.
@@ -323,57 +325,48 @@ impl Journal {
         let (repo, digest) = (repo.as_str(), digest.as_str());
         let now = SystemTime::now();
         let renew_after = self.evidence_ttl / 10;
-        let old = self
-            .state
-            .lock()
-            .links
-            .insert(link_key(upstream, repo, digest), now);
-        let write = old.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= renew_after));
-        if write {
-            self.append(Record::Link {
+        self.change(|s| {
+            let old = s.links.insert(link_key(upstream, repo, digest), now);
+            let write =
+                old.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= renew_after));
+            write.then(|| Record::Link {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 digest: digest.into(),
                 proven: secs(now),
-            });
-        }
+            })
+        });
     }
 
     /// `repo` on `upstream` no longer has `digest`: its evidence and the repository's tags
     /// pointing at it are dropped.
     pub(crate) fn forget(&self, upstream: &str, repo: &RemoteName, digest: &Digest) {
         let (repo, digest) = (repo.as_str(), digest.as_str());
-        let known = {
-            let mut s = self.state.lock();
+        self.change(|s| {
             let before = s.links.len() + s.tags.len();
             s.forget(upstream, repo, digest);
-            before != s.links.len() + s.tags.len()
-        };
-        if known {
-            self.append(Record::Forget {
+            let known = before != s.links.len() + s.tags.len();
+            known.then(|| Record::Forget {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 digest: digest.into(),
-            });
-        }
+            })
+        });
     }
 
     /// A tag is gone from `repo`: every cached representation of it is dropped.
     pub(crate) fn forget_tag(&self, upstream: &str, repo: &RemoteName, tag: &str) {
         let repo = repo.as_str();
-        let known = {
-            let mut s = self.state.lock();
+        self.change(|s| {
             let before = s.tags.len();
             s.forget_tag(upstream, repo, tag);
-            before != s.tags.len()
-        };
-        if known {
-            self.append(Record::ForgetTag {
+            let known = before != s.tags.len();
+            known.then(|| Record::ForgetTag {
                 upstream: upstream.into(),
                 repo: repo.into(),
                 tag: tag.into(),
-            });
-        }
+            })
+        });
     }
 
     pub(crate) fn tag(
@@ -402,24 +395,21 @@ impl Journal {
     ) {
         let now = SystemTime::now();
         let repo = repo.as_str();
-        let old = self.state.lock().tags.insert(
-            tag_key(upstream, repo, tag, accept),
-            TagEntry {
+        self.change(|s| {
+            let entry = TagEntry {
                 digest: digest.clone(),
                 checked: now,
-            },
-        );
-        let changed = old.is_none_or(|o| o.digest != *digest);
-        if !changed {
-            return;
-        }
-        self.append(Record::Tag {
-            upstream: upstream.into(),
-            repo: repo.into(),
-            tag: tag.into(),
-            accept: accept.into(),
-            digest: digest.to_string(),
-            checked: secs(now),
+            };
+            let old = s.tags.insert(tag_key(upstream, repo, tag, accept), entry);
+            let changed = old.is_none_or(|o| o.digest != *digest);
+            changed.then(|| Record::Tag {
+                upstream: upstream.into(),
+                repo: repo.into(),
+                tag: tag.into(),
+                accept: accept.into(),
+                digest: digest.to_string(),
+                checked: secs(now),
+            })
         });
     }
 
@@ -445,18 +435,14 @@ impl Journal {
     }
 
     pub(crate) fn set_media_type(&self, digest: &Digest, media_type: &str) {
-        let old = self
-            .state
-            .lock()
-            .types
-            .insert(digest.to_string(), media_type.into());
-        let changed = old.as_deref() != Some(media_type);
-        if changed {
-            self.append(Record::Type {
+        self.change(|s| {
+            let old = s.types.insert(digest.to_string(), media_type.into());
+            let changed = old.as_deref() != Some(media_type);
+            changed.then(|| Record::Type {
                 digest: digest.to_string(),
                 media_type: media_type.into(),
-            });
-        }
+            })
+        });
     }
 
     /// Every cached tag (once per digest, whatever the representations), for

@@ -1,6 +1,6 @@
 //! The cache phase: blobs and manifests of `cache: true` routes served from disk.
 //!
-//! Runs after `admit` and `route`, in remote names, before `send`. It reads the request's
+//! Runs after `route` and `admit`, in remote names, before `send`. It reads the request's
 //! method, endpoint and headers and answers with an [`Outcome`]: a
 //! response of its own, the upstream's answer for the pipeline to pass on (refusals,
 //! `404`s), or "not mine" (uploads, ranges of objects not cached, `sha512`).
@@ -14,6 +14,8 @@
 //!   `DELETE` through the proxy or an upstream `404`.
 //! - Tags are cached per representation (Accept) for `tag_ttl`, then revalidated with a HEAD;
 //!   with `serve_stale` a failing upstream gets the cached answer instead.
+//! - Verified manifests are also kept in memory ([`memo`]); file I/O for manifests runs off
+//!   the async workers.
 //! - Offline (`cache.offline`), upstreams are never asked.
 //!
 //! Talks to upstreams only through [`Fetch`] (which sends as the request was admitted, by
@@ -80,33 +82,46 @@ pub(crate) struct Fetch<'a> {
     /// The remote repository name.
     pub(crate) remote: &'a RemoteName,
     /// The scopes the request needs, in remote names.
-    pub(crate) scopes: Vec<Scope>,
+    pub(crate) scopes: &'a [Scope],
     /// Whose authority the request goes upstream with.
     pub(crate) authorization: Authorization,
     /// The client's headers as the upstream may see them.
     pub(crate) headers: &'a HeaderMap,
+    /// What becomes of a redirect in an upstream answer the client is given as it is (a
+    /// blob HEAD not cached): the route's `redirects`, as for requests the cache passes.
+    pub(crate) passed_on: Redirects,
 }
 
 impl Fetch<'_> {
+    /// Asks the upstream for the cache's own use: a GET needs the bytes, whatever the route's
+    /// redirect policy says to clients, so its redirects are followed; a HEAD's are not
+    /// (object stores presign URLs for GET only, and a redirect is evidence already).
     async fn send(&self, method: Method, suffix: &str) -> Result<Response<Body>, UpstreamError> {
+        let redirects = match method {
+            Method::GET => Redirects::Follow,
+            _ => Redirects::PassOn,
+        };
+        self.send_with(method, suffix, redirects).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        suffix: &str,
+        redirects: Redirects,
+    ) -> Result<Response<Body>, UpstreamError> {
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
             for v in self.headers.get_all(&name) {
                 headers.append(name.clone(), v.clone());
             }
         }
-        // A GET needs the bytes, whatever the route's redirect policy says to clients. A HEAD
-        // is not followed: object stores presign URLs for GET only.
-        let redirects = match method {
-            Method::GET => Redirects::Follow,
-            _ => Redirects::PassOn,
-        };
         let request = UpstreamRequest {
             method,
-            path_and_query: format!("/v2/{}/{suffix}", self.remote),
+            path_and_query: self.remote.api_path(suffix),
             headers,
             body: None,
-            scopes: self.scopes.clone(),
+            scopes: self.scopes.to_vec(),
         };
         self.upstream
             .send(request, &self.authorization, redirects)
@@ -250,7 +265,9 @@ impl Cache {
         }
         if read == Read::Head {
             // A HEAD of an uncached blob goes upstream; a yes is evidence for later GETs.
-            let response = fetch.send(Method::HEAD, &suffix).await?;
+            let response = fetch
+                .send_with(Method::HEAD, &suffix, fetch.passed_on)
+                .await?;
             self.learn_presence(response.status(), digest, fetch);
             return Ok(Outcome::Upstream(response));
         }
@@ -634,7 +651,8 @@ impl Cache {
         let signed_schema1 = response
             .headers()
             .get(header::CONTENT_TYPE)
-            .is_some_and(|t| manifest::is_signed_schema1(t.as_bytes()));
+            .and_then(|t| t.to_str().ok())
+            .is_some_and(manifest::is_signed_schema1);
         let too_large = content_length(response.headers()).is_some_and(|n| n > MAX_MANIFEST as u64);
         if response.status() != StatusCode::OK || signed_schema1 || too_large {
             self.learn_manifest_absence(response.status(), reference, fetch);

@@ -10,7 +10,7 @@ use super::{Cache, Fetch, ManifestAnswer, Read};
 use crate::error::GatewayError;
 use crate::oci::{Digest, ErrorCode, OciError, Reference, Scope, manifest, path};
 use crate::rewrite::{LocalName, RouteTable};
-use crate::upstream::{Authorization, Upstream};
+use crate::upstream::{Authorization, Redirects, Upstream};
 
 /// What a warm fetched (or found cached).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +45,14 @@ pub async fn image(
         header::ACCEPT,
         HeaderValue::from_static(manifest::ACCEPT_ALL_MANIFESTS),
     );
+    let scopes = [Scope::repository(mapped.remote.as_str(), &["pull"])];
     let fetch = Fetch {
         upstream,
         remote: &mapped.remote,
-        scopes: vec![Scope::repository(mapped.remote.as_str(), &["pull"])],
+        scopes: &scopes,
         authorization: Authorization::Proxy,
         headers: &headers,
+        passed_on: Redirects::PassOn,
     };
     let accept = manifest::accept_key(&headers);
     let mut pending = vec![reference];

@@ -45,7 +45,7 @@ impl Challenge {
             .map(|(_, v)| v.as_str())
     }
 
-    pub(crate) fn set_param(&mut self, key: &str, value: String) {
+    fn set_param(&mut self, key: &str, value: String) {
         match self
             .params
             .iter_mut()

@@ -214,8 +214,8 @@ fn valid<'a>(digests: impl Iterator<Item = &'a Value>) -> Vec<Digest> {
 
 /// Whether a served `Content-Type` is a signed schema 1 manifest (`…+prettyjws`): its
 /// digest is of a payload inside it, not of its bytes.
-pub(crate) fn is_signed_schema1(content_type: &[u8]) -> bool {
-    content_type.ends_with(b"+prettyjws")
+pub(crate) fn is_signed_schema1(content_type: &str) -> bool {
+    essence(content_type).ends_with("+prettyjws")
 }
 
 /// Every manifest media type, for fetches of the proxy's own (`ocigate cache warm`).
@@ -242,13 +242,7 @@ pub(crate) fn accept_key(headers: &HeaderMap) -> String {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| {
-            t.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(essence)
         .filter(|t| MANIFEST_TYPES.contains(&t.as_str()))
         .collect();
     types.sort();

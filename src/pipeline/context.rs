@@ -100,21 +100,25 @@ impl<'g> RequestContext<'g> {
     pub(crate) fn observe(self, response: Response<Body>) -> Response<Body> {
         let (parts, body) = response.into_parts();
         let target = self.admitted_target();
+        let route = target.map_or(self.label, |t| t.route.label()).to_string();
+        let upstream = target.map(|t| t.upstream.name().to_string());
+        let subject = self
+            .admission
+            .as_ref()
+            .and_then(Admission::subject)
+            .map(str::to_string);
+        let head = self.method == Method::HEAD;
         let log = Box::new(AccessLog {
-            method: self.method.clone(),
-            path: self.path.clone(),
+            method: self.method,
+            path: self.path,
             peer: self.peer,
             status: parts.status.as_u16(),
-            route: target.map_or(self.label, |t| t.route.label()).to_string(),
-            upstream: target.map(|t| t.upstream.name().to_string()),
-            subject: self
-                .admission
-                .as_ref()
-                .and_then(Admission::subject)
-                .map(str::to_string),
+            route,
+            upstream,
+            subject,
             started: self.started,
         });
-        if self.method == Method::HEAD {
+        if head {
             // Answered with its headers: the body is never sent, nor polled.
             log.finish(0, Outcome::Complete);
             return Response::from_parts(parts, body);

@@ -1,7 +1,8 @@
 //! The driver: builds the [`RequestContext`], runs the phases in the order `lib.rs` lists,
 //! and turns the outcome into one answer. Phases are methods of [`Gateway`]; they never call
-//! each other, and only `parse`, `route` and `admit` write the context. Errors become
-//! answers in one place ([`GatewayError::into_response`]).
+//! each other, and only `parse`, `route` and `admit` write the context (besides the log
+//! label of token-endpoint answers). Errors become answers in one place
+//! ([`GatewayError::into_response`]).
 
 pub(crate) mod context;
 
@@ -182,16 +183,17 @@ impl Gateway {
         let (Some(api), Some(target)) = (&ctx.api, &ctx.target) else {
             return Err(unknown_name(ctx));
         };
-        let request = upstream_request(target, api, req);
-        let response = match self.cache(ctx, target, api, &request.headers).await? {
+        let (parts, client_body) = req.into_parts();
+        let headers = upstream_headers(api, &parts.headers);
+        let response = match self.cache(ctx, target, api, &headers).await? {
             cache::Outcome::Served(answer) => return Ok(answer),
             cache::Outcome::Upstream(response) => response,
-            cache::Outcome::Pass => self.send(ctx, target, api, request).await?,
+            cache::Outcome::Pass => {
+                let request = upstream_request(target, parts.method, headers, client_body);
+                self.send(ctx, target, api, request).await?
+            }
         };
         self.learn(ctx, target, api, &response);
-        if response.status() == StatusCode::UNAUTHORIZED {
-            return Err(self.upstream_refused(ctx, target));
-        }
         self.respond(ctx, target, api, response).await
     }
 
@@ -327,7 +329,7 @@ impl Gateway {
             None => crate::rewrite::without_mount(ctx.query()),
         };
         let suffix = ctx.api.as_ref().map(ApiPath::suffix).unwrap_or_default();
-        let mut path_and_query = format!("/v2/{}/{suffix}", mapped.remote);
+        let mut path_and_query = mapped.remote.api_path(&suffix);
         if !query.is_empty() {
             path_and_query.push('?');
             path_and_query.push_str(&query);
@@ -427,15 +429,16 @@ impl Gateway {
         let fetch = cache::Fetch {
             upstream: target.upstream,
             remote: &target.remote,
-            scopes: target.scopes.clone(),
+            scopes: &target.scopes,
             authorization: ctx.upstream_authorization(),
             headers,
+            passed_on: client_redirects(ctx, target, api),
         };
         cache.serve(&ctx.method, &api.endpoint, &fetch).await
     }
 
-    /// `send`: the request goes upstream as admitted. Blob reads follow redirects here when
-    /// the upstream's `redirects: follow` says so.
+    /// `send`: the request goes upstream as admitted, its redirects as
+    /// [`client_redirects`] says.
     async fn send(
         &self,
         ctx: &RequestContext<'_>,
@@ -443,12 +446,7 @@ impl Gateway {
         api: &ApiPath,
         request: UpstreamRequest,
     ) -> Result<Response<Body>, GatewayError> {
-        let blob_read = matches!(api.endpoint, Endpoint::Blob(_))
-            && (ctx.method == Method::GET || ctx.method == Method::HEAD);
-        let redirects = match target.upstream.config.redirects {
-            RedirectPolicy::Follow if blob_read => Redirects::Follow,
-            _ => Redirects::PassOn,
-        };
+        let redirects = client_redirects(ctx, target, api);
         Ok(target
             .upstream
             .send(request, &ctx.upstream_authorization(), redirects)
@@ -498,7 +496,8 @@ impl Gateway {
         }
     }
 
-    /// `respond`: upstream names and URLs in the answer become local ones.
+    /// `respond`: an upstream refusal becomes our own answer; otherwise upstream names and
+    /// URLs in the answer become local ones.
     async fn respond(
         &self,
         ctx: &RequestContext<'_>,
@@ -506,6 +505,9 @@ impl Gateway {
         api: &ApiPath,
         response: Response<Body>,
     ) -> Result<Response<Body>, GatewayError> {
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.upstream_refused(ctx, target));
+        }
         let tags = match (&api.endpoint, &api.name) {
             (Endpoint::Tags, Some(local)) if ctx.method == Method::GET => Some(TagsQuery {
                 local,
@@ -534,6 +536,18 @@ impl server::Service for Gateway {
     }
 }
 
+/// What becomes of a redirect the client would be answered with: blob reads follow it here
+/// when the upstream's `redirects: follow` says so (its client may not reach the object
+/// store); anything else is passed on, rewritten.
+fn client_redirects(ctx: &RequestContext<'_>, target: &Target<'_>, api: &ApiPath) -> Redirects {
+    let blob_read = matches!(api.endpoint, Endpoint::Blob(_))
+        && (ctx.method == Method::GET || ctx.method == Method::HEAD);
+    match target.upstream.config.redirects {
+        RedirectPolicy::Follow if blob_read => Redirects::Follow,
+        _ => Redirects::PassOn,
+    }
+}
+
 fn unknown_name(ctx: &RequestContext<'_>) -> GatewayError {
     let name = ctx.api.as_ref().and_then(|a| a.name.as_deref());
     OciError::new(
@@ -544,19 +558,28 @@ fn unknown_name(ctx: &RequestContext<'_>) -> GatewayError {
     .into()
 }
 
-/// The client's request in upstream terms: its target's path, the headers an upstream may
-/// see, and its body (counted as it streams).
-fn upstream_request(target: &Target<'_>, api: &ApiPath, req: Request<Body>) -> UpstreamRequest {
-    let (parts, client_body) = req.into_parts();
-    let mut headers = crate::headers::forward_headers(&parts.headers);
+/// The client's headers as the upstream may see them.
+fn upstream_headers(api: &ApiPath, client: &HeaderMap) -> HeaderMap {
+    let mut headers = crate::headers::forward_headers(client);
     if api.endpoint == Endpoint::Tags {
         // The tags body is rewritten: it must arrive as plain JSON.
         headers.remove(header::ACCEPT_ENCODING);
     }
+    headers
+}
+
+/// The client's request in upstream terms: its target's path and its body (counted as it
+/// streams).
+fn upstream_request(
+    target: &Target<'_>,
+    method: Method,
+    headers: HeaderMap,
+    client_body: Body,
+) -> UpstreamRequest {
     let body = (!client_body.is_end_stream())
         .then(|| body::boxed(Observed::new(client_body, Box::new(UploadBytes))));
     UpstreamRequest {
-        method: parts.method,
+        method,
         path_and_query: target.path_and_query.clone(),
         headers,
         body,

@@ -692,3 +692,68 @@ async fn a_mount_without_from_never_reaches_the_upstream() {
     let seen = upstream.take();
     assert_eq!(seen[0].path_and_query, "/v2/team/app/blobs/uploads/");
 }
+
+/// An upstream whose blobs live in object storage: blob reads are redirected there, and the
+/// storage answers only requests that carry no `Authorization`.
+fn redirecting_registry(blob: &'static [u8]) -> Arc<FakeUpstream> {
+    FakeUpstream::new(move |seen| {
+        let length = blob.len().to_string();
+        match seen.path_and_query.as_str() {
+            p if p.starts_with("/storage/") && seen.authorization().is_none() => {
+                answer(StatusCode::OK, &[], blob).map(|b| match seen.method {
+                    Method::HEAD => body::empty(),
+                    _ => b,
+                })
+            }
+            p if p.starts_with("/storage/") => answer(StatusCode::FORBIDDEN, &[], ""),
+            p if p.contains("/blobs/") => answer(
+                StatusCode::TEMPORARY_REDIRECT,
+                &[("location", "/storage/object?sig=1"), ("x-length", &length)],
+                "",
+            ),
+            _ => answer(StatusCode::OK, &[], "{}"),
+        }
+    })
+}
+
+#[tokio::test]
+async fn blob_redirects_are_followed_here_when_the_upstream_says_so_on_every_kind_of_route() {
+    let blob: &'static [u8] = b"bytes kept in object storage";
+    let digest = crate::oci::Digest::sha256_of(blob);
+    let yaml = |redirects: &str, dir: &tempfile::TempDir| {
+        format!(
+            "upstreams: {{ reg: {{ url: \"{UPSTREAM}\", redirects: {redirects}, credentials: {{ basic: {{ username: u, password: p }} }} }} }}\nroutes:\n  - {{ prefix: \"c/\", upstream: reg, remote: \"team/\", cache: true }}\n  - {{ prefix: \"m/\", upstream: reg, remote: \"team/\" }}\ncache: {{ dir: \"{}\" }}\n",
+            dir.path().display()
+        )
+    };
+    for prefix in ["c", "m"] {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = redirecting_registry(blob);
+        let gw = gateway(&yaml("follow", &dir), &upstream);
+        let url = format!("/v2/{prefix}/app/blobs/{digest}");
+        let head = call(&gw, Method::HEAD, &url, &[]).await;
+        assert_eq!(head.status, StatusCode::OK, "{prefix}: HEAD followed here");
+        assert!(head.header("location").is_none());
+        let got = get(&gw, &url).await;
+        assert_eq!(
+            (got.status, &got.body[..]),
+            (StatusCode::OK, blob),
+            "{prefix}"
+        );
+        for seen in upstream.take() {
+            if seen.path_and_query.starts_with("/storage/") {
+                assert_eq!(seen.authorization(), None, "no credentials to the storage");
+            }
+        }
+        // Passed on (the default), the client is redirected, to the upstream's storage URL.
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = redirecting_registry(blob);
+        let gw = gateway(&yaml("pass", &dir), &upstream);
+        let head = call(&gw, Method::HEAD, &url, &[]).await;
+        assert_eq!(head.status, StatusCode::TEMPORARY_REDIRECT, "{prefix}");
+        assert_eq!(
+            head.header("location"),
+            Some("http://reg.test/storage/object?sig=1")
+        );
+    }
+}

@@ -96,7 +96,7 @@ impl Relay {
     }
 
     /// Relay tokens come from the token server answering for `service`: challenges name it.
-    pub fn with_service(mut self, service: &str) -> Relay {
+    pub(crate) fn with_service(mut self, service: &str) -> Relay {
         self.service = Some(service.to_string());
         self
     }

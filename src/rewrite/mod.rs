@@ -53,6 +53,13 @@ repository_name!(
     RemoteName
 );
 
+impl RemoteName {
+    /// `/v2/<name>/<suffix>` on the upstream.
+    pub(crate) fn api_path(&self, suffix: &str) -> String {
+        format!("/v2/{}/{suffix}", self.0)
+    }
+}
+
 /// A route with the facts needed to map names through it.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {

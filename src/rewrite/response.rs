@@ -18,7 +18,7 @@ pub(crate) const MAX_REWRITTEN_BODY: usize = 16 << 20;
 static PAGING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Tags in one page cut here, at most: a page a client reads slowly stays small.
-pub(crate) const MAX_TAGS_PAGE: usize = 1000;
+const MAX_TAGS_PAGE: usize = 1000;
 
 /// What rewriting an answer needs to know of its request.
 pub(crate) struct Answering<'a> {

@@ -234,7 +234,7 @@ impl Upstream {
             Redirects::Follow => Some((
                 req.method.clone(),
                 self.url(&req.path_and_query)?,
-                req.headers.clone(),
+                redirect_headers(&req.headers),
             )),
             Redirects::PassOn => None,
         };
@@ -302,7 +302,8 @@ impl Upstream {
         }
     }
 
-    /// Follows a blob redirect chain without `Authorization`, streaming the final answer.
+    /// Follows a blob redirect chain without `Authorization` (and with only `headers`, see
+    /// [`redirect_headers`]), streaming the final answer.
     async fn follow_redirects(
         &self,
         mut response: Response<Body>,
@@ -321,22 +322,12 @@ impl Upstream {
             let target = location_of(&response, &from)
                 .ok_or_else(|| bad("redirect without a usable Location".into()))?;
             self.dial.check(&target).await.map_err(bad)?;
-            let mut builder = Request::builder()
+            let mut request = Request::builder()
                 .method(method.clone())
-                .uri(target.as_str());
-            for name in [
-                header::ACCEPT,
-                header::RANGE,
-                header::USER_AGENT,
-                header::IF_NONE_MATCH,
-            ] {
-                if let Some(v) = headers.get(&name) {
-                    builder = builder.header(name, v);
-                }
-            }
-            let request = builder
+                .uri(target.as_str())
                 .body(body::empty())
                 .map_err(|e| bad(e.to_string()))?;
+            request.headers_mut().extend(headers.clone());
             response = self.timed(request, true).await?;
             from = target;
         }
@@ -536,6 +527,23 @@ impl Upstream {
     }
 }
 
+/// What a followed redirect carries of the request: what selects the bytes, nothing that
+/// authenticates (object stores sign their URLs).
+fn redirect_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in [
+        header::ACCEPT,
+        header::RANGE,
+        header::USER_AGENT,
+        header::IF_NONE_MATCH,
+    ] {
+        if let Some(v) = headers.get(&name) {
+            kept.insert(name, v.clone());
+        }
+    }
+    kept
+}
+
 fn challenge_of<B>(response: &Response<B>) -> Option<Challenge> {
     response
         .headers()
@@ -547,7 +555,7 @@ fn challenge_of<B>(response: &Response<B>) -> Option<Challenge> {
 }
 
 /// The `Location` of a response, resolved against the URL that was asked.
-pub(crate) fn location_of<B>(response: &Response<B>, base: &Url) -> Option<Url> {
+fn location_of<B>(response: &Response<B>, base: &Url) -> Option<Url> {
     let loc = response.headers().get(header::LOCATION)?.to_str().ok()?;
     let url = base.join(loc).ok()?;
     matches!(url.scheme(), "http" | "https").then_some(url)
