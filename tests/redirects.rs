@@ -138,3 +138,27 @@ fn redirects_and_realms_off_the_upstreams_network_are_refused() {
     assert!(ts.requests().is_empty(), "the realm on 0.0.0.0 was asked");
     assert!(gw.wait_for_log("token realm not asked"));
 }
+
+/// Review finding: a blob HEAD that a cache route passes upstream (nothing cached yet)
+/// follows the redirect as the upstream's `redirects: follow` says, like any other route.
+#[test]
+fn follow_holds_on_cache_routes_too() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\ncache:\n  dir: {}\nupstreams:\n  reg:\n    url: \"{}\"\n    redirects: follow\n    credentials:\n      basic: {{username: u, password: p}}\n    allowed_realms: [\"{}\"]\nroutes:\n  - {{prefix: \"c/\", upstream: reg, remote: \"team/\", cache: true}}\n",
+        dir.path().display(),
+        s.reg.url(),
+        s.ts.realm()
+    );
+    let gw = Ocigate::start(&yaml);
+    let layer = image::digest(&s.img.layers[0]);
+    let h = head(&format!("{}/v2/c/app/blobs/{layer}", gw.url()), &[]);
+    assert_eq!(h.status, 200, "{:?}", h.header("location"));
+    assert!(h.header("location").is_none());
+    assert!(
+        s.storage.requests().iter().all(|(_, auth)| auth.is_none()),
+        "no credentials to storage"
+    );
+    skopeo_pull_oci(&format!("{}/c/app:v1", gw.host()), &[]);
+}
