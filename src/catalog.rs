@@ -97,8 +97,11 @@ impl Catalog {
         routes: &RouteTable,
         upstreams: &HashMap<String, Arc<Upstream>>,
     ) -> Result<BTreeSet<LocalName>, GatewayError> {
-        // Relay routes' repositories open to relay tokens only: never listed.
-        let listed = |r: &&crate::rewrite::Route| r.config.is_namespace() && !r.config.relay;
+        // Relay routes' repositories open to relay tokens only: never listed; host routes'
+        // names live inside their host, which a catalog without one does not list.
+        let listed = |r: &&crate::rewrite::Route| {
+            r.config.is_namespace() && !r.config.relay && r.config.host.is_none()
+        };
         let mut upstream_names: Vec<&str> = routes
             .routes()
             .iter()

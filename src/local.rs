@@ -53,7 +53,7 @@ pub(crate) fn browser_target(
         let route = routes
             .routes()
             .iter()
-            .find(|r| r.config.prefix.is_empty())?;
+            .find(|r| r.config.host.is_none() && r.config.prefix.is_empty())?;
         (route, route.config.remote.trim_end_matches('/').to_string())
     } else {
         let m = routes

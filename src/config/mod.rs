@@ -16,6 +16,8 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 use url::Url;
 
+use crate::oci::host::RegistryHost;
+
 pub(crate) use env::expand;
 
 /// The config ocigate runs with when given neither `--config` nor `OCIGATE_CONFIG`.
@@ -341,6 +343,10 @@ pub(crate) enum RedirectPolicy {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    /// `host:`, the registry host clients believe they talk to: the route serves only
+    /// requests for that host (`?ns=`, in-path, intercepted), and its prefix applies to names
+    /// inside it. `None`: a prefix route, for requests that name no host.
+    pub(crate) host: Option<RegistryHost>,
     /// Local name prefix: `""` (everything), `"ns/"` (a namespace) or `"exact/name"`.
     pub(crate) prefix: String,
     pub(crate) upstream: String,
@@ -361,6 +367,7 @@ impl RouteConfig {
     /// A plain route: no relay, no cache, no name.
     pub fn new(prefix: &str, upstream: &str, remote: &str) -> RouteConfig {
         RouteConfig {
+            host: None,
             prefix: prefix.into(),
             upstream: upstream.into(),
             remote: remote.into(),
@@ -374,6 +381,15 @@ impl RouteConfig {
     /// Namespace routes end in `/` (or are the default `""`); others name one repository.
     pub(crate) fn is_namespace(&self) -> bool {
         self.prefix.is_empty() || self.prefix.ends_with('/')
+    }
+
+    /// How messages name the route: `prefix "bp/"`, `host quay.io`, `host quay.io prefix "t/"`.
+    pub(crate) fn describe(&self) -> String {
+        match (&self.host, self.prefix.as_str()) {
+            (None, prefix) => format!("prefix {prefix:?}"),
+            (Some(host), "") => format!("host {host}"),
+            (Some(host), prefix) => format!("host {host} prefix {prefix:?}"),
+        }
     }
 }
 
@@ -478,10 +494,10 @@ impl Config {
         }
         let _ = writeln!(s, "routes:");
         for r in &self.routes {
-            let local = if r.prefix.is_empty() {
-                "(default)"
-            } else {
-                &r.prefix
+            let local = match (&r.host, r.prefix.as_str()) {
+                (None, "") => "(default)".to_string(),
+                (None, prefix) => prefix.to_string(),
+                (Some(host), prefix) => format!("{host}/{prefix}"),
             };
             let mut kind = if r.is_namespace() {
                 "namespace".to_string()
@@ -633,13 +649,13 @@ impl Resolver<'_> {
         for r in raw.routes {
             let at = r.referenced;
             route_locations.push(at);
-            let route = self.route(r.value, &upstreams)?;
-            if let Some(first) = seen.insert(route.prefix.clone(), at) {
+            let route = self.route(r.value, at, &upstreams)?;
+            if let Some(first) = seen.insert(route.describe(), at) {
                 return Err(self.err(
                     at,
                     format!(
-                        "routes: prefix {:?} is already routed at line {}",
-                        route.prefix,
+                        "routes: {} is already routed at line {}",
+                        route.describe(),
                         first.line()
                     ),
                 ));
@@ -684,8 +700,8 @@ impl Resolver<'_> {
             return Err(self.err(
                 *at,
                 format!(
-                    "routes: prefix {:?} has `relay: true` but there is no `relay` section with a secret_key",
-                    route.prefix
+                    "routes: {} has `relay: true` but there is no `relay` section with a secret_key",
+                    route.describe()
                 ),
             ));
         }
@@ -699,8 +715,8 @@ impl Resolver<'_> {
             return Err(self.err(
                 *at,
                 format!(
-                    "routes: prefix {:?} has `cache: true` but there is no `cache` section with a dir",
-                    route.prefix
+                    "routes: {} has `cache: true` but there is no `cache` section with a dir",
+                    route.describe()
                 ),
             ));
         }
@@ -1258,9 +1274,35 @@ impl Resolver<'_> {
     fn route(
         &self,
         r: raw::RawRoute,
+        at: Location,
         upstreams: &BTreeMap<String, UpstreamConfig>,
     ) -> Result<RouteConfig, ConfigError> {
-        let prefix = self.string("routes.prefix", &r.prefix)?;
+        let host = match &r.host {
+            None => None,
+            Some(v) => {
+                let text = self.string("routes.host", v)?;
+                let host = RegistryHost::parse(&text).ok_or_else(|| {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "routes.host: {text:?} is not a registry host name (examples: quay.io, registry.test:5000; not an IP address)"
+                        ),
+                    )
+                })?;
+                Some(host)
+            }
+        };
+        let prefix = match &r.prefix {
+            Some(p) => self.string("routes.prefix", p)?,
+            None if host.is_some() => String::new(),
+            None => {
+                return Err(self.err(
+                    at,
+                    "routes: a route needs `prefix`, `host` or both (prefix \"\" routes every name)",
+                ));
+            }
+        };
+        let prefix_at = r.prefix.as_ref().map_or(at, |p| p.referenced);
         let upstream = self.string("routes.upstream", &r.upstream)?;
         if !upstreams.contains_key(&upstream) {
             let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
@@ -1280,7 +1322,7 @@ impl Resolver<'_> {
         let stem = prefix.trim_end_matches('/');
         if !prefix.is_empty() && crate::oci::path::validate_name(stem).is_err() {
             return Err(self.err(
-                r.prefix.referenced,
+                prefix_at,
                 format!(
                     "routes.prefix: {prefix:?} is not a repository name or namespace (lower-case components separated by '/')"
                 ),
@@ -1295,10 +1337,7 @@ impl Resolver<'_> {
         if (!written.is_empty() || !namespace)
             && crate::oci::path::validate_name(remote_stem).is_err()
         {
-            let at = r
-                .remote
-                .as_ref()
-                .map_or(r.prefix.referenced, |v| v.referenced);
+            let at = r.remote.as_ref().map_or(prefix_at, |v| v.referenced);
             return Err(self.err(
                 at,
                 format!("routes.remote: {written:?} is not a valid repository name or namespace"),
@@ -1310,11 +1349,17 @@ impl Resolver<'_> {
             written
         };
         let relay = r.relay.unwrap_or(false);
+        if relay && host.is_some() {
+            return Err(self.err(
+                at,
+                "routes: a host route cannot relay (`relay: true` is for prefix routes, whose URL is the capability)",
+            ));
+        }
         let relay_actions = match &r.relay_actions {
             None => vec!["pull".to_string()],
             Some(_) if !relay => {
                 return Err(self.err(
-                    r.prefix.referenced,
+                    prefix_at,
                     "routes.relay_actions: only for routes with `relay: true`",
                 ));
             }
@@ -1358,6 +1403,7 @@ impl Resolver<'_> {
             }
         };
         Ok(RouteConfig {
+            host,
             prefix,
             upstream,
             remote,

@@ -235,7 +235,8 @@ pub(crate) enum DockerConfigSetting {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
-    pub(crate) prefix: S,
+    pub(crate) host: Option<S>,
+    pub(crate) prefix: Option<S>,
     pub(crate) upstream: S,
     pub(crate) remote: Option<S>,
     pub(crate) relay: Option<bool>,

@@ -139,3 +139,69 @@ fn aws_regions() {
         assert!(!is_aws_region(r), "{r}");
     }
 }
+
+#[test]
+fn host_routes() {
+    let c = parse(
+        "upstreams: { hub: { url: docker.io }, quay: { url: \"https://quay.io\" } }\nroutes:\n  - { host: Quay.IO:443, upstream: quay, remote: \"mirror/\" }\n  - { host: index.docker.io, upstream: hub }\n  - { host: \"localhost:5000\", prefix: \"team/\", upstream: hub }\n  - { prefix: \"\", upstream: hub }\n",
+    )
+    .unwrap();
+    let hosts: Vec<Option<&str>> = c
+        .routes
+        .iter()
+        .map(|r| r.host.as_ref().map(RegistryHost::as_str))
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            Some("quay.io"),
+            Some("docker.io"),
+            Some("localhost:5000"),
+            None
+        ]
+    );
+    assert_eq!(c.routes[0].prefix, "");
+    assert_eq!(c.routes[0].remote, "mirror/");
+    assert!(c.summary().contains("localhost:5000/team/"));
+
+    let routes = |r: &str| format!("upstreams: {{ hub: {{ url: docker.io }} }}\nroutes:\n{r}");
+    for (yaml, want) in [
+        (
+            routes("  - { host: 127.0.0.1, upstream: hub }\n"),
+            "test.yaml:3:13: routes.host: \"127.0.0.1\" is not a registry host name",
+        ),
+        (
+            routes("  - { host: quay, upstream: hub }\n"),
+            "test.yaml:3:13: routes.host: \"quay\"",
+        ),
+        (
+            routes("  - { host: \"quay.io/x\", upstream: hub }\n"),
+            "test.yaml:3:13: routes.host: \"quay.io/x\"",
+        ),
+        (
+            routes("  - { upstream: hub }\n"),
+            "test.yaml:3:5: routes: a route needs `prefix`, `host` or both",
+        ),
+        (
+            routes(
+                "  - { host: docker.io, upstream: hub }\n  - { host: registry-1.docker.io, upstream: hub }\n",
+            ),
+            "test.yaml:4:5: routes: host docker.io is already routed at line 3",
+        ),
+        (
+            routes(
+                "  - { host: quay.io, prefix: \"\", upstream: hub }\n  - { host: quay.io, upstream: hub }\n",
+            ),
+            "test.yaml:4:5: routes: host quay.io is already routed at line 3",
+        ),
+        (
+            routes(
+                "  - { host: quay.io, upstream: hub, relay: true }\nrelay: { secret_key: \"796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\" }\n",
+            ),
+            "test.yaml:3:",
+        ),
+    ] {
+        let e = error(&yaml);
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}

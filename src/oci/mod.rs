@@ -5,6 +5,7 @@
 
 pub(crate) mod challenge;
 pub(crate) mod error;
+pub(crate) mod host;
 pub(crate) mod manifest;
 pub mod path;
 pub(crate) mod range;

@@ -14,7 +14,7 @@ use url::Url;
 use crate::auth::Admission;
 use crate::body::{self, Body, Finish, Observed, Outcome};
 use crate::oci::{ApiPath, Scope};
-use crate::rewrite::{NameMap, RemoteName, Route, UploadQuery};
+use crate::rewrite::{LocalName, NameMap, NamedHost, RemoteName, Route, UploadQuery};
 use crate::server::ConnInfo;
 use crate::upstream::{Authorization, Upstream};
 
@@ -26,8 +26,11 @@ pub(crate) struct RequestContext<'g> {
     /// `scheme://host` under which clients reach us, for absolute URLs we hand out.
     pub(crate) public_base: String,
     pub(crate) peer: SocketAddr,
-    /// `parse`: the `/v2/` path (`None` outside the API).
+    /// `parse`: the `/v2/` path (`None` outside the API), inside the named host if any.
     pub(crate) api: Option<ApiPath>,
+    /// `parse`: the registry host the request named (`?ns=`, in-path, intercepted); `None`
+    /// routes by prefix alone.
+    pub(crate) host: Option<NamedHost>,
     /// `parse`: the query of an upload POST, decoded once (its mount `from`, once `route`
     /// ran, in remote terms).
     pub(crate) upload: Option<UploadQuery>,
@@ -66,6 +69,7 @@ impl<'g> RequestContext<'g> {
             public_base: crate::headers::public_base(public_url, req, conn.tls),
             peer: conn.peer,
             api: None,
+            host: None,
             upload: None,
             required: Vec::new(),
             target: None,
@@ -77,6 +81,14 @@ impl<'g> RequestContext<'g> {
 
     pub(crate) fn query(&self) -> &str {
         self.query.as_deref().unwrap_or_default()
+    }
+
+    /// The name the client uses for `local`, a name inside the host it named (if any).
+    pub(crate) fn client_name(&self, local: &LocalName) -> LocalName {
+        match &self.host {
+            Some(h) => h.client_name(local),
+            None => local.clone(),
+        }
     }
 
     /// Whose authority the request goes upstream with: a relay token's upstream token, or

@@ -25,10 +25,11 @@ use crate::config::{Config, RedirectPolicy, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::local;
 use crate::oci::challenge::BearerError;
+use crate::oci::host::{RegistryHost, looks_like_host};
 use crate::oci::{ApiPath, Endpoint, ErrorCode, OciError, Scope};
 use crate::relay::{Relay, RelayError};
 use crate::rewrite::response::{Answering, TagsQuery};
-use crate::rewrite::{LocalName, NameMap, RouteTable, UploadQuery};
+use crate::rewrite::{LocalName, NameMap, NamedHost, Naming, RouteTable, UploadQuery};
 use crate::server::{self, ConnInfo};
 use crate::token::{TokenServer, TokenSetupError};
 use crate::upstream::client::Transport;
@@ -248,15 +249,33 @@ impl Gateway {
 
     /// `parse`: the API path, an upload's query and the scopes the request needs, in local
     /// names. `false` for paths outside `/v2/`.
+    ///
+    /// A request that names its registry host (see [`Gateway::named_host`]) is parsed as a
+    /// request inside that host, and the names it needs are qualified with the host.
     fn parse(
         &self,
         ctx: &mut RequestContext<'_>,
         headers: &HeaderMap,
     ) -> Result<bool, GatewayError> {
-        let api = match ApiPath::parse(&ctx.path, &ctx.method) {
+        let Some(rest) = ctx.path.strip_prefix("/v2/") else {
+            return Ok(false);
+        };
+        let host = self.named_host(rest, ctx.query())?;
+        let api = match &host {
+            Some(h) if h.naming == Naming::InPath => {
+                let inside = rest.get(h.host.as_str().len() + 1..).unwrap_or_default();
+                ApiPath::parse(&format!("/v2/{inside}"), &ctx.method)
+            }
+            _ => ApiPath::parse(&ctx.path, &ctx.method),
+        };
+        let api = match api {
             None => return Ok(false),
             Some(parsed) => parsed?,
         };
+        if host.is_some() && api.endpoint == Endpoint::Catalog {
+            // The catalog lists what prefix routes open; a host's is its upstream's business.
+            return Err(local::not_found(&ctx.path).into());
+        }
         let upload_endpoint = matches!(api.endpoint, Endpoint::UploadStart | Endpoint::Upload(_));
         if upload_endpoint {
             crate::headers::refuse_form_body(headers)?;
@@ -264,12 +283,57 @@ impl Gateway {
         // Every POST on an upload path is checked as an upload start: that is what a registry
         // may take it for, mount and all.
         if upload_endpoint && ctx.method == Method::POST {
-            ctx.upload = Some(UploadQuery::parse(ctx.query())?);
+            let mut upload = UploadQuery::parse(ctx.query())?;
+            if let (Some(h), Some(from)) = (&host, upload.from()) {
+                let inside = h.localize(from);
+                upload.set_from(inside.as_ref().map(LocalName::as_str));
+            }
+            ctx.upload = Some(upload);
         }
         let mount_from = ctx.upload.as_ref().and_then(UploadQuery::from);
         ctx.required = crate::auth::required_scopes(&ctx.method, &api, mount_from);
+        if let Some(h) = &host {
+            for scope in &mut ctx.required {
+                scope.name = h.qualified(&scope.name);
+            }
+        }
         ctx.api = Some(api);
+        ctx.host = host;
         Ok(true)
+    }
+
+    /// The registry host a `/v2/` request names (`rest`: its path after `/v2/`): an in-path
+    /// host (`/v2/<host>/<name>/…`) that a route serves, else `?ns=`. Both are keys into the
+    /// routes, never hosts to dial: an `ns` no route serves is a 404 at once, so that a
+    /// containerd mirror falls back to its next host without waiting.
+    fn named_host(&self, rest: &str, query: &str) -> Result<Option<NamedHost>, GatewayError> {
+        let in_path = rest
+            .split_once('/')
+            .map(|(first, _)| first)
+            .filter(|first| looks_like_host(first))
+            .and_then(RegistryHost::parse)
+            .filter(|h| self.routes.serves_host(h));
+        if let Some(host) = in_path {
+            return Ok(Some(NamedHost {
+                host,
+                naming: Naming::InPath,
+            }));
+        }
+        let Some(ns) = crate::rewrite::query_param(query, crate::rewrite::host::NS) else {
+            return Ok(None);
+        };
+        match RegistryHost::parse(&ns).filter(|h| self.routes.serves_host(h)) {
+            Some(host) => Ok(Some(NamedHost {
+                host,
+                naming: Naming::Query,
+            })),
+            None => Err(OciError::new(
+                ErrorCode::NameUnknown,
+                "no route serves the registry host named by `ns`",
+            )
+            .with_detail(serde_json::json!({ "ns": ns }))
+            .into()),
+        }
     }
 
     /// Paths outside `/v2/`: health, metrics, browser redirects; anything else is a 404.
@@ -306,7 +370,8 @@ impl Gateway {
             return Ok(());
         };
         let local = LocalName::new(local);
-        let Some(mapped) = self.routes.resolve(&local) else {
+        let host = ctx.host.as_ref();
+        let Some(mapped) = self.routes.resolve_in(host.map(|h| &h.host), &local) else {
             return Ok(());
         };
         let upstream = self
@@ -314,19 +379,21 @@ impl Gateway {
             .get(&mapped.route.config.upstream)
             .ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "route has no upstream"))?;
         let mut names = NameMap::default();
-        names.add(&mapped.remote, &local);
+        names.add(&mapped.remote, &ctx.client_name(&local));
         let mut scopes = vec![Scope::repository(
             mapped.remote.as_str(),
             crate::oci::required_actions(&ctx.method),
         )];
         let query = match &mut ctx.upload {
             Some(upload) => {
-                let from = self.routes.map_mount(upload, upstream.name(), &mut names);
+                let from = self
+                    .routes
+                    .map_mount(upload, upstream.name(), host, &mut names);
                 scopes.extend(from.map(|f| Scope::repository(f.as_str(), &["pull"])));
                 upload.encode()
             }
             // A mount the admit phase did not check never reaches the upstream.
-            None => crate::rewrite::without_mount(ctx.query()),
+            None => crate::rewrite::forwarded_query(ctx.query()),
         };
         let suffix = ctx.api.as_ref().map(ApiPath::suffix).unwrap_or_default();
         let mut path_and_query = mapped.remote.api_path(&suffix);
@@ -508,9 +575,13 @@ impl Gateway {
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(self.upstream_refused(ctx, target));
         }
-        let tags = match (&api.endpoint, &api.name) {
+        let client_name = api
+            .name
+            .as_deref()
+            .map(|n| ctx.client_name(&LocalName::new(n)));
+        let tags = match (&api.endpoint, &client_name) {
             (Endpoint::Tags, Some(local)) if ctx.method == Method::GET => Some(TagsQuery {
-                local,
+                local: local.as_str(),
                 query: ctx.query(),
             }),
             _ => None,
@@ -521,6 +592,7 @@ impl Gateway {
             asked: &target.url,
             upstream: target.upstream.name(),
             tags,
+            ns: ctx.host.as_ref().and_then(NamedHost::ns),
         };
         crate::rewrite::response::rewrite(&answering, response).await
     }

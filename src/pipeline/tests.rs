@@ -757,3 +757,211 @@ async fn blob_redirects_are_followed_here_when_the_upstream_says_so_on_every_kin
         );
     }
 }
+
+/// Two hosts and a prefix route on one registry, told apart by their remote namespaces.
+const HOSTS: &str = r#"upstreams: { reg: { url: "http://reg.test" } }
+routes:
+  - { prefix: "m/", upstream: reg, remote: "team/" }
+  - { host: quay.test, upstream: reg, remote: "q/" }
+  - { host: "registry.test:5000", prefix: "lib/", upstream: reg, remote: "r/" }
+"#;
+
+#[tokio::test]
+async fn a_named_host_picks_its_routes_and_unknown_hosts_are_never_asked() {
+    let upstream = listing_registry("[]");
+    let gw = gateway(HOSTS, &upstream);
+    let asked = async |uri: &str| {
+        let r = get(&gw, uri).await;
+        let seen = upstream.take();
+        (r, seen.first().map(|s| s.path_and_query.clone()))
+    };
+    // `ns` (containerd's mirrors), an in-path host, and no host at all.
+    for (uri, upstream_path) in [
+        (
+            "/v2/app/manifests/v1?ns=quay.test",
+            "/v2/q/app/manifests/v1",
+        ),
+        (
+            "/v2/app/manifests/v1?ns=QUAY.test:443",
+            "/v2/q/app/manifests/v1",
+        ),
+        ("/v2/quay.test/app/manifests/v1", "/v2/q/app/manifests/v1"),
+        (
+            "/v2/quay.test/app/manifests/v1?ns=x.test",
+            "/v2/q/app/manifests/v1",
+        ),
+        (
+            "/v2/lib/app/tags/list?ns=registry.test:5000&n=2",
+            "/v2/r/app/tags/list?n=2",
+        ),
+        (
+            "/v2/registry.test:5000/lib/app/blobs/uploads/u?_state=s",
+            "/v2/r/app/blobs/uploads/u?_state=s",
+        ),
+        ("/v2/m/app/manifests/v1", "/v2/team/app/manifests/v1"),
+    ] {
+        let (r, seen) = asked(uri).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}");
+        assert_eq!(seen.as_deref(), Some(upstream_path), "{uri}");
+    }
+    // A host's routes do not open names without it, nor other hosts' names.
+    for uri in [
+        "/v2/app/manifests/v1",
+        "/v2/lib/app/manifests/v1",
+        "/v2/app/manifests/v1?ns=registry.test:5000",
+        "/v2/registry.test/lib/app/manifests/v1",
+    ] {
+        let (r, seen) = asked(uri).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            "{uri}"
+        );
+        assert_eq!(seen, None, "{uri}");
+    }
+    // An `ns` no route serves, or that is no host name, is a 404 at once, naming it.
+    for ns in [
+        "unknown.test",
+        "127.0.0.1",
+        "[::1]",
+        "quay.test:0",
+        "quay.test%2F..",
+        "a..b",
+        "",
+        "quay.test@evil.test",
+    ] {
+        let (r, seen) = asked(&format!("/v2/app/manifests/v1?ns={ns}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{ns}");
+        assert_eq!(r.error_code(), "NAME_UNKNOWN", "{ns}");
+        assert_eq!(seen, None, "{ns}");
+    }
+    let (r, _) = asked("/v2/app/manifests/v1?ns=unknown.test").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["errors"][0]["detail"]["ns"], "unknown.test");
+    // The catalog is the prefix routes'; a host has none here.
+    let (r, seen) = asked("/v2/_catalog?ns=quay.test").await;
+    assert_eq!((r.status, seen), (StatusCode::NOT_FOUND, None));
+}
+
+#[tokio::test]
+async fn urls_handed_back_name_the_host_the_way_the_request_did() {
+    let upstream = FakeUpstream::new(|seen| match seen.path_and_query.as_str() {
+        p if p.starts_with("/v2/q/app/tags/list") => {
+            answer(StatusCode::OK, &[], r#"{"name":"q/app","tags":["b","a"]}"#)
+        }
+        _ => answer(
+            StatusCode::ACCEPTED,
+            &[("location", "/v2/q/app/blobs/uploads/u1?_state=s")],
+            "",
+        ),
+    });
+    let gw = gateway(HOSTS, &upstream);
+    let post = async |uri: &str| call(&gw, Method::POST, uri, &[]).await;
+    let r = post("/v2/app/blobs/uploads/?ns=quay.test").await;
+    assert_eq!(
+        r.header("location"),
+        Some("http://gw.test/v2/app/blobs/uploads/u1?_state=s&ns=quay.test")
+    );
+    let r = post("/v2/quay.test/app/blobs/uploads/").await;
+    assert_eq!(
+        r.header("location"),
+        Some("http://gw.test/v2/quay.test/app/blobs/uploads/u1?_state=s")
+    );
+    // Tags lists carry the name as the client knows it, and the next page keeps the host.
+    let r = get(&gw, "/v2/quay.test/app/tags/list?n=1").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"name": "quay.test/app", "tags": ["a"]})
+    );
+    assert_eq!(
+        r.header("link"),
+        Some(r#"</v2/quay.test/app/tags/list?last=a&n=1>; rel="next""#)
+    );
+    let r = get(&gw, "/v2/app/tags/list?ns=quay.test&n=1").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["name"], "app");
+    assert_eq!(
+        r.header("link"),
+        Some(r#"</v2/app/tags/list?last=a&n=1&ns=quay.test>; rel="next""#)
+    );
+    // A mount's `from` is a name inside the same host; one from elsewhere is dropped.
+    upstream.take();
+    let d = format!("sha256:{}", "a".repeat(64));
+    post(&format!(
+        "/v2/quay.test/app/blobs/uploads/?mount={d}&from=quay.test/base"
+    ))
+    .await;
+    post(&format!(
+        "/v2/app/blobs/uploads/?ns=quay.test&mount={d}&from=base"
+    ))
+    .await;
+    post(&format!(
+        "/v2/quay.test/app/blobs/uploads/?mount={d}&from=m/base"
+    ))
+    .await;
+    let seen: Vec<String> = upstream
+        .take()
+        .into_iter()
+        .map(|s| s.path_and_query)
+        .collect();
+    let mounted = format!(
+        "/v2/q/app/blobs/uploads/?mount=sha256%3A{}&from=q%2Fbase",
+        "a".repeat(64)
+    );
+    assert_eq!(
+        seen,
+        [
+            mounted.as_str(),
+            mounted.as_str(),
+            "/v2/q/app/blobs/uploads/"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn authorisation_sees_names_qualified_with_their_host() {
+    let setup = auth_setup();
+    let yaml = setup.yaml.replace(
+        "routes:\n",
+        "routes:\n  - { host: quay.test, upstream: reg, remote: \"q/\" }\n",
+    );
+    let upstream = open_registry(Arc::new(AtomicUsize::new(0)));
+    let gw = gateway(&yaml, &upstream);
+    let push = async |uri: &str, token: Option<&str>| {
+        let auth: Vec<(&str, &str)> = token.map(|t| ("authorization", t)).into_iter().collect();
+        call(&gw, Method::POST, uri, &auth).await
+    };
+    for uri in [
+        "/v2/app/blobs/uploads/?ns=quay.test",
+        "/v2/quay.test/app/blobs/uploads/",
+    ] {
+        let r = push(uri, None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(
+            challenge_param(&r, "scope").as_deref(),
+            Some("repository:quay.test/app:pull,push"),
+            "{uri}"
+        );
+        // A token for the bare name is for a prefix route's repository, not this host's.
+        let bare = client_token(&gw, &[Scope::repository("app", &["pull", "push"])]);
+        assert_eq!(
+            push(uri, Some(&bare)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        let qualified = client_token(
+            &gw,
+            &[Scope::repository("quay.test/app", &["pull", "push"])],
+        );
+        assert_eq!(
+            push(uri, Some(&qualified)).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    assert_eq!(
+        upstream.take().len(),
+        2,
+        "only the admitted pushes went upstream"
+    );
+}

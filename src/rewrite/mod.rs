@@ -6,11 +6,15 @@
 //! (`Location`, `Link`, the `name` of `tags/list`). Must not talk to upstreams or decide
 //! about auth.
 
+pub(crate) mod host;
 pub(crate) mod response;
 
 use std::fmt;
 
+pub(crate) use host::{NamedHost, Naming};
+
 use crate::config::RouteConfig;
+use crate::oci::host::RegistryHost;
 use crate::oci::{ErrorCode, OciError};
 
 /// Newtypes for the two sides of a route, so that one cannot be passed for the other.
@@ -160,13 +164,33 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The route for a local name: longest matching prefix wins.
+    /// The prefix route for a local name: longest matching prefix wins.
     pub(crate) fn resolve(&self, local: &LocalName) -> Option<Mapped<'_>> {
-        self.routes.iter().find_map(|route| {
-            route
-                .to_remote(local)
-                .map(|remote| Mapped { route, remote })
-        })
+        self.resolve_in(None, local)
+    }
+
+    /// The route for a name inside `host` (`None`: a request that named no host, routed by
+    /// prefix alone).
+    pub(crate) fn resolve_in(
+        &self,
+        host: Option<&RegistryHost>,
+        local: &LocalName,
+    ) -> Option<Mapped<'_>> {
+        self.routes
+            .iter()
+            .filter(|route| route.config.host.as_ref() == host)
+            .find_map(|route| {
+                route
+                    .to_remote(local)
+                    .map(|remote| Mapped { route, remote })
+            })
+    }
+
+    /// Whether some route serves `host`: the only hosts a request may name.
+    pub(crate) fn serves_host(&self, host: &RegistryHost) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.config.host.as_ref() == Some(host))
     }
 
     /// Whether `remote` on `upstream` is what an exact route (a capability URL) opens: such a
@@ -213,7 +237,7 @@ impl RouteTable {
     pub(crate) fn to_local(&self, upstream: &str, remote: &RemoteName) -> Option<LocalName> {
         self.routes
             .iter()
-            .filter(|r| r.config.upstream == upstream)
+            .filter(|r| r.config.upstream == upstream && r.config.host.is_none())
             .filter_map(|r| r.to_local(remote))
             .find(|local| {
                 crate::oci::path::validate_name(local.as_str()).is_ok()
@@ -230,19 +254,23 @@ impl RouteTable {
     /// opened only by relay tokens, which client auth does not check (`auth.anonymous`
     /// could cover the `from` there). A `mount` without `from` is dropped too: OCI 1.1 lets
     /// a registry take it from any repository the proxy's credentials can read.
+    ///
+    /// `host`: the host the request named; `from` is then a name inside it.
     pub(crate) fn map_mount(
         &self,
         query: &mut UploadQuery,
         upstream: &str,
+        host: Option<&NamedHost>,
         names: &mut NameMap,
     ) -> Option<RemoteName> {
         let Some(from) = query.from().map(LocalName::new) else {
             query.set_from(None);
             return None;
         };
-        match self.resolve(&from) {
+        match self.resolve_in(host.map(|h| &h.host), &from) {
             Some(m) if m.route.config.upstream == upstream && !m.route.config.relay => {
-                names.add(&m.remote, &from);
+                let client = host.map_or_else(|| from.clone(), |h| h.client_name(&from));
+                names.add(&m.remote, &client);
                 query.set_from(Some(m.remote.as_str()));
                 Some(m.remote)
             }
@@ -311,6 +339,7 @@ pub(crate) struct UploadQuery {
 impl UploadQuery {
     pub(crate) fn parse(query: &str) -> Result<UploadQuery, OciError> {
         let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, _)| k != host::NS)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         for key in ["mount", "from", "digest"] {
@@ -387,11 +416,13 @@ fn guessing_bits(prefix: &str) -> u32 {
 /// labelled by it: a hash of the prefix would let anyone who reads the metrics test guesses
 /// of a weak capability offline.
 fn route_label(config: &RouteConfig, position: usize) -> String {
-    match &config.name {
-        Some(name) => name.clone(),
-        None if config.prefix.is_empty() => "(default)".into(),
-        None if config.is_namespace() => config.prefix.clone(),
-        None => format!("repository-{position}"),
+    match (&config.name, &config.host) {
+        (Some(name), _) => name.clone(),
+        (None, _) if !config.is_namespace() => format!("repository-{position}"),
+        (None, Some(host)) if config.prefix.is_empty() => host.to_string(),
+        (None, Some(host)) => format!("{host}/{}", config.prefix),
+        (None, None) if config.prefix.is_empty() => "(default)".into(),
+        (None, None) => config.prefix.clone(),
     }
 }
 
@@ -527,11 +558,12 @@ impl TagsNameRewrite {
     }
 }
 
-/// A query of a request that is no upload start, without `mount` and `from` (compared
-/// decoded, as registries read them): only [`UploadQuery`] passes a mount on, after admission
-/// checked it. Left byte for byte as it is when there is nothing to drop.
-pub(crate) fn without_mount(query: &str) -> String {
-    let is_mount = |k: &str| k == "mount" || k == "from";
+/// A query of a request that is no upload start as the upstream gets it: without `mount` and
+/// `from` (compared decoded, as registries read them), since only [`UploadQuery`] passes a
+/// mount on, after admission checked it; and without `ns`, which named the host to us.
+/// Left byte for byte as it is when there is nothing to drop.
+pub(crate) fn forwarded_query(query: &str) -> String {
+    let is_mount = |k: &str| k == "mount" || k == "from" || k == host::NS;
     if !url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| is_mount(&k)) {
         return query.to_string();
     }
@@ -774,7 +806,7 @@ mod tests {
         let mounted = |query: &str| {
             let mut q = UploadQuery::parse(query).unwrap();
             let mut names = NameMap::default();
-            let from = t.map_mount(&mut q, "reg", &mut names);
+            let from = t.map_mount(&mut q, "reg", None, &mut names);
             (from.map(|f| f.to_string()), q.encode())
         };
         assert_eq!(
@@ -799,11 +831,11 @@ mod tests {
             (None, format!("digest=sha256%3A{}", "a".repeat(64)))
         );
         assert_eq!(
-            without_mount("digest=sha256%3Aab&_state=x%3D"),
+            forwarded_query("digest=sha256%3Aab&_state=x%3D"),
             "digest=sha256%3Aab&_state=x%3D"
         );
         assert_eq!(
-            without_mount(&format!("m%6Funt={d}&_state=a%2Bb&from=x")),
+            forwarded_query(&format!("m%6Funt={d}&_state=a%2Bb&from=x")),
             "_state=a%2Bb"
         );
         assert_eq!(

@@ -10,6 +10,7 @@ use url::Url;
 use super::{NameMap, TagsNameRewrite, query_param};
 use crate::body::{self, Body};
 use crate::error::GatewayError;
+use crate::oci::host::RegistryHost;
 
 /// Largest upstream JSON answer the gateway reads whole in order to rewrite it.
 pub(crate) const MAX_REWRITTEN_BODY: usize = 16 << 20;
@@ -32,6 +33,25 @@ pub(crate) struct Answering<'a> {
     pub(crate) upstream: &'a str,
     /// Set for a `GET …/tags/list`.
     pub(crate) tags: Option<TagsQuery<'a>>,
+    /// The host the request named with `?ns=`: our URLs handed back carry it too.
+    pub(crate) ns: Option<&'a RegistryHost>,
+}
+
+impl Answering<'_> {
+    /// An upstream `/v2/` path of this request's names as the client must ask for it.
+    fn local_path(&self, upstream_path: &str) -> Option<String> {
+        self.names.path(upstream_path).map(|p| self.with_ns(p))
+    }
+
+    fn with_ns(&self, mut path: String) -> String {
+        if let Some(host) = self.ns {
+            path.push(if path.contains('?') { '&' } else { '?' });
+            path.push_str(super::host::NS);
+            path.push('=');
+            path.push_str(host.as_str());
+        }
+        path
+    }
 }
 
 /// A tags-list request: the local repository name and the client's query.
@@ -77,7 +97,10 @@ pub(crate) async fn rewrite(
             .await
             .map_err(bad)?;
         let page = tags_page(&bytes, tags.local, tags.query).map_err(bad)?;
-        if let Some(link) = page.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        let link = page
+            .link
+            .map(|next| format!("<{}>; rel=\"next\"", request.with_ns(next)));
+        if let Some(link) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             parts.headers.insert(header::LINK, link);
         }
         parts
@@ -95,6 +118,7 @@ pub(crate) async fn rewrite(
 
 struct TagsPage {
     body: Vec<u8>,
+    /// The next page's path.
     link: Option<String>,
 }
 
@@ -124,9 +148,7 @@ fn tags_page(bytes: &[u8], local: &str, query: &str) -> Result<TagsPage, String>
     if names.len() > n {
         names.truncate(n);
         if let Some(last_tag) = names.last() {
-            link = Some(format!(
-                "</v2/{local}/tags/list?last={last_tag}&n={n}>; rel=\"next\""
-            ));
+            link = Some(format!("/v2/{local}/tags/list?last={last_tag}&n={n}"));
         }
     }
     let body = serde_json::to_vec(&serde_json::json!({ "name": local, "tags": names }))
@@ -145,7 +167,7 @@ fn rewrite_url(request: &Answering<'_>, value: &str) -> Option<String> {
             path.push('?');
             path.push_str(q);
         }
-        if let Some(local) = request.names.path(&path) {
+        if let Some(local) = request.local_path(&path) {
             return Some(format!("{}{local}", request.public_base));
         }
     }
@@ -166,7 +188,7 @@ fn rewrite_links(request: &Answering<'_>, headers: &mut HeaderMap) {
         let new = super::link_header(&v, |u| {
             if u.starts_with('/') {
                 // Keep relative links relative: clients resolve them against us.
-                request.names.path(u)
+                request.local_path(u)
             } else {
                 rewrite_url(request, u)
             }
@@ -201,6 +223,7 @@ mod tests {
             asked,
             upstream: "up",
             tags,
+            ns: None,
         }
     }
 
@@ -234,6 +257,20 @@ mod tests {
             rewrite("https://other.example.com/v2/team/app/blobs/uploads/u1"),
             "https://other.example.com/v2/team/app/blobs/uploads/u1"
         );
+        // A request that named its host with `ns` gets URLs that name it too.
+        let host = RegistryHost::parse("quay.test").unwrap();
+        let request = Answering {
+            ns: Some(&host),
+            ..answering(&names, &asked, None)
+        };
+        assert_eq!(
+            rewrite_url(&request, "/v2/team/app/blobs/uploads/u1?_state=s").unwrap(),
+            "https://r.example.com/v2/mirror/app/blobs/uploads/u1?_state=s&ns=quay.test"
+        );
+        assert_eq!(
+            rewrite_url(&request, "/v2/team/app/blobs/uploads/u1").unwrap(),
+            "https://r.example.com/v2/mirror/app/blobs/uploads/u1?ns=quay.test"
+        );
     }
 
     #[test]
@@ -259,7 +296,7 @@ mod tests {
         assert_eq!(v["tags"], serde_json::json!(["t1", "t2"]));
         assert_eq!(
             page.link.as_deref(),
-            Some(r#"</v2/m/app/tags/list?last=t2&n=2>; rel="next""#)
+            Some("/v2/m/app/tags/list?last=t2&n=2")
         );
         let page = tags_page(body, "m/app", "n=2&last=t2").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&page.body).unwrap();

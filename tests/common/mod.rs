@@ -4,6 +4,7 @@
 //! with ports chosen at run time.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod http;
 pub mod image;
 pub mod servers;
