@@ -40,6 +40,8 @@
 //! - [`pipeline`]: the driver and its request context; [`catalog`], [`local`]: local answers.
 //! - [`headers`]: header hygiene at both edges, and the public URL.
 //! - [`import`]: converting other tools' configs (`ocigate import backplane`).
+//! - [`forward`]: the forward proxy (`HTTPS_PROXY`): CONNECT interception, tunnels, the
+//!   interception CA, proxy users; intercepted requests then run the phases above.
 //! - [`server`]: sockets, TLS and graceful shutdown; [`stall`]: closing stalled responses.
 //! - [`body`], [`flight`], [`metrics`], [`error`]: shared plumbing.
 
@@ -50,6 +52,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod forward;
 pub mod headers;
 pub mod import;
 pub mod local;

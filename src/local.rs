@@ -1,5 +1,6 @@
 //! Answers the gateway gives itself, without an upstream: the `/v2/` version check,
-//! `/healthz`, `/metrics`, and browser redirects to an image's web page.
+//! `/healthz`, `/metrics`, the forward proxy's `/ca.crt`, and browser redirects to an
+//! image's web page.
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 
@@ -12,9 +13,18 @@ pub(crate) fn api_base() -> Response<Body> {
 }
 
 pub(crate) fn healthz() -> Response<Body> {
-    let mut r = Response::new(body::full("ok\n"));
+    text("text/plain", "ok\n".into())
+}
+
+/// The forward proxy's interception CA, for clients to trust.
+pub(crate) fn ca_certificate(pem: &str) -> Response<Body> {
+    text("application/x-pem-file", pem.to_string())
+}
+
+fn text(content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(body::full(body));
     r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ocigate::cache::Ownership;
 use ocigate::config::{self, Config, Credentials, RouteConfig, UpstreamConfig};
 use ocigate::pipeline::Gateway;
+use ocigate::server::{Listener, Role};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -430,16 +431,29 @@ async fn run(config: Config) -> Result<()> {
     let config = &gateway.config;
     let mut listeners = Vec::new();
     for addr in &config.server.listen {
-        let listener = TcpListener::bind(addr)
+        let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        let local = listener.local_addr()?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let local = tcp.local_addr()?;
+        let (scheme, role) = match &tls {
+            Some(acceptor) => ("https", Role::Tls(acceptor.clone())),
+            None => ("http", Role::Plain),
+        };
         tracing::info!(addr = %local, scheme, "listening");
-        listeners.push(listener);
+        listeners.push(Listener { tcp, role });
     }
     if listeners.is_empty() {
         bail!("no listen address");
+    }
+    for addr in config.forward_proxy.iter().flat_map(|f| &f.listen) {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (forward_proxy.listen)"))?;
+        tracing::info!(addr = %tcp.local_addr()?, "forward proxy listening");
+        listeners.push(Listener {
+            tcp,
+            role: Role::ForwardProxy,
+        });
     }
     if let Some(addr) = config.server.metrics_listen {
         let listener = TcpListener::bind(addr)
@@ -456,7 +470,7 @@ async fn run(config: Config) -> Result<()> {
         send_timeout: config.server.send_timeout,
     };
     tracing::info!(config = %config.source, routes = config.routes.len(), upstreams = config.upstreams.len(), "ocigate {} ready", env!("CARGO_PKG_VERSION"));
-    ocigate::server::run(gateway, listeners, tls, shutdown_signal(), options).await;
+    ocigate::server::run(gateway, listeners, shutdown_signal(), options).await;
     Ok(())
 }
 

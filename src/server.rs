@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use hyper::service::service_fn;
@@ -19,18 +19,46 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
+use crate::forward::Intercepted;
 
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone, Copy)]
+/// Who is on the other end of a connection, and how it reached us.
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
+    pub(crate) via: Via,
 }
+
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// A registry listener.
+    Direct,
+    /// The forward-proxy listener itself (`CONNECT`, absolute-form requests, `/ca.crt`).
+    ForwardProxy,
+    /// A connection the forward proxy intercepted, and what for.
+    Intercepted(Arc<Intercepted>),
+}
+
+/// What becomes of a `CONNECT` on the forward-proxy listener.
+pub enum Connect {
+    /// Refused (or a challenge): answered as is.
+    Answer(Response<Body>),
+    /// Answered 200, then TLS terminated with the config `tls` picks for the client's
+    /// server name (`None` aborts the handshake), and served as `intercepted`.
+    Intercept {
+        tls: TlsChooser,
+        intercepted: Arc<Intercepted>,
+    },
+    /// Answered 200, then bytes copied both ways to this connection.
+    Tunnel(TcpStream),
+}
+
+pub type TlsChooser = Box<dyn FnOnce(Option<&str>) -> Option<Arc<rustls::ServerConfig>> + Send>;
 
 /// What listeners serve: one answer for every request, never an error.
 pub trait Service: Send + Sync + 'static {
@@ -39,6 +67,27 @@ pub trait Service: Send + Sync + 'static {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Response<Body>> + Send;
+
+    /// A `CONNECT` on the forward-proxy listener.
+    fn connect(
+        &self,
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> impl Future<Output = Connect> + Send;
+}
+
+/// A bound socket and what it serves.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub role: Role,
+}
+
+#[derive(Clone)]
+pub enum Role {
+    Plain,
+    Tls(TlsAcceptor),
+    /// HTTP/1.1 with `CONNECT` (the forward proxy).
+    ForwardProxy,
 }
 
 /// How connections are served.
@@ -97,8 +146,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupErro
 /// `grace` to finish what they are sending.
 pub async fn run<S: Service>(
     service: Arc<S>,
-    listeners: Vec<TcpListener>,
-    tls: Option<TlsAcceptor>,
+    listeners: Vec<Listener>,
     shutdown: impl Future<Output = ()>,
     options: Options,
 ) {
@@ -110,7 +158,6 @@ pub async fn run<S: Service>(
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
             service.clone(),
-            tls.clone(),
             graceful.clone(),
             stop_rx.clone(),
             options.send_timeout,
@@ -162,16 +209,15 @@ pub async fn serve_metrics(listener: TcpListener) {
 }
 
 async fn accept_loop<S: Service>(
-    listener: TcpListener,
+    listener: Listener,
     service: Arc<S>,
-    tls: Option<TlsAcceptor>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
     send_timeout: Duration,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.tcp.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -183,65 +229,212 @@ async fn accept_loop<S: Service>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let watch = crate::stall::Watch::new(send_timeout);
-        let stream = crate::stall::Guarded::new(stream, watch.clone());
-        let conn = ConnInfo {
-            peer,
-            tls: tls.is_some(),
-        };
+        let watcher = graceful.watcher();
+        // An intercepted connection outlives its CONNECT's: shutdown waits for it on a
+        // watcher of its own.
+        let inner = matches!(listener.role, Role::ForwardProxy)
+            .then(|| Arc::new(parking_lot::Mutex::new(Some(graceful.watcher()))));
         let service = service.clone();
-        let tls = tls.clone();
-        let graceful: Watcher = graceful.watcher();
+        let role = listener.role.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let service = service.clone();
-                let watch = watch.clone();
-                async move {
-                    let response = service.call(req, conn).await;
-                    Ok::<_, Infallible>(response.map(|body| watch.body(body)))
+            match role {
+                Role::Plain => {
+                    let conn = ConnInfo {
+                        peer,
+                        tls: false,
+                        via: Via::Direct,
+                    };
+                    serve_io(stream, conn, service, watcher, send_timeout).await;
                 }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            // A fixed 1 MiB HTTP/2 window caps a distant client's push at 1 MiB per round trip:
-            // grow it to the measured bandwidth-delay product instead. Pings free the streams
-            // of clients that vanished without closing their connection.
-            builder
-                .http2()
-                .adaptive_window(true)
-                .timer(TokioTimer::new())
-                .keep_alive_interval(H2_PING_INTERVAL)
-                .keep_alive_timeout(H2_PING_TIMEOUT);
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    graceful.watch(conn.into_owned()).await
+                Role::Tls(acceptor) => {
+                    let Some(tls) = handshake(acceptor.accept(stream), peer).await else {
+                        return;
+                    };
+                    let conn = ConnInfo {
+                        peer,
+                        tls: true,
+                        via: Via::Direct,
+                    };
+                    serve_io(tls, conn, service, watcher, send_timeout).await;
                 }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    match handshake {
-                        Ok(Ok(tls_stream)) => {
-                            let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                            graceful.watch(conn.into_owned()).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    }
+                Role::ForwardProxy => {
+                    let conn = ConnInfo {
+                        peer,
+                        tls: false,
+                        via: Via::ForwardProxy,
+                    };
+                    let Some(inner) = inner else { return };
+                    serve_proxy(stream, conn, service, watcher, send_timeout, inner).await;
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// A graceful-shutdown watcher for the one connection a `CONNECT` may turn into.
+type InnerWatcher = Arc<parking_lot::Mutex<Option<Watcher>>>;
+
+async fn handshake<F, T>(accepting: F, peer: SocketAddr) -> Option<T>
+where
+    F: Future<Output = std::io::Result<T>>,
+{
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accepting).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serves one connection (HTTP/1.1 and HTTP/2) until it ends or shutdown's grace runs out.
+async fn serve_io<S, I>(
+    io: I,
+    conn: ConnInfo,
+    service: Arc<S>,
+    graceful: Watcher,
+    send_timeout: Duration,
+) where
+    S: Service,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
+    let watch = crate::stall::Watch::new(send_timeout);
+    let io = crate::stall::Guarded::new(io, watch.clone());
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let service = service.clone();
+        let watch = watch.clone();
+        let conn = conn.clone();
+        async move {
+            let response = service.call(req, conn).await;
+            Ok::<_, Infallible>(response.map(|body| watch.body(body)))
+        }
+    });
+    let builder = connection_builder();
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = graceful.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves a forward-proxy connection: HTTP/1.1, whose `CONNECT`s are handed to
+/// [`Service::connect`] (an intercepted connection is served by [`serve_io`] on `inner`).
+async fn serve_proxy<S: Service>(
+    stream: TcpStream,
+    conn: ConnInfo,
+    service: Arc<S>,
+    graceful: Watcher,
+    send_timeout: Duration,
+    inner: InnerWatcher,
+) {
+    let peer = conn.peer;
+    let watch = crate::stall::Watch::new(send_timeout);
+    let io = crate::stall::Guarded::new(stream, watch.clone());
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let service = service.clone();
+        let watch = watch.clone();
+        let conn = conn.clone();
+        let inner = inner.clone();
+        async move {
+            let response = match req.method() == Method::CONNECT {
+                true => connect(service, req, conn, &inner, send_timeout).await,
+                false => service.call(req, conn).await,
+            };
+            Ok::<_, Infallible>(response.map(|body| watch.body(body)))
+        }
+    });
+    let builder = connection_builder().http1_only();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    if let Err(e) = graceful.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // A fixed 1 MiB HTTP/2 window caps a distant client's push at 1 MiB per round trip:
+    // grow it to the measured bandwidth-delay product instead. Pings free the streams
+    // of clients that vanished without closing their connection.
+    builder
+        .http2()
+        .adaptive_window(true)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+/// A `CONNECT`: the service decides; an interception or a tunnel goes on in a task of its
+/// own once hyper hands over the connection.
+async fn connect<S: Service>(
+    service: Arc<S>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    slot: &InnerWatcher,
+    send_timeout: Duration,
+) -> Response<Body> {
+    let peer = conn.peer;
+    match service.connect(&req, &conn).await {
+        Connect::Answer(response) => response,
+        Connect::Tunnel(mut target) => {
+            tokio::spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let mut client = TokioIo::new(upgraded);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "CONNECT upgrade failed"),
+                }
+            });
+            Response::new(crate::body::empty())
+        }
+        Connect::Intercept { tls, intercepted } => {
+            let watcher = slot.lock().take();
+            tokio::spawn(async move {
+                let upgraded = match hyper::upgrade::on(req).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "CONNECT upgrade failed");
+                        return;
+                    }
+                };
+                let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                    rustls::server::Acceptor::default(),
+                    TokioIo::new(upgraded),
+                );
+                let accepting = async move {
+                    let start = acceptor.await?;
+                    let sni = start.client_hello().server_name().map(str::to_string);
+                    let config = tls(sni.as_deref()).ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "no certificate for this server name",
+                        )
+                    })?;
+                    start.into_stream(config).await
+                };
+                let Some(stream) = handshake(accepting, peer).await else {
+                    return;
+                };
+                let conn = ConnInfo {
+                    peer,
+                    tls: true,
+                    via: Via::Intercepted(intercepted),
+                };
+                match watcher {
+                    Some(w) => serve_io(stream, conn, service, w, send_timeout).await,
+                    None => tracing::debug!(%peer, "a second CONNECT on one connection"),
+                }
+            });
+            Response::new(crate::body::empty())
+        }
     }
 }

@@ -306,6 +306,7 @@ fn bundled_example_configs_are_valid() {
                 .env("OCIGATE_RELAY_KEY", "ab".repeat(32))
                 .env("GCP_KEY_FILE", &gcp_key)
                 .env("OCIGATE_CACHE_DIR", docker_config.path().join("cache"))
+                .env("OCIGATE_CA_DIR", docker_config.path().join("ca"))
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -130,3 +130,377 @@ fn containerd_mirrors_route_by_ns_and_by_in_path_host() {
     );
     assert!(m.gw.wait_for_log("/v2/quay.test/team/app/manifests/"));
 }
+
+// ---- The forward proxy: HTTPS_PROXY clients, their CONNECTs intercepted ----
+
+/// Two fake registry hosts behind host routes (`quay.test` cached) and a forward proxy with
+/// its CA generated in a temp dir; `extra` is appended to the `forward_proxy` section.
+struct Proxied {
+    quay: Registry,
+    other: Registry,
+    gw: Ocigate,
+    proxy: String,
+    ca: std::path::PathBuf,
+    /// An empty directory for `SSL_CERT_DIR`: the machine's bundle must not be what
+    /// makes the CA trusted.
+    no_certs: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+fn proxied(forward_extra: &str, top_extra: &str) -> Proxied {
+    let quay = Registry::start("");
+    let other = Registry::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"server: {{ listen: "127.0.0.1:0" }}
+upstreams:
+  quay: {{ url: "{}" }}
+  other: {{ url: "{}" }}
+routes:
+  - {{ host: quay.test, upstream: quay, cache: true }}
+  - {{ host: registry.test, upstream: other, remote: "mirror/" }}
+  - {{ host: docker.io, upstream: other, remote: "hub/" }}
+cache: {{ dir: "{d}/cache" }}
+forward_proxy:
+  listen: "127.0.0.1:0"
+  ca: {{ dir: "{d}/ca" }}
+{forward_extra}{top_extra}"#,
+        quay.url(),
+        other.url(),
+        d = dir.path().display()
+    );
+    let gw = Ocigate::start(&config);
+    let proxy = gw.forward_proxy();
+    Proxied {
+        quay,
+        other,
+        gw,
+        proxy,
+        ca: dir.path().join("ca/ca.crt"),
+        no_certs: tempfile::tempdir().unwrap(),
+        _dir: dir,
+    }
+}
+
+impl Proxied {
+    /// What a Go client needs to go through the proxy and trust only its CA.
+    fn env(&self, user: Option<(&str, &str)>) -> Vec<(&'static str, String)> {
+        let creds = user.map(|(u, p)| format!("{u}:{p}@")).unwrap_or_default();
+        vec![
+            ("HTTPS_PROXY", format!("http://{creds}{}", self.proxy)),
+            ("SSL_CERT_FILE", self.ca.display().to_string()),
+            ("SSL_CERT_DIR", self.no_certs.path().display().to_string()),
+            ("NO_PROXY", String::new()),
+        ]
+    }
+
+    fn skopeo(&self, user: Option<(&str, &str)>, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("skopeo")
+            .env("REGISTRY_AUTH_FILE", "/nonexistent/ocigate-tests/auth.json")
+            .env_remove("https_proxy")
+            .env_remove("no_proxy")
+            .envs(self.env(user))
+            .arg("--insecure-policy")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn skopeo_ok(&self, user: Option<(&str, &str)>, args: &[&str]) -> String {
+        let out = self.skopeo(user, args);
+        assert!(
+            out.status.success(),
+            "skopeo {args:?}: {}\nocigate: {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gw.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The digest of the manifest (or index) skopeo reads for `reference`, from its bytes.
+    fn raw_digest(&self, user: Option<(&str, &str)>, reference: &str) -> String {
+        let raw = self.skopeo_ok(
+            user,
+            &["inspect", "--raw", &format!("docker://{reference}")],
+        );
+        image::digest(raw.as_bytes())
+    }
+
+    /// A raw request to the proxy listener: its status line and headers.
+    fn ask(&self, request: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.proxy).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head)
+    }
+
+    fn connect(&self, authority: &str, extra_headers: &str) -> (u16, String) {
+        self.ask(&format!(
+            "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra_headers}\r\n"
+        ))
+    }
+}
+
+#[test]
+fn skopeo_and_podman_pull_and_push_through_the_forward_proxy() {
+    let p = proxied("", "");
+    let amd = image::image(&[("hello", b"proxied amd64\n")], "amd64");
+    let arm = image::image(&[("hello", b"proxied arm64\n")], "arm64");
+    let index = image::push_index(
+        &p.quay.url(),
+        "team/app",
+        "v1",
+        &[(&amd, "amd64"), (&arm, "arm64")],
+    );
+    let tool = image::image(&[("tool", b"through the proxy\n")], "amd64");
+    image::push_image(&p.other.url(), "mirror/lib/tool", "v2", &tool);
+
+    // Single- and multi-arch, from two intercepted hosts: the digests are the upstream's.
+    assert_eq!(p.raw_digest(None, "quay.test/team/app:v1"), index);
+    assert_eq!(p.raw_digest(None, "registry.test/lib/tool:v2"), tool.digest);
+    let out = tempfile::tempdir().unwrap();
+    let layout = |name: &str| format!("oci:{}:{name}", out.path().join("layout").display());
+    p.skopeo_ok(
+        None,
+        &[
+            "copy",
+            "--all",
+            "docker://quay.test/team/app:v1",
+            &layout("app"),
+        ],
+    );
+    let blob_gets = p.quay.count_requests("GET", "/blobs/");
+    assert!(
+        blob_gets >= 4,
+        "both platforms' config and layer came from upstream"
+    );
+    // The second pull is the cache's: no blob GET reaches the registry.
+    p.skopeo_ok(
+        None,
+        &[
+            "copy",
+            "--all",
+            "docker://quay.test/team/app:v1",
+            &layout("again"),
+        ],
+    );
+    assert_eq!(p.quay.count_requests("GET", "/blobs/"), blob_gets);
+
+    // podman, with its own storage, through the same proxy.
+    let podman = common::Podman::new();
+    let mut pull = podman.command(&["pull", "-q", "registry.test/lib/tool:v2"]);
+    pull.env_remove("https_proxy").envs(p.env(None));
+    common::run_ok(&mut pull);
+    let inspect = common::run_ok(&mut podman.command(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Digest}}",
+        "registry.test/lib/tool:v2",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), tool.digest);
+
+    // Push through the proxy (the seed cannot): it lands upstream under the route's remote.
+    p.skopeo_ok(
+        None,
+        &[
+            "copy",
+            &layout("app"),
+            "docker://registry.test/lib/pushed:v1",
+        ],
+    );
+    let pushed = common::http::get_with(
+        &format!("{}/v2/mirror/lib/pushed/manifests/v1", p.other.url()),
+        &[(
+            "accept",
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+        )],
+    );
+    assert_eq!(pushed.status, 200, "{}", pushed.text());
+
+    // The CA is served on both listeners, and is the one clients were told to trust.
+    let ca = std::fs::read_to_string(&p.ca).unwrap();
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(
+        common::http::get(&format!("{}/ca.crt", p.gw.url())).text(),
+        ca
+    );
+    assert_eq!(
+        common::http::get(&format!("http://{}/ca.crt", p.proxy)).text(),
+        ca
+    );
+}
+
+#[test]
+fn containerd_pulls_through_the_forward_proxy() {
+    let Some(containerd) = Containerd::start() else {
+        return;
+    };
+    let p = proxied("", "");
+    let img = image::image(&[("hello", b"ctr via HTTPS_PROXY\n")], "amd64");
+    image::push_image(&p.quay.url(), "team/ctr", "v1", &img);
+    let digest = containerd.pull_with_env(&p.env(None), "quay.test/team/ctr:v1");
+    assert_eq!(digest, img.digest);
+    assert!(p.gw.wait_for_log(r#""route":"quay.test""#));
+}
+
+#[test]
+fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
+    let p = proxied("  tunnel: [\"*.nowhere.invalid\", \"localhost\"]\n", "");
+    for (authority, status) in [
+        ("unknown.test:443", 403),
+        ("127.0.0.1:443", 403),
+        ("[::1]:443", 403),
+        ("169.254.169.254:80", 403),
+        ("quay.test:8443", 403),
+        ("quay.test", 400),
+        ("qu%61y.test:443", 400),
+        ("bad_name!.test:443", 400),
+        // Named by `tunnel`, but loopback once resolved; or not resolvable at all.
+        ("localhost:443", 403),
+        ("x.nowhere.invalid:443", 502),
+    ] {
+        let (got, head) = p.connect(authority, "");
+        assert_eq!(got, status, "CONNECT {authority}: {head}");
+    }
+    // Absolute-form requests only for routed hosts; the proxy's own listener is no registry.
+    let (got, _) = p.ask("GET http://unknown.test/v2/ HTTP/1.1\r\nHost: unknown.test\r\n\r\n");
+    assert_eq!(got, 403);
+    let (got, _) = p.ask("GET http://quay.test/v2/ HTTP/1.1\r\nHost: quay.test\r\n\r\n");
+    assert_eq!(got, 200);
+    let (got, _) = p.ask("GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(got, 404);
+    // Docker Hub is routed, so its token realm is intercepted: a client that still asks it
+    // gets a token and goes on (nothing checks it, nothing forwards it).
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--proxy", &format!("http://{}", p.proxy), "--cacert"])
+        .arg(&p.ca)
+        .arg("https://auth.docker.io/token?service=registry.docker.io&scope=repository:library/x:pull")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        token["token"].as_str().is_some_and(|t| !t.is_empty()),
+        "{token}"
+    );
+    // A named host on the registry listener is never dialled: `ns` is a key.
+    let r = common::http::get(&format!("{}/v2/x/manifests/v1?ns=unknown.test", p.gw.url()));
+    assert_eq!((r.status, r.error_code().as_str()), (404, "NAME_UNKNOWN"));
+}
+
+#[test]
+fn a_ca_key_others_can_read_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    // A first start generates the CA with a private key and a private directory.
+    let config = format!(
+        "server: {{ listen: \"127.0.0.1:0\" }}\nupstreams: {{ quay: {{ url: \"http://127.0.0.1:9\" }} }}\nroutes: [ {{ host: quay.test, upstream: quay }} ]\nforward_proxy: {{ listen: \"127.0.0.1:0\", ca: {{ dir: \"{}\" }} }}\n",
+        ca.display()
+    );
+    let gw = Ocigate::start(&config);
+    gw.forward_proxy();
+    drop(gw);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca), 0o700);
+    std::fs::set_permissions(ca.join("ca.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (status, log) = Ocigate::start_fails(&config, &[]);
+    assert!(!status.success());
+    assert!(log.contains("ca.key") && log.contains("chmod 600"), "{log}");
+}
+
+#[test]
+fn proxy_users_get_what_the_acl_grants_cache_hits_included() {
+    let files =
+        common::tokens::TokenServerFiles::new(&[("alice", "wonderland"), ("bob", "builder")]);
+    let users = format!("  users: {{ htpasswd: {} }}\n", files.path("htpasswd"));
+    let acl = format!(
+        "token_server:\n  issuer: gw\n  service: gw\n  signing_key: {}\n  certificate: {}\n  acl:\n    - {{ account: alice, repository: \"quay.test/team/*\", actions: [pull] }}\n    - {{ account: bob, repository: \"quay.test/public/*\", actions: [pull] }}\n",
+        files.path("token.key"),
+        files.path("token.crt")
+    );
+    let p = proxied(&users, &acl);
+    let img = image::image(&[("hello", b"private\n")], "amd64");
+    image::push_image(&p.quay.url(), "team/app", "v1", &img);
+
+    // No or wrong proxy credentials: 407 with a Basic challenge, before anything else.
+    let (status, head) = p.connect("quay.test:443", "");
+    assert_eq!(status, 407, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authenticate: basic"),
+        "{head}"
+    );
+    let wrong = format!(
+        "Proxy-Authorization: Basic {}\r\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:nope")
+    );
+    assert_eq!(p.connect("quay.test:443", &wrong).0, 407);
+    assert_eq!(
+        p.connect("unknown.test:443", "").0,
+        407,
+        "strangers learn nothing"
+    );
+
+    // alice may pull team/*: the pull fills the cache.
+    let alice = Some(("alice", "wonderland"));
+    assert_eq!(p.raw_digest(alice, "quay.test/team/app:v1"), img.digest);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("oci:{}:x", out.path().join("l").display());
+    p.skopeo_ok(alice, &["copy", "docker://quay.test/team/app:v1", &dest]);
+    // bob may not, though every byte of it is cached now.
+    let bob = p.skopeo(
+        Some(("bob", "builder")),
+        &["copy", "docker://quay.test/team/app:v1", &dest],
+    );
+    assert!(!bob.status.success());
+    let err = String::from_utf8_lossy(&bob.stderr);
+    assert!(err.contains("denied") || err.contains("403"), "{err}");
+    let manifest = format!("docker://quay.test/team/app@{}", img.digest);
+    assert!(
+        !p.skopeo(Some(("bob", "builder")), &["inspect", "--raw", &manifest])
+            .status
+            .success()
+    );
+    // Nor may alice push: the ACL gives her pull only.
+    let push = p.skopeo(alice, &["copy", &dest, "docker://quay.test/team/app:v2"]);
+    assert!(!push.status.success());
+    assert!(
+        p.gw.wait_for_log(r#""subject":"alice""#),
+        "the proxy user is logged"
+    );
+}
+
+#[test]
+fn allow_push_false_refuses_writes_with_a_clear_message() {
+    let p = proxied("  allow_push: false\n", "");
+    let img = image::image(&[("hello", b"read only\n")], "amd64");
+    image::push_image(&p.quay.url(), "team/app", "v1", &img);
+    let seeded = p.quay.count_requests("POST", "/blobs/uploads/");
+    assert_eq!(p.raw_digest(None, "quay.test/team/app:v1"), img.digest);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("oci:{}:x", out.path().join("l").display());
+    p.skopeo_ok(None, &["copy", "docker://quay.test/team/app:v1", &dest]);
+    let push = p.skopeo(None, &["copy", &dest, "docker://quay.test/team/app:v2"]);
+    assert!(!push.status.success());
+    let err = String::from_utf8_lossy(&push.stderr);
+    assert!(err.contains("allow_push"), "{err}");
+    assert_eq!(p.quay.count_requests("POST", "/blobs/uploads/"), seeded);
+}

@@ -43,6 +43,9 @@ pub(crate) enum Admission {
     /// A relay token (on a relay route, or at `/v2/`): the upstream token it sealed, `None`
     /// when the upstream takes no bearer tokens.
     Relay { upstream_token: Option<HeaderValue> },
+    /// A request through the forward proxy, for its proxy user (`None`: no users are
+    /// configured), as the ACL or `auth.anonymous` allow.
+    Proxied { user: Option<String> },
 }
 
 impl Admission {
@@ -50,6 +53,7 @@ impl Admission {
     pub(crate) fn subject(&self) -> Option<&str> {
         match self {
             Admission::Client(claims) => claims.sub.as_deref(),
+            Admission::Proxied { user } => user.as_deref(),
             _ => None,
         }
     }
@@ -224,6 +228,11 @@ impl ClientAuth {
             return first;
         }
         jwt::verify(token, &[&self.keys, &remote.current()], &self.policy, now)
+    }
+
+    /// Whether `auth.anonymous` covers every scope of `required` (none: yes).
+    pub(crate) fn anonymous_allows(&self, required: &[Scope]) -> bool {
+        required.iter().all(|s| self.anonymous_covers(s))
     }
 
     fn anonymous_covers(&self, scope: &Scope) -> bool {

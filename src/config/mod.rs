@@ -54,7 +54,35 @@ pub struct Config {
     pub relay: Option<RelayConfig>,
     /// The pull-through cache, for routes with `cache: true`.
     pub cache: Option<CacheConfig>,
+    /// The `HTTPS_PROXY` listener that intercepts the hosts of host routes.
+    pub forward_proxy: Option<ForwardProxyConfig>,
 }
+
+#[derive(Debug, Clone)]
+pub struct ForwardProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    pub(crate) ca: CaSource,
+    /// Host globs CONNECTed to untouched when no host route serves them.
+    pub(crate) tunnel: Vec<String>,
+    /// Proxy users (`Proxy-Authorization: Basic`); `None` admits every client.
+    pub(crate) htpasswd: Option<PathBuf>,
+    /// Whether intercepted hosts take pushes and deletes (else `405`).
+    pub(crate) allow_push: bool,
+}
+
+/// Where the interception CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CaSource {
+    /// Generated on first start (`ca.crt`, `ca.key`), then reused.
+    Dir(PathBuf),
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// The forward proxy's listen address when none is given (docker-registry-proxy's port).
+pub const DEFAULT_FORWARD_PROXY_LISTEN: &str = "0.0.0.0:3128";
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -475,6 +503,29 @@ impl Config {
                 if c.offline { ", offline" } else { "" }
             );
         }
+        if let Some(f) = &self.forward_proxy {
+            let ca = match &f.ca {
+                CaSource::Dir(d) => format!("{} (generated there if missing)", d.display()),
+                CaSource::Files { cert, .. } => cert.display().to_string(),
+            };
+            for addr in &f.listen {
+                let _ = writeln!(s, "forward_proxy: http://{addr}");
+            }
+            let tunnel = match f.tunnel.is_empty() {
+                true => "none".to_string(),
+                false => f.tunnel.join(" "),
+            };
+            let _ = writeln!(
+                s,
+                "  ca {ca}; tunnel: {tunnel}; users: {}; push: {}",
+                if f.htpasswd.is_some() {
+                    "htpasswd"
+                } else {
+                    "anyone"
+                },
+                f.allow_push
+            );
+        }
         let _ = writeln!(s, "upstreams:");
         for u in self.upstreams.values() {
             let creds = u
@@ -724,6 +775,10 @@ impl Resolver<'_> {
             Some(a) => Some(self.auth(a, token_server.as_ref())?),
             None => None,
         };
+        let forward_proxy = match &raw.forward_proxy {
+            Some(f) => Some(self.forward_proxy(f)?),
+            None => None,
+        };
         Ok(Config {
             source: self.file.to_string(),
             server,
@@ -733,6 +788,78 @@ impl Resolver<'_> {
             token_server,
             relay,
             cache,
+            forward_proxy,
+        })
+    }
+
+    fn forward_proxy(
+        &self,
+        raw: &Spanned<raw::RawForwardProxy>,
+    ) -> Result<ForwardProxyConfig, ConfigError> {
+        let f = &raw.value;
+        let listen = match &f.listen {
+            None => vec![self.address(
+                "forward_proxy.listen",
+                &Spanned::new(
+                    DEFAULT_FORWARD_PROXY_LISTEN.to_string(),
+                    raw.referenced,
+                    raw.defined,
+                ),
+            )?],
+            Some(l) => {
+                let mut out = Vec::new();
+                for item in l.value.items() {
+                    let spanned = Spanned::new(item.to_string(), l.referenced, l.defined);
+                    out.push(self.address("forward_proxy.listen", &spanned)?);
+                }
+                if out.is_empty() {
+                    return Err(self.err(l.referenced, "forward_proxy.listen: no address given"));
+                }
+                out
+            }
+        };
+        let ca = match (&f.ca.value.dir, &f.ca.value.cert, &f.ca.value.key) {
+            (Some(dir), None, None) => CaSource::Dir(self.path("forward_proxy.ca.dir", dir)?),
+            (None, Some(cert), Some(key)) => CaSource::Files {
+                cert: self.existing_file("forward_proxy.ca.cert", cert)?,
+                key: self.existing_file("forward_proxy.ca.key", key)?,
+            },
+            _ => {
+                return Err(self.err(
+                    f.ca.referenced,
+                    "forward_proxy.ca: give exactly one of `dir` (generated and kept there) or `cert` and `key`",
+                ));
+            }
+        };
+        let mut tunnel = Vec::new();
+        for glob in &f.tunnel {
+            let text = self
+                .string("forward_proxy.tunnel", glob)?
+                .to_ascii_lowercase();
+            let ok = !text.is_empty()
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | '?'));
+            if !ok {
+                return Err(self.err(
+                    glob.referenced,
+                    format!(
+                        "forward_proxy.tunnel: {text:?} is not a host name glob (examples: \"*.cloudfront.net\", \"*\")"
+                    ),
+                ));
+            }
+            tunnel.push(text);
+        }
+        let htpasswd = match f.users.as_ref().and_then(|u| u.htpasswd.as_ref()) {
+            Some(p) => Some(self.existing_file("forward_proxy.users.htpasswd", p)?),
+            None => None,
+        };
+        Ok(ForwardProxyConfig {
+            listen,
+            ca,
+            tunnel,
+            htpasswd,
+            allow_push: f.allow_push.unwrap_or(true),
         })
     }
 

@@ -20,6 +20,26 @@ pub(crate) struct RawConfig {
     pub(crate) token_server: Option<Spanned<RawTokenServer>>,
     pub(crate) relay: Option<Spanned<RawRelay>>,
     pub(crate) cache: Option<Spanned<RawCache>>,
+    pub(crate) forward_proxy: Option<Spanned<RawForwardProxy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawForwardProxy {
+    pub(crate) listen: Option<Spanned<OneOrMany>>,
+    pub(crate) ca: Spanned<RawCa>,
+    #[serde(default)]
+    pub(crate) tunnel: Vec<S>,
+    pub(crate) users: Option<RawUsers>,
+    pub(crate) allow_push: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCa {
+    pub(crate) dir: Option<S>,
+    pub(crate) cert: Option<S>,
+    pub(crate) key: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]

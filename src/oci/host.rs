@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+/// Docker Hub's canonical host.
+pub(crate) const DOCKER_HUB: &str = "docker.io";
 /// Docker Hub's API and index hosts, which clients and containerd treat as `docker.io`.
 const DOCKER_HUB_ALIASES: [&str; 2] = ["index.docker.io", "registry-1.docker.io"];
 
@@ -33,7 +35,7 @@ impl RegistryHost {
             return None;
         }
         let name = if DOCKER_HUB_ALIASES.contains(&name) {
-            "docker.io"
+            DOCKER_HUB
         } else {
             name
         };

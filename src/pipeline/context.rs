@@ -13,6 +13,7 @@ use url::Url;
 
 use crate::auth::Admission;
 use crate::body::{self, Body, Finish, Observed, Outcome};
+use crate::forward::Intercepted;
 use crate::oci::{ApiPath, Scope};
 use crate::rewrite::{LocalName, NameMap, NamedHost, RemoteName, Route, UploadQuery};
 use crate::server::ConnInfo;
@@ -31,6 +32,9 @@ pub(crate) struct RequestContext<'g> {
     /// `parse`: the registry host the request named (`?ns=`, in-path, intercepted); `None`
     /// routes by prefix alone.
     pub(crate) host: Option<NamedHost>,
+    /// Set before the phases for a request through the forward proxy: which host it is
+    /// for, and the proxy user.
+    pub(crate) intercepted: Option<Arc<Intercepted>>,
     /// `parse`: the query of an upload POST, decoded once (its mount `from`, once `route`
     /// ran, in remote terms).
     pub(crate) upload: Option<UploadQuery>,
@@ -61,7 +65,7 @@ pub(crate) struct Target<'g> {
 }
 
 impl<'g> RequestContext<'g> {
-    pub(crate) fn new<B>(public_url: Option<&Url>, req: &Request<B>, conn: ConnInfo) -> Self {
+    pub(crate) fn new<B>(public_url: Option<&Url>, req: &Request<B>, conn: &ConnInfo) -> Self {
         RequestContext {
             method: req.method().clone(),
             path: req.uri().path().to_string(),
@@ -70,6 +74,7 @@ impl<'g> RequestContext<'g> {
             peer: conn.peer,
             api: None,
             host: None,
+            intercepted: None,
             upload: None,
             required: Vec::new(),
             target: None,

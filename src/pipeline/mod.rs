@@ -23,6 +23,7 @@ use crate::cache::{self, Cache, CacheOpenError, Ownership};
 use crate::catalog::Catalog;
 use crate::config::{Config, RedirectPolicy, UpstreamConfig};
 use crate::error::GatewayError;
+use crate::forward::{ForwardProxy, ForwardSetupError, InterceptTarget};
 use crate::local;
 use crate::oci::challenge::BearerError;
 use crate::oci::host::{RegistryHost, looks_like_host};
@@ -30,7 +31,7 @@ use crate::oci::{ApiPath, Endpoint, ErrorCode, OciError, Scope};
 use crate::relay::{Relay, RelayError};
 use crate::rewrite::response::{Answering, TagsQuery};
 use crate::rewrite::{LocalName, NameMap, NamedHost, Naming, RouteTable, UploadQuery};
-use crate::server::{self, ConnInfo};
+use crate::server::{self, ConnInfo, Connect, Via};
 use crate::token::{TokenServer, TokenSetupError};
 use crate::upstream::client::Transport;
 use crate::upstream::{Offline, Redirects, Upstream, UpstreamBuildError, UpstreamRequest};
@@ -46,6 +47,7 @@ pub struct Gateway {
     pub(crate) relay: Option<Relay>,
     pub cache: Option<Cache>,
     pub(crate) catalog: Catalog,
+    pub(crate) forward: Option<Arc<ForwardProxy>>,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -61,6 +63,8 @@ pub enum BuildError {
     Relay(#[from] RelayError),
     #[error(transparent)]
     Cache(#[from] CacheOpenError),
+    #[error(transparent)]
+    ForwardProxy(#[from] ForwardSetupError),
 }
 
 impl Gateway {
@@ -111,6 +115,13 @@ impl Gateway {
             Some(c) => Some(Cache::open(c, ownership)?),
             None => None,
         };
+        let forward = match &config.forward_proxy {
+            Some(f) => {
+                let create_ca = matches!(ownership, Ownership::Owner);
+                Some(Arc::new(ForwardProxy::new(f, &config, create_ca)?))
+            }
+            None => None,
+        };
         Ok(Gateway {
             config,
             routes,
@@ -120,6 +131,7 @@ impl Gateway {
             relay,
             cache,
             catalog: Catalog::default(),
+            forward,
         })
     }
 
@@ -146,8 +158,12 @@ impl Gateway {
     }
 
     async fn serve(&self, req: Request<Body>, conn: ConnInfo) -> Response<Body> {
-        let mut ctx = RequestContext::new(self.config.server.public_url.as_ref(), &req, conn);
-        let response = match self.phases(&mut ctx, req).await {
+        let mut ctx = RequestContext::new(self.config.server.public_url.as_ref(), &req, &conn);
+        let response = match self.proxied(&mut ctx, &req, &conn).await {
+            Err(answer) => Ok(answer),
+            Ok(()) => self.phases(&mut ctx, req).await,
+        };
+        let response = match response {
             Ok(r) => r,
             Err(e) => {
                 if matches!(
@@ -162,13 +178,53 @@ impl Gateway {
         ctx.observe(response)
     }
 
+    /// Before the phases, for requests through the forward proxy: the host an intercepted
+    /// connection (or an absolute-form request) is for becomes the request's host; token
+    /// realms are answered here. An `Err` is the whole answer.
+    async fn proxied(
+        &self,
+        ctx: &mut RequestContext<'_>,
+        req: &Request<Body>,
+        conn: &ConnInfo,
+    ) -> Result<(), Response<Body>> {
+        let intercepted = match (&conn.via, &self.forward) {
+            (Via::Direct, _) => return Ok(()),
+            (Via::Intercepted(i), _) => i.clone(),
+            (Via::ForwardProxy, Some(forward)) if req.uri().authority().is_some() => {
+                let absolute = forward
+                    .absolute(&self.routes, req.uri(), req.headers(), conn.peer)
+                    .await
+                    .map_err(|refused| refused.into_response())?;
+                Arc::new(absolute)
+            }
+            // The proxy's own pages (`/ca.crt`, `/healthz`); the API is behind CONNECT.
+            (Via::ForwardProxy, _) if ctx.path.starts_with("/v2") => {
+                return Err(GatewayError::from(local::not_found(&ctx.path)).into_response());
+            }
+            (Via::ForwardProxy, _) => return Ok(()),
+        };
+        ctx.label = "forward-proxy";
+        match &intercepted.target {
+            InterceptTarget::TokenRealm => return Err(crate::forward::realm_answer(&ctx.method)),
+            InterceptTarget::Registry(host) => {
+                ctx.host = Some(NamedHost {
+                    host: host.clone(),
+                    naming: Naming::Connection,
+                });
+            }
+        }
+        ctx.public_base = intercepted.base.clone();
+        ctx.intercepted = Some(intercepted);
+        Ok(())
+    }
+
     /// The phases, in order (`lib.rs` describes each).
     async fn phases<'g>(
         &'g self,
         ctx: &mut RequestContext<'g>,
         req: Request<Body>,
     ) -> Result<Response<Body>, GatewayError> {
-        if self.is_token_path(&ctx.path) {
+        if ctx.intercepted.is_none() && self.is_token_path(&ctx.path) {
             ctx.label = "token";
             return self.token(ctx, req).await;
         }
@@ -260,7 +316,10 @@ impl Gateway {
         let Some(rest) = ctx.path.strip_prefix("/v2/") else {
             return Ok(false);
         };
-        let host = self.named_host(rest, ctx.query())?;
+        let host = match &ctx.host {
+            Some(connection) => Some(connection.clone()),
+            None => self.named_host(rest, ctx.query())?,
+        };
         let api = match &host {
             Some(h) if h.naming == Naming::InPath => {
                 let inside = rest.get(h.host.as_str().len() + 1..).unwrap_or_default();
@@ -344,6 +403,11 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         match ctx.path.as_str() {
             "/healthz" => return Ok(local::healthz()),
+            "/ca.crt" => {
+                if let Some(pem) = self.forward.as_ref().and_then(|f| f.ca_pem()) {
+                    return Ok(local::ca_certificate(pem));
+                }
+            }
             "/metrics" if self.config.server.metrics_listen.is_none() => {
                 return Ok(local::metrics());
             }
@@ -422,6 +486,17 @@ impl Gateway {
         ctx: &mut RequestContext<'_>,
         headers: &HeaderMap,
     ) -> Result<(), GatewayError> {
+        if let (Some(intercepted), Some(forward)) = (&ctx.intercepted, &self.forward) {
+            let admitted = forward.admit(
+                intercepted,
+                &ctx.method,
+                &ctx.required,
+                self.auth.as_ref(),
+                self.token_server.as_ref(),
+            )?;
+            ctx.admission = Some(admitted);
+            return Ok(());
+        }
         let authorization = headers.get(header::AUTHORIZATION);
         let is_base = ctx
             .api
@@ -605,6 +680,20 @@ impl server::Service for Gateway {
         conn: ConnInfo,
     ) -> impl Future<Output = Response<Body>> + Send {
         self.handle(req, conn)
+    }
+
+    async fn connect(&self, req: &Request<hyper::body::Incoming>, conn: &ConnInfo) -> Connect {
+        match &self.forward {
+            Some(forward) => {
+                forward
+                    .connect(&self.routes, req.uri(), req.headers(), conn.peer)
+                    .await
+            }
+            // Only the forward-proxy listener hands CONNECTs over.
+            None => Connect::Answer(
+                GatewayError::from(local::not_found(&req.uri().to_string())).into_response(),
+            ),
+        }
     }
 }
 

@@ -129,6 +129,7 @@ async fn call(gw: &Gateway, method: Method, uri: &str, headers: &[(&str, &str)])
     let conn = ConnInfo {
         peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
         tls: false,
+        via: crate::server::Via::Direct,
     };
     let response = gw.handle(req.body(body::empty()).unwrap(), conn).await;
     let (parts, body) = response.into_parts();

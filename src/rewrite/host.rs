@@ -21,6 +21,8 @@ pub(crate) enum Naming {
     /// `?ns=<host>` (containerd mirrors): URLs handed back keep it, so that follow-ups reach
     /// the same host.
     Query,
+    /// The connection is for the host (intercepted by the forward proxy).
+    Connection,
 }
 
 impl NamedHost {
@@ -28,7 +30,7 @@ impl NamedHost {
     pub(crate) fn client_name(&self, local: &LocalName) -> LocalName {
         match self.naming {
             Naming::InPath => LocalName::new(format!("{}/{local}", self.host)),
-            Naming::Query => local.clone(),
+            Naming::Query | Naming::Connection => local.clone(),
         }
     }
 
@@ -45,7 +47,7 @@ impl NamedHost {
                 .strip_prefix(self.host.as_str())
                 .and_then(|rest| rest.strip_prefix('/'))
                 .map(LocalName::new),
-            Naming::Query => Some(LocalName::new(client)),
+            Naming::Query | Naming::Connection => Some(LocalName::new(client)),
         }
     }
 

@@ -18,6 +18,14 @@ enum Token {
     Question,
 }
 
+/// Whether `text` matches the glob `pattern` (no `${…}` expansion).
+pub(crate) fn glob_matches(pattern: &str, text: &str) -> bool {
+    compile(pattern, &|_| None)
+        .ok()
+        .flatten()
+        .is_some_and(|p| matches(&p, text))
+}
+
 /// Checks that a pattern's `${…}` expansions are ones we know.
 pub(crate) fn check_template(pattern: &str) -> Result<(), String> {
     compile(pattern, &|_| Some(String::new())).map(|_| ())

@@ -316,6 +316,15 @@ impl TokenServer {
         })
     }
 
+    /// Whether the ACL grants `account` (with no claims: a password user) every action of
+    /// every scope in `required`.
+    pub(crate) fn permits(&self, account: &str, required: &[Scope]) -> bool {
+        required.iter().all(|scope| {
+            let granted = self.acl.grant(account, &ClaimMap::new(), scope);
+            scope.actions.iter().all(|a| granted.contains(a))
+        })
+    }
+
     fn grant(&self, account: &str, claims: &ClaimMap, scopes: &[Scope]) -> Vec<Scope> {
         let mut access: Vec<Scope> = Vec::new();
         for scope in scopes {

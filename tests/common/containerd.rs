@@ -108,6 +108,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.digest(reference)
     }
 
+    /// Pulls `reference` with `env` on the ctr command (where ctr resolves and fetches:
+    /// `HTTPS_PROXY`, `SSL_CERT_FILE`), and returns its digest.
+    pub fn pull_with_env(&self, env: &[(&str, String)], reference: &str) -> String {
+        let mut cmd = self.command(&["images", "pull", "--snapshotter", "native", reference]);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        super::run_ok(&mut cmd);
+        self.digest(reference)
+    }
+
     /// The digest of an image containerd holds (`ctr images ls`).
     pub fn digest(&self, reference: &str) -> String {
         let out = super::run_ok(&mut self.command(&["images", "ls"]));

@@ -390,6 +390,21 @@ impl Ocigate {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The forward proxy's `host:port` (its listener logs it before `ready`).
+    pub fn forward_proxy(&self) -> String {
+        assert!(
+            self.wait_for_log("ready"),
+            "ocigate not ready: {}",
+            self.logs()
+        );
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "forward proxy listening")
+            .and_then(|v| v["addr"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no forward proxy listening: {}", self.logs()))
+    }
+
     /// Whether a log line containing `needle` arrives within 10 s. Lines reach the test
     /// through a reader thread, so a line written just before a response may lag behind it.
     pub fn wait_for_log(&self, needle: &str) -> bool {
