@@ -401,6 +401,8 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
     config.server.listen = vec![listen];
     config.upstreams = [("upstream".to_string(), upstream)].into();
     config.routes = vec![RouteConfig::new("", "upstream", &remote)];
+    // The one-liner is a pass-through proxy, as the tool it replaces.
+    config.cache = None;
     config.auth = args.token.auth()?;
     config.server.browser_redirects = !args.disable_browser_redirects && config.auth.is_none();
     Ok(config)

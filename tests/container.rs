@@ -13,7 +13,7 @@ use std::process::Command;
 
 use common::http::get;
 use common::image::{self, OCI_MANIFEST};
-use common::{Registry, free_port, run_ok, skopeo_digest};
+use common::{Registry, free_port, run_ok, skopeo_digest, skopeo_pull_oci};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -32,7 +32,7 @@ fn runtime_stage(dockerfile: &str) -> String {
         .expect("the Dockerfile has a `FROM scratch AS runtime` stage");
     let stage = &dockerfile[start..];
     assert!(stage.contains("COPY --from=build /out/ /"));
-    stage.replace("COPY --from=build /out/ /", "COPY out/ /")
+    stage.replace("--from=build ", "").replace(" /out", " out")
 }
 
 #[test]
@@ -67,6 +67,7 @@ fn the_image_runs_as_non_root_serves_pulls_and_stops_cleanly() {
     )
     .unwrap();
     std::fs::write(out.join("etc/group"), "ocigate:x:65532:\n").unwrap();
+    std::fs::create_dir_all(ctx.path().join("out-cache")).unwrap();
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), runtime_stage(&dockerfile)).unwrap();
     let tag = format!("ocigate-test:{}", std::process::id());
@@ -84,7 +85,7 @@ fn the_image_runs_as_non_root_serves_pulls_and_stops_cleanly() {
     std::fs::write(
         &config,
         format!(
-            "server:\n  listen: \"127.0.0.1:{port}\"\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"mirror/\", upstream: reg, remote: \"team/\"}}\n",
+            "server:\n  listen: \"127.0.0.1:{port}\"\ncache: {{dir: /var/cache/ocigate}}\nupstreams:\n  reg: {{url: \"{}\"}}\nroutes:\n  - {{prefix: \"mirror/\", upstream: reg, remote: \"team/\", cache: true}}\n",
             reg.url()
         ),
     )
@@ -144,6 +145,20 @@ fn the_image_runs_as_non_root_serves_pulls_and_stops_cleanly() {
     let user =
         run_ok(Command::new("docker").args(["inspect", "--format", "{{.Config.User}}", &name]));
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532");
+    // The cache is the image's volume, writable by that user: a second pull takes no blob
+    // from the registry.
+    skopeo_pull_oci(&format!("{addr}/mirror/app:v1"), &[]);
+    let blob_gets = reg.count_requests("GET", "/blobs/");
+    assert!(blob_gets >= 2, "config and layer filled the cache");
+    skopeo_pull_oci(&format!("{addr}/mirror/app:v1"), &[]);
+    assert_eq!(reg.count_requests("GET", "/blobs/"), blob_gets);
+    let volumes = run_ok(Command::new("docker").args([
+        "inspect",
+        "--format",
+        "{{json .Config.Volumes}}",
+        &name,
+    ]));
+    assert!(String::from_utf8_lossy(&volumes.stdout).contains("/var/cache/ocigate"));
     run_ok(Command::new("docker").args(["stop", "-t", "20", &name]));
     let exit =
         run_ok(Command::new("docker").args(["inspect", "--format", "{{.State.ExitCode}}", &name]));

@@ -423,6 +423,19 @@ impl RouteConfig {
 
 pub(crate) const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
 
+/// The embedded config's cache: the XDG cache directory, as desktop tools keep theirs.
+fn default_cache_dir() -> String {
+    let xdg = std::env::var("XDG_CACHE_HOME")
+        .ok()
+        .filter(|d| !d.is_empty());
+    let home = std::env::var("HOME").ok().filter(|d| !d.is_empty());
+    match (xdg, home) {
+        (Some(xdg), _) => format!("{xdg}/ocigate"),
+        (None, Some(home)) => format!("{home}/.cache/ocigate"),
+        (None, None) => "/var/cache/ocigate".to_string(),
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -437,7 +450,10 @@ impl Config {
     /// The embedded default config.
     pub fn default_config() -> Result<Config, ConfigError> {
         Config::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME, &|k| {
-            std::env::var(k).ok()
+            std::env::var(k).ok().or_else(|| match k {
+                "OCIGATE_CACHE_DIR" => Some(default_cache_dir()),
+                _ => None,
+            })
         })
     }
 

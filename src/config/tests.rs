@@ -76,7 +76,14 @@ fn full_config_resolves() {
 fn embedded_default_mirrors_docker_hub() {
     let c = Config::default_config().unwrap();
     assert_eq!(c.upstreams["hub"].url.host_str(), Some(DOCKER_HUB_API_HOST));
-    assert_eq!(c.routes[0].prefix, "");
+    assert_eq!(
+        c.routes[0].host.as_ref().map(RegistryHost::as_str),
+        Some("docker.io")
+    );
+    assert_eq!(c.routes[1].prefix, "");
+    assert!(c.routes.iter().all(|r| r.cache), "a caching mirror");
+    let dir = c.cache.unwrap().dir;
+    assert!(dir.ends_with("ocigate"), "{}", dir.display());
 }
 
 #[test]
