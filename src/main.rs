@@ -447,6 +447,11 @@ async fn run(config: Config) -> Result<()> {
     if listeners.is_empty() {
         bail!("no listen address");
     }
+    let bound = listeners
+        .iter()
+        .filter_map(|l| l.tcp.local_addr().ok())
+        .collect();
+    gateway.listening_on(bound);
     for addr in config.forward_proxy.iter().flat_map(|f| &f.listen) {
         let tcp = TcpListener::bind(addr)
             .await

@@ -504,3 +504,124 @@ fn allow_push_false_refuses_writes_with_a_clear_message() {
     assert!(err.contains("allow_push"), "{err}");
     assert_eq!(p.quay.count_requests("POST", "/blobs/uploads/"), seeded);
 }
+
+#[test]
+fn setup_pages_point_nodes_at_the_proxy_and_the_mirror() {
+    let p = proxied("", "");
+    let proxy = format!("http://{}", p.proxy);
+    // /setup/systemd: drop-ins for dockerd and containerd, and the CA, as the script writes
+    // them (under ROOT, so that this machine is left alone).
+    let script = common::http::get(&format!("{proxy}/setup/systemd"));
+    assert_eq!(script.status, 200);
+    let root = tempfile::tempdir().unwrap();
+    let ran = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script.text())
+        .env("ROOT", root.path())
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    for unit in ["docker", "containerd"] {
+        let dropin = std::fs::read_to_string(root.path().join(format!(
+            "etc/systemd/system/{unit}.service.d/ocigate-proxy.conf"
+        )))
+        .unwrap();
+        assert!(
+            dropin.contains(&format!("Environment=\"HTTPS_PROXY={proxy}\"")),
+            "{dropin}"
+        );
+    }
+    let installed = std::fs::read_to_string(
+        root.path()
+            .join("usr/local/share/ca-certificates/ocigate-proxy.crt"),
+    )
+    .unwrap();
+    assert_eq!(installed, std::fs::read_to_string(&p.ca).unwrap());
+
+    // /setup/containerd: one hosts.toml per host route, pointing at the registry listener.
+    let one = common::http::get(&format!("{proxy}/setup/containerd?host=quay.test"));
+    assert_eq!(one.status, 200);
+    assert!(
+        one.text().contains(&format!("[host.\"{}\"]", p.gw.url())),
+        "{}",
+        one.text()
+    );
+    assert_eq!(
+        common::http::get(&format!("{proxy}/setup/containerd?host=x.test")).status,
+        404
+    );
+    let tarball = common::http::get(&format!("{proxy}/setup/containerd"));
+    assert_eq!(
+        tarball.header("content-type").as_deref(),
+        Some("application/x-tar")
+    );
+    let hosts = tempfile::tempdir().unwrap();
+    tar::Archive::new(&tarball.body[..])
+        .unpack(hosts.path())
+        .unwrap();
+    for host in ["quay.test", "registry.test", "docker.io"] {
+        assert!(
+            hosts.path().join(host).join("hosts.toml").exists(),
+            "{host}"
+        );
+    }
+    // What it says works: containerd pulls through the mirror it names.
+    let Some(containerd) = Containerd::start() else {
+        return;
+    };
+    let img = image::image(&[("hello", b"set up by /setup/containerd\n")], "amd64");
+    image::push_image(&p.quay.url(), "team/setup", "v1", &img);
+    assert_eq!(
+        containerd.pull(hosts.path(), "quay.test/team/setup:v1"),
+        img.digest
+    );
+}
+
+#[test]
+fn the_setup_script_asks_for_proxy_credentials_when_users_are_configured() {
+    let files = common::tokens::TokenServerFiles::new(&[("alice", "wonderland")]);
+    let p = proxied(
+        &format!("  users: {{ htpasswd: {} }}\n", files.path("htpasswd")),
+        "",
+    );
+    let script = common::http::get(&format!("http://{}/setup/systemd", p.proxy)).text();
+    assert!(!script.contains("wonderland"));
+    let root = tempfile::tempdir().unwrap();
+    let run = |env: &[(&str, &str)]| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("ROOT", root.path())
+            .env_remove("OCIGATE_PROXY_USER")
+            .env_remove("OCIGATE_PROXY_PASSWORD")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("OCIGATE_PROXY_USER"));
+    assert!(
+        run(&[
+            ("OCIGATE_PROXY_USER", "alice"),
+            ("OCIGATE_PROXY_PASSWORD", "wonderland")
+        ])
+        .status
+        .success()
+    );
+    let dropin = root
+        .path()
+        .join("etc/systemd/system/docker.service.d/ocigate-proxy.conf");
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(
+        text.contains(&format!("HTTPS_PROXY=http://alice:wonderland@{}", p.proxy)),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dropin).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a drop-in holding a password is private");
+}

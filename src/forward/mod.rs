@@ -9,6 +9,7 @@
 //! dial anything but a tunnel's target, which only a `tunnel` glob can name.
 
 pub(crate) mod ca;
+mod setup;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -129,6 +130,28 @@ impl ForwardProxy {
             allow_push: config.allow_push,
             token_realms,
         })
+    }
+
+    /// The forward-proxy listener's own pages: `/setup/systemd` and `/setup/containerd`.
+    /// `proxy`: the `Host` the node reached the proxy by; `mirror`: the registry listener's
+    /// base URL as that node reaches it; `hosts`: the host routes' hosts.
+    pub(crate) fn page(
+        &self,
+        path: &str,
+        query: &str,
+        proxy: &str,
+        mirror: &str,
+        hosts: &[&RegistryHost],
+    ) -> Option<Response<Body>> {
+        match path {
+            "/setup/systemd" => Some(setup::systemd_script(
+                proxy,
+                self.ca_pem()?,
+                self.users.is_some(),
+            )),
+            "/setup/containerd" => Some(setup::containerd(hosts, mirror, query)),
+            _ => None,
+        }
     }
 
     /// The CA certificate (PEM), for `GET /ca.crt`.

@@ -48,6 +48,9 @@ pub struct Gateway {
     pub cache: Option<Cache>,
     pub(crate) catalog: Catalog,
     pub(crate) forward: Option<Arc<ForwardProxy>>,
+    /// The registry listeners' bound addresses (ports chosen at start included), for the
+    /// forward proxy's `/setup/containerd`.
+    listening: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
 }
 
 /// What can stop a gateway from being built out of a valid config.
@@ -132,7 +135,33 @@ impl Gateway {
             cache,
             catalog: Catalog::default(),
             forward,
+            listening: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records where the registry listeners are bound, once they are.
+    pub fn listening_on(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.listening.set(addrs);
+    }
+
+    /// The registry listener's base URL for a node that reached us by `host` (a `Host`
+    /// header): `server.public_url`, else that host name at the first listener's port.
+    fn mirror_base(&self, host: &str) -> String {
+        if let Some(url) = &self.config.server.public_url {
+            return url.as_str().trim_end_matches('/').to_string();
+        }
+        let scheme = match self.config.server.tls {
+            Some(_) => "https",
+            None => "http",
+        };
+        let port = self
+            .listening
+            .get()
+            .and_then(|a| a.first())
+            .or(self.config.server.listen.first())
+            .map_or(5000, |a| a.port());
+        let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+        format!("{scheme}://{name}:{port}")
     }
 
     /// Network start-up work before serving: cloud credentials are fetched now, so a broken
@@ -197,11 +226,29 @@ impl Gateway {
                     .map_err(|refused| refused.into_response())?;
                 Arc::new(absolute)
             }
-            // The proxy's own pages (`/ca.crt`, `/healthz`); the API is behind CONNECT.
-            (Via::ForwardProxy, _) if ctx.path.starts_with("/v2") => {
-                return Err(GatewayError::from(local::not_found(&ctx.path)).into_response());
+            // The proxy's own pages; the API is behind CONNECT.
+            (Via::ForwardProxy, Some(forward)) => {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                let hosts: Vec<&RegistryHost> = self
+                    .config
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.host.as_ref())
+                    .collect();
+                let mirror = self.mirror_base(host);
+                if let Some(page) = forward.page(&ctx.path, ctx.query(), host, &mirror, &hosts) {
+                    return Err(page);
+                }
+                if ctx.path.starts_with("/v2") {
+                    return Err(GatewayError::from(local::not_found(&ctx.path)).into_response());
+                }
+                return Ok(());
             }
-            (Via::ForwardProxy, _) => return Ok(()),
+            (Via::ForwardProxy, None) => return Ok(()),
         };
         ctx.label = "forward-proxy";
         match &intercepted.target {
