@@ -39,7 +39,8 @@
 //! - [`cache`]: the pull-through cache (content-addressed store, single-flight fills, warm).
 //! - [`pipeline`]: the driver and its request context; [`catalog`], [`local`]: local answers.
 //! - [`headers`]: header hygiene at both edges, and the public URL.
-//! - [`import`]: converting other tools' configs (`ocigate import backplane`).
+//! - [`import`]: converting other tools' configs (`ocigate import backplane|ociregistry|
+//!   docker-registry-proxy`).
 //! - [`forward`]: the forward proxy (`HTTPS_PROXY`): CONNECT interception, tunnels, the
 //!   interception CA, proxy users; intercepted requests then run the phases above.
 //! - [`server`]: sockets, TLS and graceful shutdown; [`stall`]: closing stalled responses.

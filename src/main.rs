@@ -33,12 +33,13 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
-    /// Print the ocigate config equivalent to another tool's config.
+    /// Print the ocigate config equivalent to another tool's config (docker-registry-proxy:
+    /// its environment variables, no file).
     Import {
         #[arg(value_enum)]
         kind: ImportKind,
         /// The other tool's config file.
-        file: PathBuf,
+        file: Option<PathBuf>,
     },
     /// Inspect, prune or preload the pull-through cache of a config.
     Cache {
@@ -85,8 +86,18 @@ enum CacheAction {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The YAML config file (default: the embedded Docker Hub mirror on 127.0.0.1:5000).
-    #[arg(long, env = "OCIGATE_CONFIG", conflicts_with = "upstream")]
+    #[arg(long, env = "OCIGATE_CONFIG", conflicts_with_all = ["upstream", "forward_proxy"])]
     config: Option<PathBuf>,
+    /// docker-registry-proxy mode: a caching forward proxy on ADDR (default 0.0.0.0:3128),
+    /// configured by that tool's environment variables (REGISTRIES, AUTH_REGISTRIES, …).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        num_args = 0..=1,
+        default_missing_value = config::DEFAULT_FORWARD_PROXY_LISTEN,
+        conflicts_with = "upstream"
+    )]
+    forward_proxy: Option<String>,
     /// Quick mode: proxy every name to this registry host (or URL).
     #[arg(long, env = "REGISTRY_HOST")]
     upstream: Option<String>,
@@ -180,6 +191,10 @@ impl TokenFlags {
 enum ImportKind {
     /// backplane/registryproxy's YAML.
     Backplane,
+    /// docker-registry-proxy's environment (REGISTRIES, AUTH_REGISTRIES, CACHE_MAX_SIZE, …).
+    DockerRegistryProxy,
+    /// An Ociregistry config's `registries:` list.
+    Ociregistry,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,18 +207,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Import {
-            kind: ImportKind::Backplane,
-            file,
-        } => std::fs::read_to_string(&file)
-            .with_context(|| format!("{}: cannot read", file.display()))
-            .and_then(|text| {
-                Ok(ocigate::import::backplane(
-                    &text,
-                    &file.display().to_string(),
-                )?)
-            })
-            .map(|yaml| print!("{yaml}")),
+        Command::Import { kind, file } => import(kind, file.as_deref()),
         Command::Token {
             config,
             account,
@@ -219,6 +223,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn import(kind: ImportKind, file: Option<&std::path::Path>) -> Result<()> {
+    let read = || -> Result<(String, String)> {
+        let file = file.context("give the file to convert")?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{}: cannot read", file.display()))?;
+        Ok((text, file.display().to_string()))
+    };
+    let imported = match kind {
+        ImportKind::Backplane => {
+            let (text, name) = read()?;
+            ocigate::import::Imported {
+                yaml: ocigate::import::backplane(&text, &name)?,
+                warnings: Vec::new(),
+            }
+        }
+        ImportKind::Ociregistry => {
+            let (text, name) = read()?;
+            ocigate::import::ociregistry(&text, &name)?
+        }
+        ImportKind::DockerRegistryProxy => {
+            if let Some(f) = file {
+                bail!(
+                    "docker-registry-proxy is configured by its environment, not a file ({})",
+                    f.display()
+                );
+            }
+            ocigate::import::docker_registry_proxy(
+                &|k| std::env::var(k).ok(),
+                config::DEFAULT_FORWARD_PROXY_LISTEN,
+            )?
+        }
+    };
+    for w in &imported.warnings {
+        eprintln!("ocigate: warning: {w}");
+    }
+    print!("{}", imported.yaml);
+    Ok(())
 }
 
 fn check_config(file: &std::path::Path) -> Result<()> {
@@ -408,13 +451,29 @@ fn quick_config(args: &ServeArgs, host: &str) -> Result<Config> {
     Ok(config)
 }
 
+/// `serve --forward-proxy`: docker-registry-proxy's environment, converted exactly as
+/// `import docker-registry-proxy` prints it.
+fn forward_proxy_config(listen: &str) -> Result<Config> {
+    let env = |k: &str| std::env::var(k).ok();
+    let imported = ocigate::import::docker_registry_proxy(&env, listen)?;
+    for w in &imported.warnings {
+        tracing::warn!("{w}");
+    }
+    // The YAML holds literals only (`$` doubled): nothing is expanded twice.
+    Ok(Config::parse_text(
+        &imported.yaml,
+        "<docker-registry-proxy environment>",
+    )?)
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
     install_crypto();
-    let config = match (&args.config, &args.upstream) {
-        (Some(path), _) => Config::load(path)?,
-        (None, Some(host)) => quick_config(&args, host)?,
-        (None, None) => Config::default_config()?,
+    let config = match (&args.config, &args.upstream, &args.forward_proxy) {
+        (Some(path), _, _) => Config::load(path)?,
+        (None, Some(host), _) => quick_config(&args, host)?,
+        (None, None, Some(listen)) => forward_proxy_config(listen)?,
+        (None, None, None) => Config::default_config()?,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run(config))

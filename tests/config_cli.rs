@@ -352,3 +352,94 @@ fn import_backplane_prints_a_config_that_checks() {
         "secrets stay out of the summary"
     );
 }
+
+#[test]
+fn import_docker_registry_proxy_reads_its_environment_gcr_delimiters_included() {
+    let json_key = r#"{"type":"service_account","private_key":"k:$x","client_email":"sa@p.iam.gserviceaccount.com"}"#;
+    let out = Command::new(Ocigate::bin())
+        .args(["import", "docker-registry-proxy"])
+        .env("REGISTRIES", "gcr.io quay.io")
+        .env(
+            "AUTH_REGISTRIES",
+            format!("gcr.io:::_json_key:::{json_key};;;auth.docker.io:::me:::hub;pw"),
+        )
+        .env("AUTH_REGISTRIES_DELIMITER", ";;;")
+        .env("AUTH_REGISTRY_DELIMITER", ":::")
+        .env("ENABLE_MANIFEST_CACHE", "true")
+        .env("ALLOW_PUSH", "true")
+        .env("CACHE_MAX_SIZE", "2g")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `$` in a secret is kept literally (doubled against `${…}` expansion).
+    assert!(yaml.contains("k:$$x"), "{yaml}");
+    let (ok, summary, stderr) = check(&yaml);
+    assert!(ok, "{stderr}\n{yaml}");
+    for want in [
+        "docker.io/",
+        "gcr.io/",
+        "quay.io/",
+        "forward_proxy: http://0.0.0.0:3128",
+        "push: true",
+    ] {
+        assert!(summary.contains(want), "{want} in {summary}");
+    }
+    assert!(
+        !summary.contains("hub;pw"),
+        "secrets stay out of the summary"
+    );
+    // A file argument is a mistake for this kind, said so.
+    let out = Command::new(Ocigate::bin())
+        .args(["import", "docker-registry-proxy", "x.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("environment"));
+}
+
+#[test]
+fn import_ociregistry_converts_the_seeds_ecr_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("ociregistry.yaml");
+    std::fs::write(
+        &seed,
+        "registries:\n  - name: 111122223333.dkr.ecr.us-south-1.amazonaws.com\n    auth:\n      token:\n        provider: ecr\n        providerOpts: profile=default,region=us-south-1\n        expiry: 6h\n  - name: quay.io\n    colour: blue\n",
+    )
+    .unwrap();
+    let out = Command::new(Ocigate::bin())
+        .args(["import", "ociregistry"])
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warnings.contains("registries[1].colour"),
+        "unknown keys are reported: {warnings}"
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (ok, summary, stderr) =
+        common::check_config(&yaml, &[("AWS_EC2_METADATA_DISABLED", "true")]);
+    if cfg!(feature = "ecr") {
+        assert!(ok, "{stderr}\n{yaml}");
+        assert!(
+            summary.contains("111122223333.dkr.ecr.us-south-1.amazonaws.com/"),
+            "{summary}"
+        );
+        assert!(summary.contains("ecr"), "{summary}");
+    } else {
+        assert!(
+            stderr.contains("built without the `ecr` feature"),
+            "{stderr}"
+        );
+    }
+}

@@ -228,8 +228,16 @@ impl Proxied {
 
     /// A raw request to the proxy listener: its status line and headers.
     fn ask(&self, request: &str) -> (u16, String) {
+        Proxied::ask_at(&self.proxy, request)
+    }
+
+    fn ask_raw(proxy: &str, request: &str) -> u16 {
+        Proxied::ask_at(proxy, request).0
+    }
+
+    fn ask_at(proxy: &str, request: &str) -> (u16, String) {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.proxy).unwrap();
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
         s.write_all(request.as_bytes()).unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
@@ -332,6 +340,15 @@ fn skopeo_and_podman_pull_and_push_through_the_forward_proxy() {
     // The CA is served on both listeners, and is the one clients were told to trust.
     let ca = std::fs::read_to_string(&p.ca).unwrap();
     assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+    // The fingerprint logged at start is the one openssl computes of the file.
+    let openssl = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&p.ca)
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&openssl.stdout);
+    let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_string();
+    assert!(p.gw.logs().contains(&fingerprint), "{fingerprint}");
     assert_eq!(
         common::http::get(&format!("{}/ca.crt", p.gw.url())).text(),
         ca
@@ -367,6 +384,11 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
         ("quay.test", 400),
         ("qu%61y.test:443", 400),
         ("bad_name!.test:443", 400),
+        // Addresses spelled as resolvers read them, and user info, are no host names.
+        ("10.0x0.0x0.0x1:443", 400),
+        ("0x7f.1:443", 400),
+        ("alice@quay.test:443", 400),
+        ("quay.test:99999", 400),
         // Named by `tunnel`, but loopback once resolved; or not resolvable at all.
         ("localhost:443", 403),
         ("x.nowhere.invalid:443", 502),
@@ -379,6 +401,14 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
     assert_eq!(got, 403);
     let (got, _) = p.ask("GET http://quay.test/v2/ HTTP/1.1\r\nHost: quay.test\r\n\r\n");
     assert_eq!(got, 200);
+    for target in [
+        "http://quay.test:99999/v2/",
+        "ftp://quay.test/v2/",
+        "http://a:b@quay.test/v2/",
+    ] {
+        let (got, _) = p.ask(&format!("GET {target} HTTP/1.1\r\nHost: quay.test\r\n\r\n"));
+        assert_eq!(got, 400, "{target}");
+    }
     let (got, _) = p.ask("GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(got, 404);
     // Docker Hub is routed, so its token realm is intercepted: a client that still asks it
@@ -485,6 +515,38 @@ fn proxy_users_get_what_the_acl_grants_cache_hits_included() {
     assert!(
         p.gw.wait_for_log(r#""subject":"alice""#),
         "the proxy user is logged"
+    );
+    // The proxy listener is no token endpoint and shows no metrics (regressions of the
+    // attack review); what it tells about routes is for users only.
+    let proxy = format!("http://{}", p.proxy);
+    assert_eq!(
+        common::http::get(&format!("{proxy}/token?service=gw")).status,
+        404
+    );
+    assert_eq!(common::http::get(&format!("{proxy}/metrics")).status, 404);
+    let setup = format!("{proxy}/setup/containerd");
+    let anonymous = common::http::get(&setup);
+    assert_eq!(anonymous.status, 401);
+    assert!(
+        anonymous
+            .header("www-authenticate")
+            .is_some_and(|c| c.starts_with("Basic"))
+    );
+    let login = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "alice:wonderland"
+        )
+    );
+    assert_eq!(
+        common::http::get_with(&setup, &[("authorization", &login)]).status,
+        200
+    );
+    assert_eq!(
+        common::http::get(&format!("{proxy}/ca.crt")).status,
+        200,
+        "the CA is public"
     );
 }
 
@@ -624,4 +686,62 @@ fn the_setup_script_asks_for_proxy_credentials_when_users_are_configured() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&dropin).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "a drop-in holding a password is private");
+}
+
+#[test]
+fn serve_forward_proxy_runs_docker_registry_proxys_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let ca_dir = dir.path().join("ca");
+    let gw = Ocigate::start_args(
+        &["--forward-proxy", "127.0.0.1:0"],
+        &[
+            ("REGISTRIES", "quay.test registry.test"),
+            ("OCIGATE_LISTEN", "127.0.0.1:0"),
+            ("OCIGATE_CACHE_DIR", &cache.display().to_string()),
+            ("OCIGATE_CA_DIR", &ca_dir.display().to_string()),
+        ],
+    );
+    let proxy = gw.forward_proxy();
+    // The seed's CA layout, generated; its cache directory, opened.
+    let ca = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+    assert!(ca_dir.join("ca.key").exists() && cache.join("objects").exists());
+    assert_eq!(
+        common::http::get(&format!("http://{proxy}/ca.crt")).text(),
+        ca
+    );
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--proxy",
+                &format!("http://{proxy}"),
+                "--cacert",
+            ])
+            .arg(ca_dir.join("ca.crt"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Intercepted hosts: REGISTRIES and Docker Hub (never asked for credentials)...
+    for host in ["quay.test", "registry.test", "registry-1.docker.io"] {
+        assert_eq!(curl(&[&format!("https://{host}/v2/")]), "200", "{host}");
+    }
+    // ... and ALLOW_PUSH's default refuses writes there.
+    assert_eq!(
+        curl(&["-X", "POST", "https://quay.test/v2/team/app/blobs/uploads/"]),
+        "405"
+    );
+    // Everything else is tunnelled (the seed's behaviour): a name that does not resolve
+    // is a 502 from the proxy, not a refusal.
+    let p = Proxied::ask_raw(
+        &proxy,
+        "CONNECT nowhere.invalid:443 HTTP/1.1\r\nHost: nowhere.invalid\r\n\r\n",
+    );
+    assert_eq!(p, 502);
 }

@@ -178,6 +178,27 @@ impl Cache {
         })
     }
 
+    /// With `cache.inactive`: deletes objects nobody used for that long, now and then, for
+    /// as long as the runtime runs.
+    pub(crate) fn sweep_inactive(&self) {
+        let Some(inactive) = self.config.inactive else {
+            return;
+        };
+        let store = self.store.clone();
+        let period = (inactive / 24).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        tokio::spawn(async move {
+            loop {
+                let cutoff = SystemTime::now().checked_sub(inactive);
+                if let Some(cutoff) = cutoff {
+                    let store = store.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || store.evict_unused_since(cutoff)).await;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -518,7 +539,7 @@ impl Cache {
         let age = SystemTime::now()
             .duration_since(entry.checked)
             .unwrap_or(Duration::ZERO);
-        if self.config.offline || age < self.config.tag_ttl {
+        if self.config.offline || age < self.config.tag_ttl_for(tag) {
             crate::metrics::cache_request("manifest", "hit");
             return Ok(Some(ManifestAnswer::Cached(cached)));
         }
@@ -624,20 +645,24 @@ impl Cache {
         let gate = self.manifest_gates.gate(&key);
         let _turn = gate.lock().await;
         // Whoever held the gate may have fetched it just now.
-        let fresh = match reference {
-            Reference::Digest(d) if self.journal.has_link(upstream, fetch.remote, d) => {
-                self.cached_manifest(d).await
-            }
-            Reference::Digest(_) => None,
-            Reference::Tag(t) => match self
-                .journal
-                .tag(upstream, fetch.remote, t, accept)
-                .filter(|e| e.checked.elapsed().is_ok_and(|a| a < self.config.tag_ttl))
-            {
-                Some(e) => self.cached_manifest(&e.digest).await,
-                None => None,
-            },
-        };
+        let fresh =
+            match reference {
+                Reference::Digest(d) if self.journal.has_link(upstream, fetch.remote, d) => {
+                    self.cached_manifest(d).await
+                }
+                Reference::Digest(_) => None,
+                Reference::Tag(t) => match self
+                    .journal
+                    .tag(upstream, fetch.remote, t, accept)
+                    .filter(|e| {
+                        e.checked
+                            .elapsed()
+                            .is_ok_and(|a| a < self.config.tag_ttl_for(t))
+                    }) {
+                    Some(e) => self.cached_manifest(&e.digest).await,
+                    None => None,
+                },
+            };
         if let Some(m) = fresh {
             crate::metrics::cache_coalesced();
             return Ok(ManifestAnswer::Cached(m));

@@ -378,26 +378,38 @@ impl Store {
         self.evict_to(self.max_size);
     }
 
-    /// Evicts until committed and held bytes are at most `limit`. Files are unlinked under the
-    /// index lock, so a commit of the same digest cannot slip in between.
+    /// Evicts objects nobody has open and nobody used since `cutoff` (`cache.inactive`).
+    pub(crate) fn evict_unused_since(&self, cutoff: SystemTime) {
+        self.evict_while(Some(cutoff), |_| true);
+    }
+
+    /// Evicts until committed and held bytes are at most `limit`.
     fn evict_to(&self, limit: u64) {
+        let held = self.held.load(Ordering::Acquire);
+        self.evict_while(None, |total| total + held > limit);
+    }
+
+    /// Evicts least recently used objects that nobody has open (and, with `unused_since`,
+    /// that nobody used since then) while `over(total)` holds. Files are unlinked under the
+    /// index lock, so a commit of the same digest cannot slip in between.
+    fn evict_while(&self, unused_since: Option<SystemTime>, over: impl Fn(u64) -> bool) {
         if !self.owner {
             return;
         }
         let mut index = self.index.lock();
-        let held = self.held.load(Ordering::Acquire);
-        if index.total + held <= limit {
+        if !over(index.total) {
             return;
         }
         let mut candidates: Vec<(SystemTime, String, u64)> = index
             .entries
             .iter()
             .filter(|(_, e)| !e.pinned())
+            .filter(|(_, e)| unused_since.is_none_or(|c| e.last_access < c))
             .map(|(d, e)| (e.last_access, d.clone(), e.size))
             .collect();
         candidates.sort();
         for (_, digest, size) in candidates {
-            if index.total + held <= limit {
+            if !over(index.total) {
                 break;
             }
             index.entries.remove(&digest);
@@ -446,6 +458,27 @@ mod tests {
             .unwrap();
         store.evict();
         digest
+    }
+
+    #[test]
+    fn inactive_objects_go_unless_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Ownership::Owner).unwrap();
+        let a = put(&store, b"used long ago");
+        let b = put(&store, b"also");
+        store.evict_unused_since(SystemTime::UNIX_EPOCH);
+        assert!(
+            store.contains(&a) && store.contains(&b),
+            "used since the cutoff: kept"
+        );
+        let reading = store.open_object(&a).unwrap();
+        store.evict_unused_since(SystemTime::now() + Duration::from_secs(1));
+        assert!(store.contains(&a), "an object being read is never evicted");
+        assert!(!store.contains(&b));
+        drop(reading);
+        store.evict_unused_since(SystemTime::now() + Duration::from_secs(1));
+        assert!(!store.contains(&a));
+        assert_eq!(store.total(), 0);
     }
 
     #[test]

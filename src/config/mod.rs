@@ -84,6 +84,23 @@ pub(crate) enum CaSource {
 /// The forward proxy's listen address when none is given (docker-registry-proxy's port).
 pub const DEFAULT_FORWARD_PROXY_LISTEN: &str = "0.0.0.0:3128";
 
+/// A tag pattern (a regex matching the whole tag) and how long such tags are trusted.
+#[derive(Debug, Clone)]
+pub(crate) struct TagTtl {
+    pub(crate) tags: regex::Regex,
+    pub(crate) ttl: Duration,
+}
+
+impl CacheConfig {
+    /// How long `tag`'s digest is trusted before a HEAD revalidates it.
+    pub(crate) fn tag_ttl_for(&self, tag: &str) -> Duration {
+        self.tag_ttls
+            .iter()
+            .find(|t| t.tags.is_match(tag))
+            .map_or(self.tag_ttl, |t| t.ttl)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub(crate) dir: PathBuf,
@@ -98,6 +115,10 @@ pub struct CacheConfig {
     pub(crate) serve_stale: bool,
     /// Never contact upstreams; serve what is cached.
     pub(crate) offline: bool,
+    /// Objects nobody used for this long are deleted (checked in the background).
+    pub(crate) inactive: Option<Duration>,
+    /// Per-tag trust periods, first match wins (else `tag_ttl`).
+    pub(crate) tag_ttls: Vec<TagTtl>,
 }
 
 pub(crate) const DEFAULT_CACHE_MAX_SIZE: u64 = 10 << 30;
@@ -455,6 +476,11 @@ impl Config {
                 _ => None,
             })
         })
+    }
+
+    /// Parses generated YAML (literals only: no variable is set for it).
+    pub fn parse_text(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, file, &|_| None)
     }
 
     /// Parses and validates YAML text; `file` names it in errors, `env` resolves `${VAR}`.
@@ -908,6 +934,30 @@ impl Resolver<'_> {
             },
             serve_stale: c.serve_stale.unwrap_or(true),
             offline: c.offline.unwrap_or(false),
+            inactive: match &c.inactive {
+                None => None,
+                Some(v) => Some(self.duration("cache.inactive", v)?).filter(|d| !d.is_zero()),
+            },
+            tag_ttls: c
+                .tag_ttls
+                .iter()
+                .map(|t| self.tag_ttl_rule(&t.value))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn tag_ttl_rule(&self, raw: &raw::RawTagTtl) -> Result<TagTtl, ConfigError> {
+        let pattern = self.string("cache.tag_ttls.tags", &raw.tags)?;
+        // Anchored: a tier for `stable` must not also take `unstable-2`.
+        let tags = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+            self.err(
+                raw.tags.referenced,
+                format!("cache.tag_ttls.tags: {pattern:?} is not a regular expression: {e}"),
+            )
+        })?;
+        Ok(TagTtl {
+            tags,
+            ttl: self.duration("cache.tag_ttls.ttl", &raw.ttl)?,
         })
     }
 

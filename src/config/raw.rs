@@ -51,6 +51,16 @@ pub(crate) struct RawCache {
     pub(crate) evidence_ttl: Option<S>,
     pub(crate) serve_stale: Option<bool>,
     pub(crate) offline: Option<bool>,
+    pub(crate) inactive: Option<S>,
+    #[serde(default)]
+    pub(crate) tag_ttls: Vec<Spanned<RawTagTtl>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTagTtl {
+    pub(crate) tags: S,
+    pub(crate) ttl: S,
 }
 
 #[derive(Debug, Deserialize)]

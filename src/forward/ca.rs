@@ -103,6 +103,15 @@ impl Authority {
         &self.cert_pem
     }
 
+    /// The CA certificate's SHA-256 fingerprint (`AB:CD:…`, as `openssl x509 -fingerprint
+    /// -sha256` prints it), for nodes to check the `/ca.crt` they fetched.
+    pub(crate) fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.ca_der.as_ref());
+        let hex: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
+        hex.join(":")
+    }
+
     /// The TLS config that presents a leaf for `name` (a DNS name), minted now if there is
     /// none yet or it is near its end.
     pub(crate) fn server_config(&self, name: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {

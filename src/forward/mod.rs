@@ -52,6 +52,15 @@ pub enum ForwardSetupError {
     Users(#[from] crate::token::users::HtpasswdError),
 }
 
+/// A request for one of the forward-proxy listener's pages.
+pub(crate) struct Page<'a> {
+    pub(crate) path: &'a str,
+    pub(crate) query: &'a str,
+    pub(crate) proxy: &'a str,
+    pub(crate) mirror: &'a str,
+    pub(crate) hosts: &'a [&'a RegistryHost],
+}
+
 /// What a connection through the proxy is for, decided at its `CONNECT` (or absolute-form
 /// request) and read by every request on it.
 #[derive(Debug)]
@@ -123,8 +132,12 @@ impl ForwardProxy {
             }),
             None => None,
         };
+        let authority = Authority::open(&config.ca, create_ca)?;
+        if let Some(a) = authority.as_ref().filter(|_| create_ca) {
+            tracing::info!(sha256 = %a.fingerprint(), "interception CA (GET /ca.crt)");
+        }
         Ok(ForwardProxy {
-            authority: Authority::open(&config.ca, create_ca)?,
+            authority,
             tunnel: config.tunnel.clone(),
             users,
             allow_push: config.allow_push,
@@ -132,24 +145,29 @@ impl ForwardProxy {
         })
     }
 
-    /// The forward-proxy listener's own pages: `/setup/systemd` and `/setup/containerd`.
+    /// The forward-proxy listener's own pages: `/setup/systemd` and `/setup/containerd`
+    /// (which names the routed hosts: with users, for them only, logged in with `curl -u`).
     /// `proxy`: the `Host` the node reached the proxy by; `mirror`: the registry listener's
     /// base URL as that node reaches it; `hosts`: the host routes' hosts.
-    pub(crate) fn page(
+    pub(crate) async fn page(
         &self,
-        path: &str,
-        query: &str,
-        proxy: &str,
-        mirror: &str,
-        hosts: &[&RegistryHost],
+        page: Page<'_>,
+        headers: &HeaderMap,
+        peer: IpAddr,
     ) -> Option<Response<Body>> {
-        match path {
+        match page.path {
             "/setup/systemd" => Some(setup::systemd_script(
-                proxy,
+                page.proxy,
                 self.ca_pem()?,
                 self.users.is_some(),
             )),
-            "/setup/containerd" => Some(setup::containerd(hosts, mirror, query)),
+            "/setup/containerd" => {
+                let login = self.authenticate_with(headers, header::AUTHORIZATION, peer);
+                Some(match login.await {
+                    Ok(_) => setup::containerd(page.hosts, page.mirror, page.query),
+                    Err(refused) => refused.into_login_response(),
+                })
+            }
             _ => None,
         }
     }
@@ -172,19 +190,17 @@ impl ForwardProxy {
             Ok(user) => user,
             Err(refused) => return Connect::Answer(refused.into_response()),
         };
-        let Some(authority) = uri.authority().filter(|_| {
-            uri.path_and_query()
-                .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
-        }) else {
-            return Connect::Answer(
-                refusal(StatusCode::BAD_REQUEST, "CONNECT needs host:port").into_response(),
-            );
-        };
-        let (name, port) = (authority.host().to_ascii_lowercase(), authority.port_u16());
-        let Some(port) = port else {
-            return Connect::Answer(
-                refusal(StatusCode::BAD_REQUEST, "CONNECT needs host:port").into_response(),
-            );
+        let bare = uri.scheme().is_none()
+            && uri
+                .path_and_query()
+                .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty());
+        let (name, port) = match target_authority(uri).filter(|_| bare) {
+            Some((name, Some(port))) => (name, port),
+            _ => {
+                return Connect::Answer(
+                    refusal(StatusCode::BAD_REQUEST, "CONNECT needs host:port").into_response(),
+                );
+            }
         };
         let target = match self.classify(routes, &name, port) {
             Ok(t) => t,
@@ -223,20 +239,24 @@ impl ForwardProxy {
         peer: SocketAddr,
     ) -> Result<Intercepted, ProxyRefusal> {
         let user = self.authenticate(headers, peer.ip()).await?;
-        let authority = uri.authority().ok_or_else(|| {
-            refusal(
-                StatusCode::BAD_REQUEST,
-                "absolute-form request without a host",
-            )
-        })?;
-        let name = authority.host().to_ascii_lowercase();
+        let (name, port) = target_authority(uri)
+            .filter(|_| uri.scheme() == Some(&http::uri::Scheme::HTTP))
+            .ok_or_else(|| {
+                refusal(
+                    StatusCode::BAD_REQUEST,
+                    "an absolute-form request needs an http://host[:port] URL",
+                )
+            })?;
         // Port 80 is plain HTTP's default, as 443 is a CONNECT's: the host's own name.
-        let port = authority.port_u16().filter(|p| *p != 80).unwrap_or(443);
+        let port = port.filter(|p| *p != 80).unwrap_or(443);
         match self.classify(routes, &name, port)? {
             Some(target) => Ok(Intercepted {
                 target,
                 user,
-                base: format!("http://{authority}"),
+                base: match port {
+                    443 => format!("http://{name}"),
+                    p => format!("http://{name}:{p}"),
+                },
             }),
             None => Err(refusal(
                 StatusCode::FORBIDDEN,
@@ -354,11 +374,22 @@ impl ForwardProxy {
         headers: &HeaderMap,
         peer: IpAddr,
     ) -> Result<Option<String>, ProxyRefusal> {
+        self.authenticate_with(headers, header::PROXY_AUTHORIZATION, peer)
+            .await
+    }
+
+    /// The user whose Basic credentials are in the `from` header.
+    async fn authenticate_with(
+        &self,
+        headers: &HeaderMap,
+        from: header::HeaderName,
+        peer: IpAddr,
+    ) -> Result<Option<String>, ProxyRefusal> {
         let Some(users) = &self.users else {
             return Ok(None);
         };
         let basic = headers
-            .get(header::PROXY_AUTHORIZATION)
+            .get(from)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
@@ -409,28 +440,43 @@ impl ForwardProxy {
             .with_status(StatusCode::METHOD_NOT_ALLOWED)
             .into());
         }
-        let allowed = match (&intercepted.user, token_server, auth) {
-            (Some(user), Some(ts), _) => ts.permits(user, required),
-            (Some(_), None, _) => true,
-            (None, _, Some(auth)) => auth.anonymous_allows(required),
-            (None, _, None) => true,
+        let allowed = |scope: &Scope| {
+            let one = std::slice::from_ref(scope);
+            match (&intercepted.user, token_server, auth) {
+                (Some(user), Some(ts), _) => ts.permits(user, one),
+                (Some(_), None, _) => true,
+                (None, _, Some(auth)) => auth.anonymous_allows(one),
+                (None, _, None) => true,
+            }
         };
-        if !allowed {
-            let denied = required.first().map(
-                |s| serde_json::json!({ "type": s.kind, "name": s.name, "actions": s.actions }),
-            );
+        if let Some(s) = required.iter().find(|s| !allowed(s)) {
+            let denied =
+                serde_json::json!({ "type": s.kind, "name": s.name, "actions": s.actions });
             return Err(OciError::new(
                 ErrorCode::Denied,
                 "requested access to the resource is denied",
             )
             .with_status(StatusCode::FORBIDDEN)
-            .with_detail(denied.unwrap_or_default())
+            .with_detail(denied)
             .into());
         }
         Ok(Admission::Proxied {
             user: intercepted.user.clone(),
         })
     }
+}
+
+/// The host (lower case) and port of a request target, `None` when it has user info or a
+/// port that is no port.
+fn target_authority(uri: &Uri) -> Option<(String, Option<u16>)> {
+    let authority = uri.authority()?;
+    let rest = authority.as_str().strip_prefix(authority.host())?;
+    let port = match rest.strip_prefix(':') {
+        None if rest.is_empty() => None,
+        None => return None,
+        Some(digits) => Some(digits.parse::<u16>().ok()?),
+    };
+    Some((authority.host().to_ascii_lowercase(), port))
 }
 
 /// An answer for a token realm's host: any `GET` gets a token, which nothing checks (the
@@ -516,6 +562,19 @@ fn proxy_challenge(why: &'static str) -> ProxyRefusal {
 }
 
 impl ProxyRefusal {
+    /// For the proxy's own pages: a `401` asking for a login instead of a `407`.
+    fn into_login_response(self) -> Response<Body> {
+        let mut response = self.into_response();
+        if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            let challenge = response.headers_mut().remove(header::PROXY_AUTHENTICATE);
+            if let Some(c) = challenge {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+            }
+        }
+        response
+    }
+
     pub(crate) fn into_response(self) -> Response<Body> {
         let text = format!("ocigate forward proxy: {}\n", self.why);
         let mut response = Response::new(body::full(text));

@@ -72,12 +72,28 @@ fn is_dns_name(name: &str) -> bool {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
+    // A numeric last label (`10.0.0.1`, or the hex `10.0x0.0x0.0x1` that resolvers take for
+    // an address) is an IP address in disguise, not a name.
+    let numeric = |l: &str| match l.strip_prefix("0x") {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => l.bytes().all(|b| b.is_ascii_digit()),
+    };
     name.len() <= 253
         && name.split('.').all(label_ok)
-        && name
-            .rsplit('.')
-            .next()
-            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+        && name.rsplit('.').next().is_some_and(|last| !numeric(last))
+}
+
+/// Whether a repository name authorisation may see: a name, or a registry host and a name
+/// inside it (`quay.io/team/app`, `registry.test:5000/app`).
+pub(crate) fn valid_qualified_name(name: &str) -> bool {
+    let inside_host = name
+        .split_once('/')
+        .filter(|(first, _)| first.contains(':'))
+        .filter(|(first, _)| RegistryHost::parse(first).is_some());
+    match inside_host {
+        Some((_, rest)) => crate::oci::path::validate_name(rest).is_ok(),
+        None => crate::oci::path::validate_name(name).is_ok(),
+    }
 }
 
 #[cfg(test)]
@@ -106,12 +122,25 @@ mod tests {
     }
 
     #[test]
+    fn qualified_names() {
+        assert!(valid_qualified_name("registry.test:5000/team/app"));
+        assert!(valid_qualified_name("quay.io/team/app"));
+        assert!(valid_qualified_name("team/app"));
+        assert!(!valid_qualified_name("registry.test:0/app"));
+        assert!(!valid_qualified_name("x:1/app"));
+        assert!(!valid_qualified_name("registry.test:5000/Team"));
+    }
+
+    #[test]
     fn odd_hosts_are_not_hosts() {
         for bad in [
             "",
             "registry",
             "127.0.0.1",
             "10.0.0.5:5000",
+            "10.0x0.0x0.0x1",
+            "192.168.0.0x1:443",
+            "0xa.0x0.0x0.0x1",
             "[::1]:443",
             "a..b",
             "-a.io",

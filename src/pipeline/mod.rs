@@ -170,6 +170,9 @@ impl Gateway {
         for upstream in self.upstreams.values() {
             upstream.start().await?;
         }
+        if let Some(cache) = &self.cache {
+            cache.sweep_inactive();
+        }
         Ok(())
     }
 
@@ -240,13 +243,21 @@ impl Gateway {
                     .filter_map(|r| r.host.as_ref())
                     .collect();
                 let mirror = self.mirror_base(host);
-                if let Some(page) = forward.page(&ctx.path, ctx.query(), host, &mirror, &hosts) {
+                let page = crate::forward::Page {
+                    path: &ctx.path,
+                    query: ctx.query(),
+                    proxy: host,
+                    mirror: &mirror,
+                    hosts: &hosts,
+                };
+                if let Some(page) = forward.page(page, req.headers(), conn.peer.ip()).await {
                     return Err(page);
                 }
-                if ctx.path.starts_with("/v2") {
-                    return Err(GatewayError::from(local::not_found(&ctx.path)).into_response());
-                }
-                return Ok(());
+                // Nothing else answers there: not the token endpoint, not /metrics.
+                return match ctx.path.as_str() {
+                    "/ca.crt" | "/healthz" => Ok(()),
+                    _ => Err(GatewayError::from(local::not_found(&ctx.path)).into_response()),
+                };
             }
             (Via::ForwardProxy, None) => return Ok(()),
         };
@@ -369,7 +380,11 @@ impl Gateway {
         };
         let api = match &host {
             Some(h) if h.naming == Naming::InPath => {
-                let inside = rest.get(h.host.as_str().len() + 1..).unwrap_or_default();
+                // After the segment as the client spelled it (`quay.io:443`, `index.docker.io`).
+                let inside = rest
+                    .split_once('/')
+                    .map(|(_, inside)| inside)
+                    .unwrap_or_default();
                 ApiPath::parse(&format!("/v2/{inside}"), &ctx.method)
             }
             _ => ApiPath::parse(&ctx.path, &ctx.method),

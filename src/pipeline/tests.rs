@@ -791,6 +791,11 @@ async fn a_named_host_picks_its_routes_and_unknown_hosts_are_never_asked() {
             "/v2/quay.test/app/manifests/v1?ns=x.test",
             "/v2/q/app/manifests/v1",
         ),
+        // Cut after the segment as spelled, not after the canonical host's length.
+        (
+            "/v2/QUAY.test:443/app/manifests/v1",
+            "/v2/q/app/manifests/v1",
+        ),
         (
             "/v2/lib/app/tags/list?ns=registry.test:5000&n=2",
             "/v2/r/app/tags/list?n=2",
@@ -965,4 +970,11 @@ async fn authorisation_sees_names_qualified_with_their_host() {
         2,
         "only the admitted pushes went upstream"
     );
+    // The token server takes scopes of hosts with a port, as their challenges name them.
+    let login = get(
+        &gw,
+        "/token?service=registry.example&scope=repository:registry.test:5000/lib/app:pull",
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
 }

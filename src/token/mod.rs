@@ -371,7 +371,7 @@ impl Params {
                 Scope::parse(s)
                     .filter(|scope| {
                         !scope.is_repository()
-                            || crate::oci::path::validate_name(&scope.name).is_ok()
+                            || crate::oci::host::valid_qualified_name(&scope.name)
                     })
                     .filter(|scope| scope.name.len() <= 255 && scope.actions.len() <= 8)
                     .ok_or_else(|| bad_request(&format!("invalid scope {s:?}")))

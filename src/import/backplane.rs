@@ -1,11 +1,13 @@
 //! `ocigate import backplane FILE`: a backplane/registryproxy config, printed as the
 //! equivalent ocigate YAML (each proxy a relay route, its `auth` a verbatim header on an
-//! upstream of its own). Reads and writes text only.
+//! upstream of its own).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Deserialize;
+
+use super::{ImportError, quote, upstream_name};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,18 +29,6 @@ struct Proxy {
     #[serde(default)]
     remote: String,
     auth: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
-pub struct ImportError {
-    pub(crate) file: String,
-    pub(crate) message: String,
-}
-
-/// A YAML double-quoted scalar (JSON string syntax is valid YAML).
-fn quote(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
 }
 
 /// Converts backplane YAML `text` (named `file` in errors) to ocigate YAML.
@@ -91,17 +81,7 @@ pub fn backplane(text: &str, file: &str) -> Result<String, ImportError> {
         {
             Some((n, _, _)) => n.clone(),
             None => {
-                let base: String = p
-                    .registry
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() {
-                            c.to_ascii_lowercase()
-                        } else {
-                            '-'
-                        }
-                    })
-                    .collect();
+                let base = upstream_name(&p.registry);
                 let n = if upstreams.iter().any(|(n, _, _)| *n == base) {
                     format!("{base}-{}", upstreams.len() + 1)
                 } else {

@@ -1,0 +1,45 @@
+//! `ocigate import …`: other tools' configs (and docker-registry-proxy's environment) as
+//! the equivalent ocigate YAML, which `check-config` then validates like any other. Reads
+//! and writes text only.
+
+mod backplane;
+mod docker_registry_proxy;
+mod ociregistry;
+
+pub use backplane::backplane;
+pub use docker_registry_proxy::docker_registry_proxy;
+pub use ociregistry::ociregistry;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ImportError {
+    pub(crate) file: String,
+    pub(crate) message: String,
+}
+
+/// A converted config, and what did not convert (reported, never dropped silently).
+#[derive(Debug)]
+pub struct Imported {
+    pub yaml: String,
+    pub warnings: Vec<String>,
+}
+
+/// A literal YAML double-quoted scalar (JSON string syntax is valid YAML), with `$`
+/// doubled so that `${…}` expansion leaves it as written.
+fn quote(s: &str) -> String {
+    serde_json::Value::String(s.replace('$', "$$")).to_string()
+}
+
+/// An upstream name made of a registry host or URL (`quay.io` → `quay-io`).
+fn upstream_name(registry: &str) -> String {
+    let host = registry
+        .split_once("://")
+        .map_or(registry, |(_, rest)| rest)
+        .trim_end_matches('/');
+    host.chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c.to_ascii_lowercase(),
+            false => '-',
+        })
+        .collect()
+}
