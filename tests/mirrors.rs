@@ -745,3 +745,85 @@ fn serve_forward_proxy_runs_docker_registry_proxys_environment() {
     );
     assert_eq!(p, 502);
 }
+
+#[test]
+fn a_docker_engine_pulls_through_the_forward_proxy() {
+    let p = proxied("", "");
+    let Some(engine) = common::dockerd::Dockerd::start(&p.env(None)) else {
+        return;
+    };
+    let amd = image::image(&[("hello", b"pulled by dockerd\n")], "amd64");
+    let arm = image::image(&[("hello", b"not this one\n")], "arm64");
+    let index = image::push_index(
+        &p.quay.url(),
+        "team/app",
+        "v1",
+        &[(&amd, "amd64"), (&arm, "arm64")],
+    );
+    let pulled = engine
+        .docker(&["pull", "quay.test/team/app:v1"])
+        .output()
+        .unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&pulled.stderr),
+        engine.log(),
+        p.gw.logs()
+    );
+    let digests = engine
+        .docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "quay.test/team/app:v1",
+        ])
+        .output()
+        .unwrap();
+    let digests = String::from_utf8_lossy(&digests.stdout);
+    assert!(
+        digests.contains(&format!("quay.test/team/app@{index}")),
+        "{digests}"
+    );
+    // dockerd asked the intercepted host for the amd64 layer, through the cache.
+    assert!(p.gw.wait_for_log(&format!("/v2/team/app/blobs/{}", amd.layer_digest)));
+}
+
+#[test]
+fn a_cri_pull_goes_through_the_containerd_mirror() {
+    let python_grpc = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_grpc {
+        eprintln!("skipped: the CRI client needs python3 with grpcio (pip install grpcio)");
+        return;
+    }
+    let m = mirrors();
+    let hosts = hosts_dir(&[("_default", mirror_hosts(&m.gw))]);
+    let Some(containerd) = Containerd::start_with(Some(hosts.path())) else {
+        return;
+    };
+    let img = image::image(&[("hello", b"pulled for kubelet\n")], "amd64");
+    image::push_image(&m.quay.url(), "team/cri", "v1", &img);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cri_pull.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(containerd.socket())
+        .arg("quay.test/team/cri:v1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log()
+    );
+    // The CRI answers with the image's id: its config's digest.
+    let image_ref = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(image_ref, image::digest(&img.config));
+    assert!(m.gw.wait_for_log("/v2/team/cri/manifests/v1"));
+    assert!(m.gw.wait_for_log(r#""route":"quay.test""#));
+}

@@ -13,17 +13,39 @@ pub struct Containerd {
 impl Containerd {
     /// `None` (the test then skips, saying why) where containerd is missing or cannot run.
     pub fn start() -> Option<Containerd> {
+        Containerd::start_with(None)
+    }
+
+    /// With `cri_hosts`: the CRI plugin on (what kubelet talks to), its registry
+    /// `config_path` that directory of `hosts.toml` files.
+    pub fn start_with(cri_hosts: Option<&Path>) -> Option<Containerd> {
         if !super::have("containerd") || !super::have("ctr") {
             eprintln!("skipped: containerd and ctr are not installed (apt-get install containerd)");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
+        let cri = match cri_hosts {
+            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]".to_string(),
+            Some(hosts) => format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{}""#,
+                hosts.display()
+            ),
+        };
         let config = format!(
             r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{cri}
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]

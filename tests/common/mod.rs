@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod dockerd;
 pub mod http;
 pub mod image;
 pub mod servers;
