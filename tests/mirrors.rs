@@ -10,18 +10,21 @@ mod common;
 use common::containerd::{Containerd, hosts_dir};
 use common::{Ocigate, Registry, image};
 
-/// Two registries behind host routes (the first cached), and a prefix route beside them.
+/// Two registries behind host routes (`quay.test` cached, `registry.test` under
+/// `mirror/`), Docker Hub's host routed to the second, and a prefix route for names without
+/// a host; `tail` is appended to the config (it may use `{dir}`, a temp dir of the test's).
 struct Mirrors {
     quay: Registry,
     other: Registry,
     gw: Ocigate,
-    _cache: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
-fn mirrors() -> Mirrors {
+fn gateway_with(tail: &str) -> Mirrors {
     let quay = Registry::start("");
     let other = Registry::start("");
-    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
     let config = format!(
         r#"server: {{ listen: "127.0.0.1:0" }}
 upstreams:
@@ -30,20 +33,25 @@ upstreams:
 routes:
   - {{ host: quay.test, upstream: quay, cache: true }}
   - {{ host: registry.test, upstream: other, remote: "mirror/" }}
+  - {{ host: docker.io, upstream: other, remote: "hub/" }}
   - {{ prefix: "", upstream: other }}
-cache: {{ dir: "{}" }}
-"#,
+cache: {{ dir: "{d}/cache" }}
+{}"#,
         quay.url(),
         other.url(),
-        cache.path().display()
+        tail.replace("{dir}", &d)
     );
     let gw = Ocigate::start(&config);
     Mirrors {
         quay,
         other,
         gw,
-        _cache: cache,
+        dir,
     }
+}
+
+fn mirrors() -> Mirrors {
+    gateway_with("")
 }
 
 fn mirror_hosts(gw: &Ocigate) -> String {
@@ -133,8 +141,8 @@ fn containerd_mirrors_route_by_ns_and_by_in_path_host() {
 
 // ---- The forward proxy: HTTPS_PROXY clients, their CONNECTs intercepted ----
 
-/// Two fake registry hosts behind host routes (`quay.test` cached) and a forward proxy with
-/// its CA generated in a temp dir; `extra` is appended to the `forward_proxy` section.
+/// [`gateway_with`] and a forward proxy with its CA generated in a temp dir;
+/// `forward_extra` is appended to the `forward_proxy` section, `top_extra` after it.
 struct Proxied {
     quay: Registry,
     other: Registry,
@@ -148,37 +156,18 @@ struct Proxied {
 }
 
 fn proxied(forward_extra: &str, top_extra: &str) -> Proxied {
-    let quay = Registry::start("");
-    let other = Registry::start("");
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"server: {{ listen: "127.0.0.1:0" }}
-upstreams:
-  quay: {{ url: "{}" }}
-  other: {{ url: "{}" }}
-routes:
-  - {{ host: quay.test, upstream: quay, cache: true }}
-  - {{ host: registry.test, upstream: other, remote: "mirror/" }}
-  - {{ host: docker.io, upstream: other, remote: "hub/" }}
-cache: {{ dir: "{d}/cache" }}
-forward_proxy:
-  listen: "127.0.0.1:0"
-  ca: {{ dir: "{d}/ca" }}
-{forward_extra}{top_extra}"#,
-        quay.url(),
-        other.url(),
-        d = dir.path().display()
-    );
-    let gw = Ocigate::start(&config);
-    let proxy = gw.forward_proxy();
+    let m = gateway_with(&format!(
+        "forward_proxy:\n  listen: \"127.0.0.1:0\"\n  ca: {{ dir: \"{{dir}}/ca\" }}\n{forward_extra}{top_extra}"
+    ));
+    let proxy = m.gw.forward_proxy();
     Proxied {
-        quay,
-        other,
-        gw,
+        ca: m.dir.path().join("ca/ca.crt"),
+        quay: m.quay,
+        other: m.other,
+        gw: m.gw,
         proxy,
-        ca: dir.path().join("ca/ca.crt"),
         no_certs: tempfile::tempdir().unwrap(),
-        _dir: dir,
+        _dir: m.dir,
     }
 }
 

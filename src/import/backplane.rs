@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use super::{ImportError, quote, upstream_name};
+use super::{ImportError, parse_yaml, quote, upstream_name};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,13 +37,7 @@ pub fn backplane(text: &str, file: &str) -> Result<String, ImportError> {
         file: file.to_string(),
         message,
     };
-    let b: Backplane = serde_saphyr::from_str(text).map_err(|e| {
-        let at = e
-            .location()
-            .map(|l| format!("{}:{}: ", l.line(), l.column()))
-            .unwrap_or_default();
-        err(format!("{at}{}", e.without_snippet()))
-    })?;
+    let b: Backplane = parse_yaml(text, file)?;
     if b.proxies.is_empty() {
         return Err(err("no `proxies`: nothing to convert".into()));
     }

@@ -24,6 +24,20 @@ pub struct Imported {
     pub warnings: Vec<String>,
 }
 
+/// Another tool's YAML, its errors with their line and column.
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ImportError> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!("{}:{}: ", l.line(), l.column()))
+            .unwrap_or_default();
+        ImportError {
+            file: file.to_string(),
+            message: format!("{at}{}", e.without_snippet()),
+        }
+    })
+}
+
 /// A literal YAML double-quoted scalar (JSON string syntax is valid YAML), with `$`
 /// doubled so that `${…}` expansion leaves it as written.
 fn quote(s: &str) -> String {

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::{ImportError, Imported, quote, upstream_name};
+use super::{ImportError, Imported, parse_yaml, quote, upstream_name};
 
 /// Ociregistry's listen port when its config names none.
 const DEFAULT_PORT: u64 = 8080;
@@ -17,13 +17,7 @@ pub fn ociregistry(text: &str, file: &str) -> Result<Imported, ImportError> {
         file: file.to_string(),
         message,
     };
-    let doc: Value = serde_saphyr::from_str(text).map_err(|e| {
-        let at = e
-            .location()
-            .map(|l| format!("{}:{}: ", l.line(), l.column()))
-            .unwrap_or_default();
-        err(format!("{at}{}", e.without_snippet()))
-    })?;
+    let doc: Value = parse_yaml(text, file)?;
     let top = doc
         .as_object()
         .ok_or_else(|| err("not a mapping of settings".into()))?;
