@@ -816,3 +816,77 @@ fn a_cri_pull_goes_through_the_containerd_mirror() {
     assert!(m.gw.wait_for_log("/v2/team/cri/manifests/v1"));
     assert!(m.gw.wait_for_log(r#""route":"quay.test""#));
 }
+
+/// A tunnel needs a target that is not loopback: the test makes a network namespace of its
+/// own (root only), with `cdn.tunnel.test` at 10.201.0.1 on its loopback device (a private
+/// address) in a private `/etc/hosts`, a web server there, and ocigate and curl inside it.
+#[test]
+fn tunnels_reach_what_tunnel_names_untouched() {
+    if !common::have("unshare") || !common::have("ip") || !common::have("curl") {
+        eprintln!("skipped: needs unshare, ip and curl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("www")).unwrap();
+    std::fs::write(d.join("www/blob.txt"), "bytes from behind a tunnel\n").unwrap();
+    std::fs::write(
+        d.join("hosts"),
+        "127.0.0.1 localhost\n10.201.0.1 cdn.tunnel.test other.test\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("gw.yaml"),
+        format!(
+            "server: {{ listen: \"127.0.0.1:5000\" }}\nupstreams: {{ quay: {{ url: \"http://127.0.0.1:9\" }} }}\nroutes: [ {{ host: quay.test, upstream: quay }} ]\nforward_proxy: {{ listen: \"127.0.0.1:3128\", ca: {{ dir: \"{}/ca\" }}, tunnel: [\"*.tunnel.test\"] }}\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        r#"set -e
+ip link set lo up
+ip addr add 10.201.0.1/32 dev lo
+mount --bind {d}/hosts /etc/hosts
+python3 -m http.server 443 --bind 10.201.0.1 --directory {d}/www >{d}/www.log 2>&1 &
+WWW=$!
+{bin} serve --config {d}/gw.yaml >{d}/gw.log 2>&1 &
+GW=$!
+trap 'kill $WWW $GW 2>/dev/null || true' EXIT
+for i in $(seq 200); do
+  curl -s -o /dev/null http://127.0.0.1:3128/healthz && curl -s -o /dev/null http://10.201.0.1:443/ && break
+  sleep 0.05
+done
+echo "tunnelled: $(curl -sS -p --proxy http://127.0.0.1:3128 http://cdn.tunnel.test:443/blob.txt)"
+echo "refused: $(curl -s -o /dev/null -w '%{{http_connect}}' -p --proxy http://127.0.0.1:3128 http://other.test:443/blob.txt)"
+"#,
+        d = d.display(),
+        bin = Ocigate::bin()
+    );
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            "--mount",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("Operation not permitted") {
+        eprintln!("skipped: cannot make a network namespace here: {stderr}");
+        return;
+    }
+    let log = std::fs::read_to_string(d.join("gw.log")).unwrap_or_default();
+    assert!(out.status.success(), "{stderr}\n{log}");
+    assert!(
+        stdout.contains("tunnelled: bytes from behind a tunnel"),
+        "{stdout}\n{stderr}\n{log}"
+    );
+    // Resolving to the same private address does not make a name tunnelled: `tunnel` does.
+    assert!(stdout.contains("refused: 403"), "{stdout}");
+}
