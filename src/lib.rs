@@ -7,6 +7,9 @@
 //! context.
 //!
 //! ```text
+//! (before)  forward::ForwardProxy                 through the forward proxy: the host an
+//!                                                 intercepted connection is for, token
+//!                                                 realms, the proxy listener's own pages
 //! token     token::TokenServer, relay::endpoint   the token path: logins, relay tokens
 //! parse     oci::ApiPath, rewrite::UploadQuery    /v2/<name>/<endpoint>, an upload's query,
 //!                                                 the scopes it needs (local names)

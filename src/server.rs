@@ -1,7 +1,9 @@
 //! Listeners: accept loops for plain and TLS sockets (HTTP/1.1 and HTTP/2, by ALPN on TLS
-//! and by preface on plain TCP), and graceful shutdown that lets in-flight transfers finish
-//! within the grace period. Owns sockets and connections; serves whatever [`Service`] it is
-//! given and knows nothing of the protocol.
+//! and by preface on plain TCP) and for the forward proxy (HTTP/1.1 with `CONNECT`
+//! upgrades: TLS terminated with the config the service picks by server name, or bytes
+//! copied to a tunnel), and graceful shutdown that lets in-flight transfers finish within
+//! the grace period. Owns sockets and connections; serves whatever [`Service`] it is given
+//! and knows nothing of the registry protocol.
 
 use std::convert::Infallible;
 use std::future::Future;

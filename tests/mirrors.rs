@@ -418,6 +418,16 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
         token["token"].as_str().is_some_and(|t| !t.is_empty()),
         "{token}"
     );
+    // An intercepted host answers the registry API only, none of the gateway's own pages.
+    let metrics = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy"])
+        .arg(format!("http://{}", p.proxy))
+        .arg("--cacert")
+        .arg(&p.ca)
+        .arg("https://quay.test/metrics")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&metrics.stdout), "404");
     // A named host on the registry listener is never dialled: `ns` is a key.
     let r = common::http::get(&format!("{}/v2/x/manifests/v1?ns=unknown.test", p.gw.url()));
     assert_eq!((r.status, r.error_code().as_str()), (404, "NAME_UNKNOWN"));

@@ -287,6 +287,10 @@ impl Gateway {
             return self.token(ctx, req).await;
         }
         if !self.parse(ctx, req.headers())? {
+            if ctx.intercepted.is_some() {
+                // An intercepted host is a registry to its clients: the API, nothing of ours.
+                return Err(local::not_found(&ctx.path).into());
+            }
             return self.non_api(ctx, req.headers());
         }
         self.route(ctx)?;
