@@ -378,6 +378,7 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
         ("0x7f.1:443", 400),
         ("alice@quay.test:443", 400),
         ("quay.test:99999", 400),
+        ("quay.test:+443", 400),
         // Named by `tunnel`, but loopback once resolved; or not resolvable at all.
         ("localhost:443", 403),
         ("x.nowhere.invalid:443", 502),
@@ -603,6 +604,14 @@ fn setup_pages_point_nodes_at_the_proxy_and_the_mirror() {
     .unwrap();
     assert_eq!(installed, std::fs::read_to_string(&p.ca).unwrap());
 
+    // What goes into the script is a plain host[:port]; the pages are read, not written.
+    let injected = common::http::get_with(
+        &format!("{proxy}/setup/systemd"),
+        &[("host", "evil.example\"; rm -rf /;#")],
+    );
+    assert_eq!(injected.status, 400);
+    let post = common::http::request("POST", &format!("{proxy}/ca.crt"), &[], "x");
+    assert_eq!(post.status, 405);
     // /setup/containerd: one hosts.toml per host route, pointing at the registry listener.
     let one = common::http::get(&format!("{proxy}/setup/containerd?host=quay.test"));
     assert_eq!(one.status, 200);

@@ -444,6 +444,22 @@ impl RouteConfig {
 
 pub(crate) const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
 
+/// A duration as config files write it (`60d`, `10m`, `1500ms`), in its largest whole unit.
+fn compact_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, per) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms > 0 && ms.is_multiple_of(per) {
+            return format!("{}{unit}", ms / per);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// The embedded config's cache: the XDG cache directory, as desktop tools keep theirs.
 fn default_cache_dir() -> String {
     let xdg = std::env::var("XDG_CACHE_HOME")
@@ -544,6 +560,19 @@ impl Config {
                 c.serve_stale,
                 if c.offline { ", offline" } else { "" }
             );
+        }
+        if let Some(c) = &self.cache {
+            if let Some(inactive) = c.inactive {
+                let _ = writeln!(s, "  inactive {}", compact_duration(inactive));
+            }
+            for t in &c.tag_ttls {
+                let _ = writeln!(
+                    s,
+                    "  tags {} trusted {}",
+                    t.tags.as_str(),
+                    compact_duration(t.ttl)
+                );
+            }
         }
         if let Some(f) = &self.forward_proxy {
             let ca = match &f.ca {

@@ -148,6 +148,19 @@ fn aws_regions() {
 }
 
 #[test]
+fn summaries_write_durations_as_configs_do() {
+    let c = parse(
+        "cache: { dir: /tmp/x, inactive: 60d, tag_ttls: [ { tags: \"v.*\", ttl: 90m } ] }\nupstreams: { r: { url: \"http://127.0.0.1:9\" } }\nroutes: [ { prefix: \"\", upstream: r, cache: true } ]\n",
+    )
+    .unwrap();
+    let summary = c.summary();
+    assert!(summary.contains("inactive 60d"), "{summary}");
+    assert!(summary.contains("tags ^(?:v.*)$ trusted 90m"), "{summary}");
+    assert_eq!(compact_duration(Duration::from_millis(1500)), "1500ms");
+    assert_eq!(compact_duration(Duration::ZERO), "0ms");
+}
+
+#[test]
 fn host_routes() {
     let c = parse(
         "upstreams: { hub: { url: docker.io }, quay: { url: \"https://quay.io\" } }\nroutes:\n  - { host: Quay.IO:443, upstream: quay, remote: \"mirror/\" }\n  - { host: index.docker.io, upstream: hub }\n  - { host: \"localhost:5000\", prefix: \"team/\", upstream: hub }\n  - { prefix: \"\", upstream: hub }\n",

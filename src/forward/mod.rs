@@ -474,7 +474,10 @@ fn target_authority(uri: &Uri) -> Option<(String, Option<u16>)> {
     let port = match rest.strip_prefix(':') {
         None if rest.is_empty() => None,
         None => return None,
-        Some(digits) => Some(digits.parse::<u16>().ok()?),
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(digits.parse::<u16>().ok()?)
+        }
+        Some(_) => return None,
     };
     Some((authority.host().to_ascii_lowercase(), port))
 }

@@ -231,11 +231,26 @@ impl Gateway {
             }
             // The proxy's own pages; the API is behind CONNECT.
             (Via::ForwardProxy, Some(forward)) => {
+                if ctx.method != Method::GET && ctx.method != Method::HEAD {
+                    let refused =
+                        OciError::new(ErrorCode::Unsupported, "the proxy's pages answer GET")
+                            .with_status(StatusCode::METHOD_NOT_ALLOWED);
+                    return Err(GatewayError::from(refused).into_response());
+                }
+                // The Host goes into a script and TOML: a plain `host[:port]` only.
                 let host = req
                     .headers()
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .unwrap_or("localhost");
+                let plain =
+                    |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+                if host.is_empty() || !host.chars().all(plain) {
+                    let refused =
+                        OciError::new(ErrorCode::Unsupported, "the Host header is not host[:port]")
+                            .with_status(StatusCode::BAD_REQUEST);
+                    return Err(GatewayError::from(refused).into_response());
+                }
                 let hosts: Vec<&RegistryHost> = self
                     .config
                     .routes
