@@ -9,6 +9,19 @@ use std::process::Command;
 
 use common::Ocigate;
 
+/// `ocigate import ARGS` with `env`, which must succeed: its YAML and its warnings.
+fn import(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
+    let out = Command::new(Ocigate::bin())
+        .arg("import")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "import {args:?}: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
 fn check(yaml: &str) -> (bool, String, String) {
     common::check_config(yaml, &[])
 }
@@ -330,18 +343,8 @@ fn import_backplane_prints_a_config_that_checks() {
         "listen_addr: 0.0.0.0\nport: 5000\nsecretkey: 796280902778385984e2acd2868447a0ee703a8fab0ed7e69103cd50b9e3cddd\nproxies:\n  \"bp/\":\n    registry: index.docker.io\n    remote: backplane\n  \"0ebb01be-0a22-4639-898c-bc8c2d20942d/nginx\":\n    registry: ghcr.io\n    remote: modem7/docker-rickroll\n    auth: \"Basic cmljazpOZXZlckdvbm5hTGV0WW91RG93bjI=\"\n",
     )
     .unwrap();
-    let out = Command::new(Ocigate::bin())
-        .arg("import")
-        .arg("backplane")
-        .arg(&seed)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (ok, stdout, stderr) = check(&String::from_utf8_lossy(&out.stdout));
+    let (yaml, _) = import(&["backplane", &seed.display().to_string()], &[]);
+    let (ok, stdout, stderr) = check(&yaml);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("bp/") && stdout.contains("relay"),
@@ -356,26 +359,19 @@ fn import_backplane_prints_a_config_that_checks() {
 #[test]
 fn import_docker_registry_proxy_reads_its_environment_gcr_delimiters_included() {
     let json_key = r#"{"type":"service_account","private_key":"k:$x","client_email":"sa@p.iam.gserviceaccount.com"}"#;
-    let out = Command::new(Ocigate::bin())
-        .args(["import", "docker-registry-proxy"])
-        .env("REGISTRIES", "gcr.io quay.io")
-        .env(
-            "AUTH_REGISTRIES",
-            format!("gcr.io:::_json_key:::{json_key};;;auth.docker.io:::me:::hub;pw"),
-        )
-        .env("AUTH_REGISTRIES_DELIMITER", ";;;")
-        .env("AUTH_REGISTRY_DELIMITER", ":::")
-        .env("ENABLE_MANIFEST_CACHE", "true")
-        .env("ALLOW_PUSH", "true")
-        .env("CACHE_MAX_SIZE", "2g")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let auth = format!("gcr.io:::_json_key:::{json_key};;;auth.docker.io:::me:::hub;pw");
+    let (yaml, _) = import(
+        &["docker-registry-proxy"],
+        &[
+            ("REGISTRIES", "gcr.io quay.io"),
+            ("AUTH_REGISTRIES", &auth),
+            ("AUTH_REGISTRIES_DELIMITER", ";;;"),
+            ("AUTH_REGISTRY_DELIMITER", ":::"),
+            ("ENABLE_MANIFEST_CACHE", "true"),
+            ("ALLOW_PUSH", "true"),
+            ("CACHE_MAX_SIZE", "2g"),
+        ],
     );
-    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     // `$` in a secret is kept literally (doubled against `${…}` expansion).
     assert!(yaml.contains("k:$$x"), "{yaml}");
     let (ok, summary, stderr) = check(&yaml);
@@ -411,22 +407,11 @@ fn import_ociregistry_converts_the_seeds_ecr_example() {
         "registries:\n  - name: 111122223333.dkr.ecr.us-south-1.amazonaws.com\n    auth:\n      token:\n        provider: ecr\n        providerOpts: profile=default,region=us-south-1\n        expiry: 6h\n  - name: quay.io\n    colour: blue\n",
     )
     .unwrap();
-    let out = Command::new(Ocigate::bin())
-        .args(["import", "ociregistry"])
-        .arg(&seed)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let warnings = String::from_utf8_lossy(&out.stderr);
+    let (yaml, warnings) = import(&["ociregistry", &seed.display().to_string()], &[]);
     assert!(
         warnings.contains("registries[1].colour"),
         "unknown keys are reported: {warnings}"
     );
-    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     let (ok, summary, stderr) =
         common::check_config(&yaml, &[("AWS_EC2_METADATA_DISABLED", "true")]);
     if cfg!(feature = "ecr") {

@@ -54,6 +54,25 @@ fn mirrors() -> Mirrors {
     gateway_with("")
 }
 
+/// curl through the forward proxy at `proxy`, trusting only `ca`.
+fn curl_via(proxy: &str, ca: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("curl")
+        .args(["-sS", "--proxy", &format!("http://{proxy}"), "--cacert"])
+        .arg(ca)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The status curl got through the forward proxy.
+fn status_via(proxy: &str, ca: &std::path::Path, args: &[&str]) -> String {
+    let args: Vec<&str> = ["-o", "/dev/null", "-w", "%{http_code}"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    String::from_utf8_lossy(&curl_via(proxy, ca, &args).stdout).into_owned()
+}
+
 fn mirror_hosts(gw: &Ocigate) -> String {
     format!(
         "[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
@@ -403,12 +422,14 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
     assert_eq!(got, 404);
     // Docker Hub is routed, so its token realm is intercepted: a client that still asks it
     // gets a token and goes on (nothing checks it, nothing forwards it).
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--fail", "--proxy", &format!("http://{}", p.proxy), "--cacert"])
-        .arg(&p.ca)
-        .arg("https://auth.docker.io/token?service=registry.docker.io&scope=repository:library/x:pull")
-        .output()
-        .unwrap();
+    let out = curl_via(
+        &p.proxy,
+        &p.ca,
+        &[
+            "--fail",
+            "https://auth.docker.io/token?service=registry.docker.io&scope=repository:library/x:pull",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -420,15 +441,10 @@ fn the_forward_proxy_refuses_what_no_route_or_tunnel_names() {
         "{token}"
     );
     // An intercepted host answers the registry API only, none of the gateway's own pages.
-    let metrics = std::process::Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--proxy"])
-        .arg(format!("http://{}", p.proxy))
-        .arg("--cacert")
-        .arg(&p.ca)
-        .arg("https://quay.test/metrics")
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&metrics.stdout), "404");
+    assert_eq!(
+        status_via(&p.proxy, &p.ca, &["https://quay.test/metrics"]),
+        "404"
+    );
     // A named host on the registry listener is never dialled: `ns` is a key.
     let r = common::http::get(&format!("{}/v2/x/manifests/v1?ns=unknown.test", p.gw.url()));
     assert_eq!((r.status, r.error_code().as_str()), (404, "NAME_UNKNOWN"));
@@ -718,24 +734,7 @@ fn serve_forward_proxy_runs_docker_registry_proxys_environment() {
         common::http::get(&format!("http://{proxy}/ca.crt")).text(),
         ca
     );
-    let curl = |args: &[&str]| {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--proxy",
-                &format!("http://{proxy}"),
-                "--cacert",
-            ])
-            .arg(ca_dir.join("ca.crt"))
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let curl = |args: &[&str]| status_via(&proxy, &ca_dir.join("ca.crt"), args);
     // Intercepted hosts: REGISTRIES and Docker Hub (never asked for credentials)...
     for host in ["quay.test", "registry.test", "registry-1.docker.io"] {
         assert_eq!(curl(&[&format!("https://{host}/v2/")]), "200", "{host}");
